@@ -1,0 +1,46 @@
+"""sparc.sa: SQLAlchemy engines and scoped transactions as Zope components.
+
+Include the package in a site's ZCML (``<include package="sparc.sa" />``),
+then::
+
+    engine = component.createObject('sparc.sa.engine.engine_from_config',
+                                    {'dsn': 'sqlite://'})
+    transaction = component.getMultiAdapter((engine, Base), ISAScopedTransaction)
+    with transaction():
+        transaction.session.add(obj)
+"""
+
+from sparc.sa.engine import SAEngineFromConfigFactory, engine_from_config
+from sparc.sa.events import EngineCreatedEvent
+from sparc.sa.exceptions import (
+    DoomedTransactionError,
+    ForkedTransactionError,
+    InterleavedTransactionError,
+)
+from sparc.sa.interfaces import (
+    IEngineCreatedEvent,
+    ISADeclarativeMeta,
+    ISAEngine,
+    ISAScopedSession,
+    ISAScopedTransaction,
+    ISASession,
+)
+from sparc.sa.orm import ThreadLocalSASessionTransaction, is_retryable, scoped_transaction
+
+__all__ = [
+    "DoomedTransactionError",
+    "EngineCreatedEvent",
+    "ForkedTransactionError",
+    "IEngineCreatedEvent",
+    "ISADeclarativeMeta",
+    "ISAEngine",
+    "ISAScopedSession",
+    "ISAScopedTransaction",
+    "ISASession",
+    "InterleavedTransactionError",
+    "SAEngineFromConfigFactory",
+    "ThreadLocalSASessionTransaction",
+    "engine_from_config",
+    "is_retryable",
+    "scoped_transaction",
+]

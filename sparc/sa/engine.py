@@ -1,0 +1,144 @@
+"""The engine factory, registered as ``sparc.sa.engine.engine_from_config``.
+
+::
+
+    engine = component.createObject(
+        'sparc.sa.engine.engine_from_config',
+        {'dsn': 'postgresql+psycopg://app@db/app', 'kwargs': {'pool_size': '5'}})
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy
+import zope.event
+from sqlalchemy.engine import URL, Engine
+from zope.component.factory import Factory
+
+from sparc.sa import fork, options
+from sparc.sa.events import EngineCreatedEvent
+from sparc.sa.interfaces import ISAEngine
+
+__all__ = [
+    "FACTORY_NAME",
+    "ISAEngine",
+    "SAEngineFromConfig",
+    "SAEngineFromConfigFactory",
+    "engine_from_config",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The name of the IFactory utility registered by configure.zcml.
+FACTORY_NAME = "sparc.sa.engine.engine_from_config"
+
+_INVALID_ARGS = re.compile(r"Invalid argument\(s\) (?P<names>.+?) sent to create_engine\(\)")
+_CONFIGURATION = re.compile(r"using configuration (?P<combo>[\w/]+)")
+
+
+def engine_from_config(
+    config: Mapping[str, Any] | None = None,
+    /,
+    *,
+    SQLAlchemyEngine: Mapping[str, Any] | None = None,  # noqa: N803 (1.x keyword)
+) -> Engine:
+    """Build a SQLAlchemy engine from ``{'dsn': ..., 'kwargs': {...}}``.
+
+    The mapping may also be wrapped as ``{'SQLAlchemyEngine': {...}}`` (the
+    1.x ``configure.yaml`` shape), or passed as the ``SQLAlchemyEngine``
+    keyword as sparc.sa 1.x accepted it.
+
+    String option values are converted (``'5'`` to 5, ``'yes'`` to True,
+    ``'StaticPool'`` to the class); see :mod:`sparc.sa.options`. An in-memory
+    SQLite database is shared by all threads, and a server database gets
+    ``pool_pre_ping=True``, unless the config says otherwise.
+
+    Errors are raised before any connection is attempted: ``TypeError`` for a
+    config of the wrong shape or an option create_engine() does not accept,
+    ``ValueError`` for a missing dsn or a value that cannot be converted.
+    No message contains the password.
+
+    After the engine is built, an :class:`~sparc.sa.interfaces.IEngineCreatedEvent`
+    is notified.
+
+    .. versionchanged:: 2.0
+       String values are converted, the defaults above are applied, bad input
+       fails early with a message naming the key, and the event is notified.
+    """
+    if SQLAlchemyEngine is not None:
+        if config is not None:
+            raise TypeError(
+                "pass the engine config either positionally or as "
+                "SQLAlchemyEngine=..., not both"
+            )
+        config = SQLAlchemyEngine
+    url, kwargs = options.normalize(config)
+    shown = options.hide_dsn(url)
+    engine = _create_engine(url, kwargs, shown)
+    fork.track_engine(engine)
+    logger.info(
+        "created SQLAlchemy engine for %s (pool %s, pre-ping %s)",
+        shown,
+        type(engine.pool).__name__,
+        "on" if kwargs.get("pool_pre_ping") else "off",
+    )
+    zope.event.notify(
+        EngineCreatedEvent(engine, {"dsn": shown, "kwargs": options.redact(kwargs)})
+    )
+    return engine
+
+
+def _create_engine(url: URL, kwargs: dict[str, Any], shown: str) -> Engine:
+    error: str | None = None
+    kind: type[Exception] = ValueError
+    try:
+        return sqlalchemy.create_engine(url, **kwargs)
+    except TypeError as exc:
+        match = _INVALID_ARGS.search(str(exc))
+        if match is None:
+            raise
+        names = re.findall(r"'([^']*)'", match.group("names"))
+        combo = _CONFIGURATION.search(str(exc))
+        hints = [_suggest(name) for name in names]
+        error = (
+            f"create_engine() does not accept option(s) "
+            f"{', '.join(map(repr, names))} for {shown}"
+            + (f" (with {combo.group('combo')})" if combo else "")
+            + "".join(h for h in hints if h)
+            + "; check the spelling, and that the option applies to this "
+            "dialect and pool class"
+        )
+        kind = TypeError
+    except sqlalchemy.exc.NoSuchModuleError:
+        error = (
+            f"'dsn' names a dialect or driver SQLAlchemy cannot load: {shown}; "
+            "check the 'dialect+driver://' prefix and that the driver is installed"
+        )
+    except ImportError as exc:
+        error = f"the database driver for {shown} cannot be imported: {exc}"
+        kind = ImportError
+    raise kind(error)
+
+
+def _suggest(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(options.KNOWN_OPTIONS), n=1)
+    return f"; did you mean {close[0]!r} instead of {name!r}?" if close else ""
+
+
+def SAEngineFromConfig(SQLAlchemyEngine: Mapping[str, Any]) -> Engine:  # noqa: N802, N803
+    """The sparc.sa 1.x name of :func:`engine_from_config`."""
+    return engine_from_config(SQLAlchemyEngine)
+
+
+SAEngineFromConfigFactory = Factory(
+    engine_from_config,
+    title="SQLAlchemy engine from a {'dsn': ..., 'kwargs': {...}} mapping",
+    description=engine_from_config.__doc__,
+    interfaces=(ISAEngine,),
+)

@@ -1,0 +1,142 @@
+"""The interfaces of sparc.sa, and the SQLAlchemy classes that provide them.
+
+Importing this module declares, once per process, that SQLAlchemy's own
+classes implement the marker interfaces, so that any engine, declarative base,
+session or scoped session can be adapted through the component registry.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, scoped_session
+from sqlalchemy.orm.decl_api import DeclarativeAttributeIntercept
+from zope.interface import Attribute, Interface, classImplements
+
+__all__ = [
+    "IEngineCreatedEvent",
+    "ISADeclarativeMeta",
+    "ISAEngine",
+    "ISAScopedSession",
+    "ISAScopedTransaction",
+    "ISASession",
+]
+
+
+class ISAEngine(Interface):
+    """A SQLAlchemy :class:`sqlalchemy.engine.Engine`.
+
+    Every ``Engine`` provides this interface, whoever created it: the
+    ``sparc.sa.engine.engine_from_config`` factory, ``<sa:engine>`` in ZCML or
+    a plain ``sqlalchemy.create_engine()`` call.
+    """
+
+
+class ISADeclarativeMeta(Interface):
+    """A SQLAlchemy declarative base class (and every class mapped from it).
+
+    Provided by every base built with ``sqlalchemy.orm.declarative_base()``,
+    the legacy ``sqlalchemy.ext.declarative.declarative_base()``,
+    ``registry().generate_base()``, and by subclasses of
+    ``sqlalchemy.orm.DeclarativeBase`` and ``MappedAsDataclass``, because the
+    interface is declared on their metaclasses.
+
+    A base built on ``DeclarativeBaseNoMeta`` has no such metaclass; it opts
+    in explicitly::
+
+        @zope.interface.provider(ISADeclarativeMeta)
+        class Base(DeclarativeBaseNoMeta):
+            pass
+    """
+
+
+class ISASession(Interface):
+    """A SQLAlchemy :class:`sqlalchemy.orm.Session`."""
+
+
+class ISAScopedSession(Interface):
+    """A SQLAlchemy :class:`sqlalchemy.orm.scoped_session`.
+
+    Calling it returns the current scope's :class:`ISASession`; every
+    ``Session`` method called on it is forwarded to that session.
+    """
+
+
+class ISAScopedTransaction(Interface):
+    """Commit-or-roll-back blocks over a scoped session registry.
+
+    Obtained by adapting an engine and a declarative base::
+
+        transaction = getMultiAdapter((engine, Base), ISAScopedTransaction)
+
+    Every lookup for the same engine and base returns the same object, so the
+    whole application shares one registry of sessions.
+
+    The *current scope* is the running asyncio task when there is one, and the
+    current thread otherwise. Each scope has its own session; two threads, or
+    two tasks in one thread, never share a session or a transaction.
+    """
+
+    Base = Attribute("The ISADeclarativeMeta provider this transaction serves.")
+    engine = Attribute("The ISAEngine provider sessions are bound to.")
+    session = Attribute(
+        "The current scope's ISASession. It exists outside blocks too; work "
+        "done through it outside a block is committed by the next block of the "
+        "same scope, and discarded when its thread or task ends."
+    )
+
+    def __call__(savepoint=True):
+        """Return a context manager for one block of work.
+
+        ``__enter__()`` returns the ISAScopedSession provider. On normal exit
+        the block commits; on any exception, ``BaseException`` included, it
+        rolls back and the original exception propagates unchanged. Either way
+        the session is then reset and its connection returned to the pool.
+
+        A block opened while another block of the same scope is open is
+        nested: with ``savepoint`` true it runs in a SAVEPOINT, so a failure
+        undoes only its own work; with ``savepoint`` false it joins the outer
+        transaction, and a failure in it dooms the outer block to roll back.
+        """
+
+    def run(fn, *args, attempts=3, **kwargs):
+        """Call ``fn(session, *args, **kwargs)`` in a block and return its result.
+
+        When the database aborts the transaction for a serialization failure
+        or a deadlock (SQLSTATE 40001 or 40P01; MySQL/MariaDB errors 1213,
+        1205 and 1020), the whole block is run again in a fresh transaction
+        after a jittered exponential backoff, at most ``attempts`` times in
+        all; then the last error propagates. No other error is retried.
+
+        Inside an already open block of the same scope, ``fn`` runs once, in a
+        SAVEPOINT, without retries: an aborted transaction can only be retried
+        from its outermost block.
+
+        .. versionadded:: 2.0
+        """
+
+
+class IEngineCreatedEvent(Interface):
+    """Notified through ``zope.event`` after the factory has built an engine.
+
+    Subscribers may attach SQLAlchemy event listeners to the engine, for
+    example a connection pragma, before any connection is made.
+
+    .. versionadded:: 2.0
+    """
+
+    engine = Attribute("The new ISAEngine provider.")
+    config = Attribute(
+        "The configuration the engine was built from, normalised: a dict with "
+        "'dsn' (a string, password hidden) and 'kwargs' (the create_engine "
+        "options, secrets hidden)."
+    )
+
+
+# SQLAlchemy's classes are declared to implement the markers, so the instances
+# users already have can be looked up in the registry without wrapping.
+classImplements(Engine, ISAEngine)
+# Declared on the common metaclass of declarative_base() (DeclarativeMeta),
+# DeclarativeBase and MappedAsDataclass (DCTransformDeclarative).
+classImplements(DeclarativeAttributeIntercept, ISADeclarativeMeta)
+classImplements(Session, ISASession)
+classImplements(scoped_session, ISAScopedSession)

@@ -1,0 +1,450 @@
+"""Engine configuration: from a YAML/INI/ZCML/environment mapping to create_engine().
+
+Configuration usually arrives as text, so string values are converted to the
+type each ``create_engine()`` option expects. Only options the user set are
+passed on; SQLAlchemy keeps its own defaults for everything else, apart from
+the two defaults documented in :func:`normalize`.
+
+Every error raised here names the offending key and the expected form, and
+never contains a password.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import pool as sa_pool
+from sqlalchemy.engine import URL, make_url
+
+__all__ = [
+    "WRAPPER_KEY",
+    "hide_dsn",
+    "is_memory_sqlite",
+    "normalize",
+    "redact",
+    "unwrap",
+]
+
+#: The key of the 1.x ``configure.yaml`` shape, ``{'SQLAlchemyEngine': {...}}``.
+WRAPPER_KEY = "SQLAlchemyEngine"
+
+_CONFIG_KEYS = ("dsn", "kwargs")
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+_SECRET_KEY = re.compile(r"pass|secret|token|credential|api_?key|ssl_?key", re.I)
+_HIDDEN = "***"
+
+_INT_OPTIONS = frozenset(
+    {
+        "pool_size",
+        "max_overflow",
+        "pool_recycle",
+        "query_cache_size",
+        "label_length",
+        "max_identifier_length",
+        "insertmanyvalues_page_size",
+    }
+)
+_FLOAT_OPTIONS = frozenset({"pool_timeout"})
+_BOOL_OPTIONS = frozenset(
+    {
+        "pool_pre_ping",
+        "hide_parameters",
+        "pool_use_lifo",
+        "future",
+        "implicit_returning",
+        "use_insertmanyvalues",
+        "enable_from_linting",
+        "skip_autocommit_rollback",
+    }
+)
+_ECHO_OPTIONS = frozenset({"echo", "echo_pool"})
+_MAPPING_OPTIONS = frozenset({"connect_args", "execution_options"})
+_OBJECT_OPTIONS = frozenset(
+    {"module", "creator", "json_serializer", "json_deserializer", "pool"}
+)
+_TEXT_OPTIONS = frozenset({"logging_name", "pool_logging_name", "paramstyle"})
+#: Options that size or time a QueuePool; StaticPool accepts none of them.
+_QUEUE_POOL_OPTIONS = frozenset(
+    {"pool_size", "max_overflow", "pool_timeout", "pool_use_lifo"}
+)
+
+#: Every option create_engine() itself documents, for suggestions on typos.
+KNOWN_OPTIONS = frozenset(
+    _INT_OPTIONS
+    | _FLOAT_OPTIONS
+    | _BOOL_OPTIONS
+    | _ECHO_OPTIONS
+    | _MAPPING_OPTIONS
+    | _OBJECT_OPTIONS
+    | _TEXT_OPTIONS
+    | {"poolclass", "isolation_level", "pool_reset_on_return", "plugins"}
+)
+
+
+# -- the config mapping -------------------------------------------------------
+
+
+def unwrap(config: object) -> Mapping[str, Any]:
+    """Return the engine section of *config*, checking its shape.
+
+    Accepts ``{'dsn': ..., 'kwargs': {...}}`` and the same mapping wrapped as
+    ``{'SQLAlchemyEngine': {...}}``.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            "engine config must be a mapping like {'dsn': 'dialect+driver://...', "
+            "'kwargs': {...}} or {'SQLAlchemyEngine': {...}}, "
+            f"got {type(config).__name__}"
+        )
+    if WRAPPER_KEY in config and "dsn" not in config:
+        extra = sorted(str(k) for k in config if k != WRAPPER_KEY)
+        if extra:
+            raise ValueError(
+                f"engine config wrapped in {WRAPPER_KEY!r} must have no other "
+                f"keys, got {', '.join(map(repr, extra))}"
+            )
+        inner = config[WRAPPER_KEY]
+        if not isinstance(inner, Mapping):
+            raise TypeError(
+                f"{WRAPPER_KEY!r} must be a mapping like {{'dsn': ..., "
+                f"'kwargs': {{...}}}}, got {type(inner).__name__}"
+            )
+        config = inner
+    unknown = sorted(str(k) for k in config if k not in _CONFIG_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown engine config key(s) {', '.join(map(repr, unknown))}: "
+            "expected 'dsn' and optionally 'kwargs' (the create_engine() options)"
+        )
+    return config
+
+
+def normalize(config: object) -> tuple[URL, dict[str, Any]]:
+    """Return ``(url, kwargs)`` ready for ``sqlalchemy.create_engine()``.
+
+    Values are converted (see the module docstring), then two defaults are
+    applied, each only where the user set nothing:
+
+    * an in-memory SQLite database is shared by all threads:
+      ``poolclass=StaticPool`` and ``connect_args={'check_same_thread': False}``;
+    * a server database gets ``pool_pre_ping=True``, so a connection the server
+      closed while it sat in the pool is replaced before it is used.
+    """
+    section = unwrap(config)
+    if section.get("dsn") in (None, ""):
+        raise ValueError(
+            "engine config has no 'dsn': expected a SQLAlchemy URL such as "
+            "'postgresql+psycopg://user:password@host/dbname' or 'sqlite://'"
+        )
+    url = parse_dsn(section["dsn"])
+    raw = section.get("kwargs")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise TypeError(
+            "'kwargs' must be a mapping of create_engine() options, got "
+            f"{type(raw).__name__}"
+        )
+    kwargs = {str(name): convert_option(url, str(name), value) for name, value in raw.items()}
+    _apply_defaults(url, kwargs)
+    return url, kwargs
+
+
+def parse_dsn(dsn: object) -> URL:
+    """Parse *dsn* into a URL; the error never shows the password."""
+    if isinstance(dsn, URL):
+        return dsn
+    if not isinstance(dsn, str):
+        raise TypeError(
+            f"'dsn' must be a string or sqlalchemy URL, got {type(dsn).__name__}"
+        )
+    failed = False
+    try:
+        url = make_url(dsn.strip())
+    except Exception:  # SQLAlchemy's message repeats the raw string
+        failed = True
+    if failed:
+        # Raised outside the except block so the original, which may quote the
+        # password, is not chained onto it.
+        raise ValueError(
+            f"'dsn' is not a valid SQLAlchemy URL: {hide_dsn(dsn)!r}; expected "
+            "dialect[+driver]://[user[:password]@]host[:port]/database"
+        )
+    return url
+
+
+# -- conversions --------------------------------------------------------------
+
+
+def convert_option(url: URL, name: str, value: Any) -> Any:
+    """Convert one create_engine() option given as text to its real type."""
+    if name in _INT_OPTIONS:
+        return _to_int(name, value)
+    if name in _FLOAT_OPTIONS:
+        return _to_float(name, value)
+    if name in _BOOL_OPTIONS:
+        return _to_bool(name, value)
+    if name in _ECHO_OPTIONS:
+        if isinstance(value, str) and value.strip().lower() == "debug":
+            return "debug"
+        return _to_bool(name, value, extra="or 'debug'")
+    if name in _MAPPING_OPTIONS:
+        return _to_mapping(name, value)
+    if name == "poolclass":
+        return _to_poolclass(value)
+    if name in _OBJECT_OPTIONS:
+        return resolve(name, value) if isinstance(value, str) else value
+    if name == "isolation_level":
+        return _to_isolation_level(value)
+    if name == "pool_reset_on_return":
+        return _to_reset_on_return(value)
+    if name == "plugins":
+        return _to_list(name, value)
+    if isinstance(value, str):
+        # A dialect-specific option: its type is that of the dialect's default.
+        default = _dialect_defaults(url).get(name)
+        if isinstance(default, bool):
+            return _to_bool(name, value)
+        if isinstance(default, int):
+            return _to_int(name, value)
+        if isinstance(default, float):
+            return _to_float(name, value)
+    return value
+
+
+def _to_bool(name: str, value: Any, extra: str = "") -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    suffix = f" {extra}" if extra else ""
+    raise ValueError(
+        f"create_engine option {name!r} must be a boolean "
+        f"(true/false, yes/no, on/off, 1/0){suffix}, got {value!r}"
+    )
+
+
+def _to_int(name: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ValueError(f"create_engine option {name!r} must be an integer, got {value!r}")
+
+
+def _to_float(name: str, value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"create_engine option {name!r} must be a number, got {value!r}")
+
+
+def _to_mapping(name: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            return parsed
+    raise ValueError(
+        f"create_engine option {name!r} must be a mapping (or a JSON object "
+        f"in a string), got {_shown(name, value)}"
+    )
+
+
+def _to_list(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, Iterable) and not isinstance(value, Mapping):
+        return [str(item) for item in value]
+    raise ValueError(
+        f"create_engine option {name!r} must be a list or a comma-separated "
+        f"string, got {value!r}"
+    )
+
+
+def _to_poolclass(value: Any) -> type[sa_pool.Pool]:
+    cls = value
+    if isinstance(value, str):
+        text = value.strip()
+        found = getattr(sa_pool, text, None) if "." not in text and ":" not in text else None
+        cls = found if found is not None else resolve("poolclass", text)
+    if not (isinstance(cls, type) and issubclass(cls, sa_pool.Pool)):
+        names = sorted(
+            n
+            for n in dir(sa_pool)
+            if isinstance(getattr(sa_pool, n), type)
+            and issubclass(getattr(sa_pool, n), sa_pool.Pool)
+            and n != "Pool"
+        )
+        raise ValueError(
+            "create_engine option 'poolclass' must be a Pool subclass, given by "
+            f"name ({', '.join(names)}) or dotted path, got {value!r}"
+        )
+    return cls
+
+
+def _to_isolation_level(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z _-]+", value.strip()):
+        raise ValueError(
+            "create_engine option 'isolation_level' must be a level name such as "
+            f"'READ COMMITTED', 'SERIALIZABLE' or 'AUTOCOMMIT', got {value!r}"
+        )
+    return re.sub(r"[\s_-]+", " ", value.strip()).upper()
+
+
+def _to_reset_on_return(value: Any) -> str | None:
+    if value is None:
+        return None
+    word = str(value).strip().lower()
+    if word in ("rollback", "commit", "none"):
+        return word
+    raise ValueError(
+        "create_engine option 'pool_reset_on_return' must be 'rollback', "
+        f"'commit' or 'none', got {value!r}"
+    )
+
+
+def resolve(name: str, dotted: str) -> Any:
+    """Import the object named by *dotted* (``pkg.mod.attr`` or ``pkg.mod:attr``)."""
+    text = dotted.strip()
+    module_name, sep, attr = text.partition(":")
+    if not sep:
+        module_name, _, attr = text.rpartition(".")
+    error = None
+    if module_name and attr:
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except (ImportError, AttributeError) as exc:
+            error = str(exc)
+    raise ValueError(
+        f"create_engine option {name!r} must name an importable object as "
+        f"'package.module.attribute', got {dotted!r}"
+        + (f" ({error})" if error else "")
+    )
+
+
+_DIALECT_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+
+def _dialect_defaults(url: URL) -> dict[str, Any]:
+    """The keyword defaults of the URL's dialect class, to type its own options."""
+    key = url.drivername
+    found = _DIALECT_DEFAULTS.get(key)
+    if found is None:
+        found = {}
+        try:
+            dialect_cls = url.get_dialect()
+        except Exception:  # an unknown dialect is reported by create_engine()
+            return found
+        for cls in dialect_cls.__mro__:
+            init = cls.__dict__.get("__init__")
+            if init is None:
+                continue
+            for param in inspect.signature(init).parameters.values():
+                if param.default is not param.empty:
+                    found.setdefault(param.name, param.default)
+        # Concurrent fills compute the same dict; the last one wins harmlessly.
+        _DIALECT_DEFAULTS[key] = found
+    return found
+
+
+# -- defaults -----------------------------------------------------------------
+
+
+def is_memory_sqlite(url: URL) -> bool:
+    """True for a SQLite URL whose database lives only in memory."""
+    if url.get_backend_name() != "sqlite":
+        return False
+    return url.database in (None, "", ":memory:", "file::memory:") or (
+        url.query.get("mode") == "memory"
+    )
+
+
+def _apply_defaults(url: URL, kwargs: dict[str, Any]) -> None:
+    if url.get_backend_name() == "sqlite":
+        if is_memory_sqlite(url):
+            user_chose_pool = (
+                "poolclass" in kwargs
+                or "pool" in kwargs
+                or "creator" in kwargs
+                or _QUEUE_POOL_OPTIONS.intersection(kwargs)
+            )
+            if not user_chose_pool:
+                kwargs["poolclass"] = sa_pool.StaticPool
+            if url.get_driver_name() in ("pysqlite", "pysqlcipher"):
+                connect_args = dict(kwargs.get("connect_args") or {})
+                connect_args.setdefault("check_same_thread", False)
+                kwargs["connect_args"] = connect_args
+    else:
+        kwargs.setdefault("pool_pre_ping", True)
+
+
+# -- hiding secrets -----------------------------------------------------------
+
+
+def hide_dsn(dsn: str | URL) -> str:
+    """Render *dsn* with its password (and secret query values) hidden."""
+    if isinstance(dsn, URL):
+        query = {
+            k: (_HIDDEN if _SECRET_KEY.search(k) else v) for k, v in dsn.query.items()
+        }
+        return dsn.set(query=query).render_as_string(hide_password=True)
+    # An unparsable string: hide whatever sits between "user:" and "@".
+    text = re.sub(r"(://[^:/@]*:)[^@]*@", rf"\g<1>{_HIDDEN}@", dsn)
+    return re.sub(
+        r"([?&][^=&]*(?:pass|secret|token)[^=&]*=)[^&]*",
+        rf"\g<1>{_HIDDEN}",
+        text,
+        flags=re.I,
+    )
+
+
+def redact(value: Any) -> Any:
+    """A deep copy of an options mapping with secret-looking values hidden."""
+    if isinstance(value, Mapping):
+        return {
+            k: (_HIDDEN if isinstance(k, str) and _SECRET_KEY.search(k) else redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, URL):
+        return hide_dsn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def _shown(name: str, value: Any) -> str:
+    shown = redact({name: value})[name]
+    return repr(shown)
+
+
+def describe(value: Any) -> str:
+    """A short human form of an option value for logs: classes by name."""
+    if isinstance(value, type):
+        return value.__name__
+    if isinstance(value, Callable):  # type: ignore[arg-type]
+        return getattr(value, "__qualname__", repr(value))
+    return repr(value)

@@ -1,0 +1,203 @@
+"""Fixtures: one engine per backend, and models in every declarative style.
+
+Backends:
+
+* ``sqlite``       in-memory SQLite, as the factory configures it (StaticPool);
+* ``sqlite-file``  SQLite on a file in the test's tmp dir (a real pool);
+* ``postgresql``   the server named by ``TEST_PG_DSN``;
+* ``mysql``        the server named by ``TEST_MYSQL_DSN`` (MariaDB or MySQL).
+
+Without the environment variable the server cases are skipped with the reason.
+With it, a server that cannot be reached fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    DeclarativeBaseNoMeta,
+    Mapped,
+    MappedAsDataclass,
+    declarative_base,
+    mapped_column,
+    registry,
+)
+from zope.interface import provider
+
+from sparc.sa.engine import engine_from_config
+from sparc.sa.interfaces import ISADeclarativeMeta
+from sparc.sa.orm import ThreadLocalSASessionTransaction, scoped_transaction
+
+SERVER_ENV = {"postgresql": "TEST_PG_DSN", "mysql": "TEST_MYSQL_DSN"}
+BACKENDS = ("sqlite", "sqlite-file", "postgresql", "mysql")
+SERVERS = ("postgresql", "mysql")
+
+
+def server_dsn(name: str) -> str:
+    var = SERVER_ENV[name]
+    dsn = os.environ.get(var)
+    if not dsn:
+        pytest.skip(f"{var} is not set, so there is no {name} server to test against")
+    return dsn
+
+
+def backend_dsn(name: str, tmp_path: pathlib.Path) -> str:
+    if name == "sqlite":
+        return "sqlite://"
+    if name == "sqlite-file":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    return server_dsn(name)
+
+
+def make_engine(dsn: str, **kwargs: Any) -> Engine:
+    """An engine from the factory; raises at once if the server is unreachable."""
+    engine = engine_from_config({"dsn": dsn, "kwargs": kwargs})
+    with engine.connect():
+        pass
+    return engine
+
+
+class CheckoutCounter:
+    """Counts pool checkouts minus checkins through pool events, so that pools
+    without ``checkedout()`` (StaticPool, SingletonThreadPool) are counted too."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.out = 0
+        sa.event.listen(engine, "checkout", self._checkout)
+        sa.event.listen(engine, "checkin", self._checkin)
+
+    def _checkout(self, *args: Any) -> None:
+        self.out += 1
+
+    def _checkin(self, *args: Any) -> None:
+        self.out -= 1
+
+
+def checked_out(engine: Engine) -> int:
+    """``engine.pool.checkedout()``, or the event count where there is none."""
+    pool = engine.pool
+    if hasattr(pool, "checkedout"):
+        return pool.checkedout()  # type: ignore[no-any-return]
+    counter = engine.__dict__.get("_test_counter")
+    return counter.out if counter is not None else 0
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def dsn(backend: str, tmp_path: pathlib.Path) -> str:
+    return backend_dsn(backend, tmp_path)
+
+
+@pytest.fixture
+def engine(dsn: str) -> Iterator[Engine]:
+    """The backend's engine, built by the factory; the test must leave the
+    pool with nothing checked out."""
+    engine = make_engine(dsn)
+    engine.__dict__["_test_counter"] = CheckoutCounter(engine)
+    yield engine
+    left = checked_out(engine)
+    engine.dispose()
+    assert left == 0, f"{left} connection(s) still checked out after the test"
+
+
+# -- models ---------------------------------------------------------------------
+
+
+def _legacy_base() -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sa.exc.MovedIn20Warning)
+        from sqlalchemy.ext.declarative import declarative_base as legacy
+
+        return legacy()
+
+
+def _declarative_base_subclass() -> Any:
+    class Base(DeclarativeBase):
+        pass
+
+    return Base
+
+
+def _dataclass_base() -> Any:
+    class Base(MappedAsDataclass, DeclarativeBase):
+        pass
+
+    return Base
+
+
+def _no_meta_base() -> Any:
+    @provider(ISADeclarativeMeta)
+    class Base(DeclarativeBaseNoMeta):
+        pass
+
+    return Base
+
+
+STYLES: dict[str, Callable[[], Any]] = {
+    "declarative_base": declarative_base,
+    "ext.declarative_base": _legacy_base,
+    "registry.generate_base": lambda: registry().generate_base(),
+    "DeclarativeBase": _declarative_base_subclass,
+    "MappedAsDataclass": _dataclass_base,
+    "DeclarativeBaseNoMeta": _no_meta_base,
+}
+
+
+def build_models(style: str = "declarative_base") -> SimpleNamespace:
+    """A fresh Base with an ``Item`` and a ``Counter`` in uniquely named tables
+    (runs share the server databases)."""
+    Base = STYLES[style]()
+    token = uuid.uuid4().hex[:10]
+    dc: dict[str, Any] = {"init": False} if style == "MappedAsDataclass" else {}
+
+    class Item(Base):  # type: ignore[valid-type,misc]
+        __tablename__ = f"sparc_item_{token}"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True, **dc)
+        name: Mapped[str] = mapped_column(sa.String(100), default="")
+
+    class Counter(Base):  # type: ignore[valid-type,misc]
+        __tablename__ = f"sparc_counter_{token}"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        value: Mapped[int] = mapped_column(default=0)
+
+    return SimpleNamespace(Base=Base, Item=Item, Counter=Counter, token=token)
+
+
+@pytest.fixture
+def models(engine: Engine) -> Iterator[SimpleNamespace]:
+    ns = build_models()
+    ns.Base.metadata.create_all(engine)
+    yield ns
+    ns.Base.metadata.drop_all(engine)
+
+
+@pytest.fixture
+def transaction(engine: Engine, models: SimpleNamespace) -> ThreadLocalSASessionTransaction:
+    """The shared manager for the backend's engine and the test's Base."""
+    return scoped_transaction(engine, models.Base)
+
+
+def count_rows(engine: Engine, model: Any) -> int:
+    """Rows as a fresh connection sees them, outside any session."""
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(model.__table__)).scalar_one()
+
+
+def names(engine: Engine, model: Any) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(conn.execute(sa.select(model.__table__.c.name)).scalars())
