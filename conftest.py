@@ -8,11 +8,16 @@ how.
 
 from __future__ import annotations
 
+import gc
 import pathlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import zope.event
 from zope.component import globalregistry
+
+from sparc.sa.interfaces import IEngineCreatedEvent
 
 ROOT = pathlib.Path(__file__).parent
 SEED = ROOT / "tests" / "session.txt"
@@ -36,9 +41,26 @@ def load_zcml() -> None:
 def clean_component_registry(request: pytest.FixtureRequest) -> Iterator[None]:
     reset_component_registry()
     node = request.node
-    if node.__class__.__name__ == "DoctestItem" and node.path.parent == ROOT / "tests":
+    is_doctest = node.__class__.__name__ == "DoctestItem"
+    if is_doctest and node.path.parent == ROOT / "tests":
         load_zcml()
+    engines: list[Any] = []
+
+    def collect(event: object) -> None:
+        if IEngineCreatedEvent.providedBy(event):
+            engines.append(event.engine)  # type: ignore[attr-defined]
+
+    if is_doctest:
+        zope.event.subscribers.append(collect)
     yield
+    if is_doctest:
+        zope.event.subscribers.remove(collect)
+        # A doctest's globals are cleared when it ends, not closed: let its
+        # managers' thread scopes close their sessions, then close the pools,
+        # so nothing is left for a later test's garbage collection to find.
+        gc.collect()
+        for engine in engines:
+            engine.dispose()
     reset_component_registry()
 
 
@@ -53,6 +75,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.__class__.__name__ == "DoctestItem" and item.path == SEED:
             # The seed is kept verbatim, and it imports declarative_base from
             # its pre-2.0 location; that one warning is expected there only.
-            item.add_marker(
-                pytest.mark.filterwarnings("ignore::sqlalchemy.exc.MovedIn20Warning")
-            )
+            item.add_marker(pytest.mark.filterwarnings("ignore::sqlalchemy.exc.MovedIn20Warning"))

@@ -68,7 +68,12 @@ def test_engines_and_bases_are_held_weakly() -> None:
     engine = make_engine("sqlite://")
     ns = build_models()
     manager = component.getMultiAdapter((engine, ns.Base), ISAScopedTransaction)
-    engine_ref, base_ref, manager_ref = weakref.ref(engine), weakref.ref(ns.Base), weakref.ref(manager)
+    engine_ref, base_ref, manager_ref = (
+        weakref.ref(engine),
+        weakref.ref(ns.Base),
+        weakref.ref(manager),
+    )
+    engine.dispose()
     ns.Base.registry.dispose()
     del manager, ns
     gc.collect()
@@ -133,16 +138,21 @@ def test_failed_rollback_is_logged_and_the_original_error_propagates(
     original = Boom("the block's own error")
     sa.event.listen(engine, "rollback", broken_rollback)
     try:
-        with caplog.at_level(logging.ERROR, "sparc.sa"), pytest.raises(Boom) as raised:
-            with transaction():
-                transaction.session.add(models.Item(name="x"))
-                transaction.session.flush()
-                raise original
+        with (
+            caplog.at_level(logging.ERROR, "sparc.sa"),
+            pytest.raises(Boom) as raised,
+            transaction(),
+        ):
+            transaction.session.add(models.Item(name="x"))
+            transaction.session.flush()
+            raise original
     finally:
         sa.event.remove(engine, "rollback", broken_rollback)
     assert raised.value is original
     assert any(
-        "rolling back" in r.getMessage() and r.exc_info and "rollback exploded" in str(r.exc_info[1])
+        "rolling back" in r.getMessage()
+        and r.exc_info
+        and "rollback exploded" in str(r.exc_info[1])
         for r in caplog.records
     ), caplog.text
     assert checked_out(engine) == 0

@@ -44,7 +44,7 @@ def engine_from_config(
     config: Mapping[str, Any] | None = None,
     /,
     *,
-    SQLAlchemyEngine: Mapping[str, Any] | None = None,  # noqa: N803 (1.x keyword)
+    SQLAlchemyEngine: Mapping[str, Any] | None = None,
 ) -> Engine:
     """Build a SQLAlchemy engine from ``{'dsn': ..., 'kwargs': {...}}``.
 
@@ -72,8 +72,7 @@ def engine_from_config(
     if SQLAlchemyEngine is not None:
         if config is not None:
             raise TypeError(
-                "pass the engine config either positionally or as "
-                "SQLAlchemyEngine=..., not both"
+                "pass the engine config either positionally or as SQLAlchemyEngine=..., not both"
             )
         config = SQLAlchemyEngine
     url, kwargs = options.normalize(config)
@@ -86,9 +85,7 @@ def engine_from_config(
         type(engine.pool).__name__,
         "on" if kwargs.get("pool_pre_ping") else "off",
     )
-    zope.event.notify(
-        EngineCreatedEvent(engine, {"dsn": shown, "kwargs": options.redact(kwargs)})
-    )
+    zope.event.notify(EngineCreatedEvent(engine, {"dsn": shown, "kwargs": options.redact(kwargs)}))
     return engine
 
 
@@ -131,7 +128,7 @@ def _suggest(name: str) -> str:
     return f"; did you mean {close[0]!r} instead of {name!r}?" if close else ""
 
 
-def SAEngineFromConfig(SQLAlchemyEngine: Mapping[str, Any]) -> Engine:  # noqa: N802, N803
+def SAEngineFromConfig(SQLAlchemyEngine: Mapping[str, Any]) -> Engine:
     """The sparc.sa 1.x name of :func:`engine_from_config`."""
     return engine_from_config(SQLAlchemyEngine)
 

@@ -14,6 +14,7 @@ session and corrupt it. So, in the child:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -40,10 +41,8 @@ _managers: weakref.WeakSet[Any] = weakref.WeakSet()
 # parent's socket. The list itself is given one reference that is never
 # released, so even interpreter shutdown leaves its contents alone.
 _orphans: list[Any] = []
-try:
+with contextlib.suppress(AttributeError):  # not CPython: nothing to pin
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(_orphans))
-except AttributeError:  # pragma: no cover - not CPython; nothing to pin
-    pass
 
 
 def track_engine(engine: Engine) -> None:

@@ -7,9 +7,11 @@ session or scoped session can be adapted through the component registry.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session
-from sqlalchemy.orm.decl_api import DeclarativeAttributeIntercept
+from sqlalchemy.orm.decl_api import DeclarativeAttributeIntercept, DeclarativeMeta
 from zope.interface import Attribute, Interface, classImplements
 
 __all__ = [
@@ -84,7 +86,7 @@ class ISAScopedTransaction(Interface):
         "same scope, and discarded when its thread or task ends."
     )
 
-    def __call__(savepoint=True):
+    def __call__(savepoint: bool = True) -> Any:
         """Return a context manager for one block of work.
 
         ``__enter__()`` returns the ISAScopedSession provider. On normal exit
@@ -98,7 +100,7 @@ class ISAScopedTransaction(Interface):
         transaction, and a failure in it dooms the outer block to roll back.
         """
 
-    def run(fn, *args, attempts=3, **kwargs):
+    def run(fn: Any, *args: Any, attempts: int = 3, **kwargs: Any) -> Any:
         """Call ``fn(session, *args, **kwargs)`` in a block and return its result.
 
         When the database aborts the transaction for a serialization failure
@@ -135,8 +137,11 @@ class IEngineCreatedEvent(Interface):
 # SQLAlchemy's classes are declared to implement the markers, so the instances
 # users already have can be looked up in the registry without wrapping.
 classImplements(Engine, ISAEngine)
-# Declared on the common metaclass of declarative_base() (DeclarativeMeta),
-# DeclarativeBase and MappedAsDataclass (DCTransformDeclarative).
+# Declared on the metaclasses of declarative_base() (DeclarativeMeta) and of
+# DeclarativeBase and MappedAsDataclass (DeclarativeAttributeIntercept and its
+# subclass DCTransformDeclarative). In early 2.0 releases (2.0.0 among them)
+# DeclarativeMeta does not derive from DeclarativeAttributeIntercept.
+classImplements(DeclarativeMeta, ISADeclarativeMeta)
 classImplements(DeclarativeAttributeIntercept, ISADeclarativeMeta)
 classImplements(Session, ISASession)
 classImplements(scoped_session, ISAScopedSession)

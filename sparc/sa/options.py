@@ -14,8 +14,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
+import pathlib
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import pool as sa_pool
@@ -23,9 +25,11 @@ from sqlalchemy.engine import URL, make_url
 
 __all__ = [
     "WRAPPER_KEY",
+    "expand_env",
     "hide_dsn",
     "is_memory_sqlite",
     "normalize",
+    "read_config_file",
     "redact",
     "unwrap",
 ]
@@ -65,14 +69,10 @@ _BOOL_OPTIONS = frozenset(
 )
 _ECHO_OPTIONS = frozenset({"echo", "echo_pool"})
 _MAPPING_OPTIONS = frozenset({"connect_args", "execution_options"})
-_OBJECT_OPTIONS = frozenset(
-    {"module", "creator", "json_serializer", "json_deserializer", "pool"}
-)
+_OBJECT_OPTIONS = frozenset({"module", "creator", "json_serializer", "json_deserializer", "pool"})
 _TEXT_OPTIONS = frozenset({"logging_name", "pool_logging_name", "paramstyle"})
 #: Options that size or time a QueuePool; StaticPool accepts none of them.
-_QUEUE_POOL_OPTIONS = frozenset(
-    {"pool_size", "max_overflow", "pool_timeout", "pool_use_lifo"}
-)
+_QUEUE_POOL_OPTIONS = frozenset({"pool_size", "max_overflow", "pool_timeout", "pool_use_lifo"})
 
 #: Every option create_engine() itself documents, for suggestions on typos.
 KNOWN_OPTIONS = frozenset(
@@ -148,8 +148,7 @@ def normalize(config: object) -> tuple[URL, dict[str, Any]]:
         raw = {}
     if not isinstance(raw, Mapping):
         raise TypeError(
-            "'kwargs' must be a mapping of create_engine() options, got "
-            f"{type(raw).__name__}"
+            f"'kwargs' must be a mapping of create_engine() options, got {type(raw).__name__}"
         )
     kwargs = {str(name): convert_option(url, str(name), value) for name, value in raw.items()}
     _apply_defaults(url, kwargs)
@@ -161,9 +160,7 @@ def parse_dsn(dsn: object) -> URL:
     if isinstance(dsn, URL):
         return dsn
     if not isinstance(dsn, str):
-        raise TypeError(
-            f"'dsn' must be a string or sqlalchemy URL, got {type(dsn).__name__}"
-        )
+        raise TypeError(f"'dsn' must be a string or sqlalchemy URL, got {type(dsn).__name__}")
     failed = False
     try:
         url = make_url(dsn.strip())
@@ -265,9 +262,10 @@ def _to_mapping(name: str, value: Any) -> dict[str, Any]:
             parsed = None
         if isinstance(parsed, dict):
             return parsed
+    # The value is not shown: connection arguments often hold a password.
     raise ValueError(
         f"create_engine option {name!r} must be a mapping (or a JSON object "
-        f"in a string), got {_shown(name, value)}"
+        f"in a string), got {type(value).__name__}"
     )
 
 
@@ -277,8 +275,15 @@ def _to_list(name: str, value: Any) -> list[str]:
     if isinstance(value, Iterable) and not isinstance(value, Mapping):
         return [str(item) for item in value]
     raise ValueError(
-        f"create_engine option {name!r} must be a list or a comma-separated "
-        f"string, got {value!r}"
+        f"create_engine option {name!r} must be a list or a comma-separated string, got {value!r}"
+    )
+
+
+def _pool_class_names() -> list[str]:
+    return sorted(
+        name
+        for name, obj in vars(sa_pool).items()
+        if isinstance(obj, type) and issubclass(obj, sa_pool.Pool) and obj is not sa_pool.Pool
     )
 
 
@@ -286,19 +291,14 @@ def _to_poolclass(value: Any) -> type[sa_pool.Pool]:
     cls = value
     if isinstance(value, str):
         text = value.strip()
-        found = getattr(sa_pool, text, None) if "." not in text and ":" not in text else None
-        cls = found if found is not None else resolve("poolclass", text)
+        if "." in text or ":" in text:
+            cls = resolve("poolclass", text)
+        else:
+            cls = getattr(sa_pool, text, None)
     if not (isinstance(cls, type) and issubclass(cls, sa_pool.Pool)):
-        names = sorted(
-            n
-            for n in dir(sa_pool)
-            if isinstance(getattr(sa_pool, n), type)
-            and issubclass(getattr(sa_pool, n), sa_pool.Pool)
-            and n != "Pool"
-        )
         raise ValueError(
             "create_engine option 'poolclass' must be a Pool subclass, given by "
-            f"name ({', '.join(names)}) or dotted path, got {value!r}"
+            f"name ({', '.join(_pool_class_names())}) or dotted path, got {value!r}"
         )
     return cls
 
@@ -341,8 +341,7 @@ def resolve(name: str, dotted: str) -> Any:
             error = str(exc)
     raise ValueError(
         f"create_engine option {name!r} must name an importable object as "
-        f"'package.module.attribute', got {dotted!r}"
-        + (f" ({error})" if error else "")
+        f"'package.module.attribute', got {dotted!r}" + (f" ({error})" if error else "")
     )
 
 
@@ -408,9 +407,7 @@ def _apply_defaults(url: URL, kwargs: dict[str, Any]) -> None:
 def hide_dsn(dsn: str | URL) -> str:
     """Render *dsn* with its password (and secret query values) hidden."""
     if isinstance(dsn, URL):
-        query = {
-            k: (_HIDDEN if _SECRET_KEY.search(k) else v) for k, v in dsn.query.items()
-        }
+        query = {k: (_HIDDEN if _SECRET_KEY.search(k) else v) for k, v in dsn.query.items()}
         return dsn.set(query=query).render_as_string(hide_password=True)
     # An unparsable string: hide whatever sits between "user:" and "@".
     text = re.sub(r"(://[^:/@]*:)[^@]*@", rf"\g<1>{_HIDDEN}@", dsn)
@@ -436,15 +433,75 @@ def redact(value: Any) -> Any:
     return value
 
 
-def _shown(name: str, value: Any) -> str:
-    shown = redact({name: value})[name]
-    return repr(shown)
+# -- configuration files and the environment ------------------------------------
+
+_ENV_REF = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
 
 
-def describe(value: Any) -> str:
-    """A short human form of an option value for logs: classes by name."""
-    if isinstance(value, type):
-        return value.__name__
-    if isinstance(value, Callable):  # type: ignore[arg-type]
-        return getattr(value, "__qualname__", repr(value))
-    return repr(value)
+def expand_env(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """Replace ``${NAME}`` with the environment variable NAME.
+
+    ``${NAME:-default}`` uses *default* when NAME is unset or empty, and ``$$``
+    is a literal ``$``. A variable that is unset, with no default, raises
+    ``KeyError`` naming it.
+    """
+    env = os.environ if environ is None else environ
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name is None:
+            return "$"
+        value = env.get(name)
+        if value:
+            return value
+        if default is not None:
+            return default
+        if value is not None:
+            return value
+        raise KeyError(name)
+
+    return _ENV_REF.sub(substitute, text)
+
+
+def _expand_tree(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return expand_env(value)
+        except KeyError as exc:
+            raise ValueError(f"{where}: environment variable {exc.args[0]!r} is not set") from None
+    if isinstance(value, Mapping):
+        return {k: _expand_tree(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_tree(v, where) for v in value]
+    return value
+
+
+def read_config_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
+    """Read the engine section of a YAML file in the ``configure.yaml`` shape.
+
+    The file holds ``SQLAlchemyEngine: {dsn: ..., kwargs: {...}}`` (other
+    top-level sections are the application's own and are ignored) or the flat
+    ``{dsn: ..., kwargs: ...}``. String values may use ``${NAME}``.
+    """
+    import yaml
+
+    file = pathlib.Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read engine config file {str(file)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ValueError(f"{str(file)!r} is not valid YAML{where}: {problem}") from None
+    if isinstance(data, Mapping) and WRAPPER_KEY in data:
+        data = data[WRAPPER_KEY]
+    if not isinstance(data, Mapping) or "dsn" not in data:
+        raise ValueError(
+            f"{str(file)!r} holds no engine config: expected a mapping with 'dsn' "
+            f"(and optionally 'kwargs'), at the top level or under {WRAPPER_KEY!r}"
+        )
+    return _expand_tree(dict(data), repr(str(file)))  # type: ignore[no-any-return]

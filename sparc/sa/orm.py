@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import threading
 import time
 import weakref
@@ -92,7 +93,7 @@ def is_retryable(error: BaseException) -> bool:
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     if code in RETRY_SQLSTATES:
         return True
-    args = getattr(orig, "args", ())
+    args: tuple[Any, ...] = getattr(orig, "args", ())
     return bool(args) and type(args[0]) is int and args[0] in RETRY_MYSQL_ERRORS
 
 
@@ -130,6 +131,10 @@ def _close_abandoned(scope: _Scope) -> None:
     if session is None or scope.forgotten:
         return
     scope.session = None
+    if sys.is_finalizing():
+        # The interpreter is exiting: the server rolls back what the dying
+        # connection held, and modules may already be half torn down.
+        return
     if os.getpid() != scope.pid:
         # Inherited across fork (threads other than the forking one vanish in
         # the child, and their thread-locals with them): the session belongs
@@ -143,9 +148,7 @@ def _close_abandoned(scope: _Scope) -> None:
         else:
             gate.close_when_free(session)
     except Exception:
-        logger.warning(
-            "closing the session of an ended thread or task failed", exc_info=True
-        )
+        logger.warning("closing the session of an ended thread or task failed", exc_info=True)
 
 
 # -- one shared connection --------------------------------------------------------
@@ -350,15 +353,12 @@ class ThreadLocalSASessionTransaction:
         fork.track(self)
 
     def __repr__(self) -> str:
-        return (
-            f"<{type(self).__name__} engine={self._engine!r} "
-            f"Base={self._base_name}>"
-        )
+        return f"<{type(self).__name__} engine={self._engine!r} Base={self._base_name}>"
 
     # -- the interface -----------------------------------------------------------
 
     @property
-    def Base(self) -> type[Any] | None:  # noqa: N802 (1.x name)
+    def Base(self) -> type[Any] | None:
         """The declarative base; None once it has been garbage-collected."""
         return self._base_ref()
 
@@ -383,9 +383,7 @@ class ThreadLocalSASessionTransaction:
     def __call__(self, savepoint: bool = True) -> _Block:
         return _Block(self, savepoint)
 
-    def run(
-        self, fn: Callable[..., _T], /, *args: Any, attempts: int = 3, **kwargs: Any
-    ) -> _T:
+    def run(self, fn: Callable[..., _T], /, *args: Any, attempts: int = 3, **kwargs: Any) -> _T:
         if type(attempts) is not int or attempts < 1:
             raise ValueError(f"'attempts' must be a positive integer, got {attempts!r}")
         if self._scope().depth:
@@ -406,8 +404,7 @@ class ThreadLocalSASessionTransaction:
                 cap = min(self.retry_max_delay, self.retry_delay * 2 ** (attempt - 1))
                 delay = cap / 2 + random.uniform(0, cap / 2)
                 logger.info(
-                    "transaction aborted by the database (%s); retrying in "
-                    "%.3fs, attempt %d of %d",
+                    "transaction aborted by the database (%s); retrying in %.3fs, attempt %d of %d",
                     type(error.orig).__name__,
                     delay,
                     attempt + 1,
@@ -612,8 +609,6 @@ _CACHE_ATTR: Final = "_sparc_sa_transactions"
 _cache_lock = threading.Lock()
 
 
-@implementer(ISAScopedTransaction)
-@adapter(ISAEngine, ISADeclarativeMeta)
 def scoped_transaction(engine: Engine, base: type[Any]) -> ThreadLocalSASessionTransaction:
     """The adapter factory: the one shared manager for *engine* and *base*.
 
@@ -627,6 +622,12 @@ def scoped_transaction(engine: Engine, base: type[Any]) -> ThreadLocalSASessionT
         if entry is not None and entry[0]() is base:
             return entry[1]  # type: ignore[no-any-return]
     return _new_shared(engine, base)
+
+
+# Declared after the fact: zope's decorators return the function itself, but
+# untyped, which would hide its signature from type checkers.
+implementer(ISAScopedTransaction)(scoped_transaction)
+adapter(ISAEngine, ISADeclarativeMeta)(scoped_transaction)
 
 
 def _new_shared(engine: Engine, base: type[Any]) -> ThreadLocalSASessionTransaction:
@@ -645,4 +646,3 @@ def _new_shared(engine: Engine, base: type[Any]) -> ThreadLocalSASessionTransact
 
         cache[key] = (weakref.ref(base, forget), manager)
         return manager
-

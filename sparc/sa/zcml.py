@@ -1,4 +1,5 @@
 """ZCML directives (placeholder, completed below)."""
+
 from zope.interface import Interface
 
 

@@ -1,0 +1,7 @@
+"""``python -m sparc.sa check [DSN | config.yaml | site.zcml]``."""
+
+import sys
+
+from sparc.sa.check import main
+
+sys.exit(main())

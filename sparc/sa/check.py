@@ -1,0 +1,249 @@
+"""``sparc-sa check`` / ``python -m sparc.sa check``: prove a database works end to end.
+
+The check does what an application does: it loads sparc.sa's ZCML, builds
+the engine through the registered factory, and runs transactions through the
+ISAScopedTransaction adapter on a table of its own, which it drops again.
+
+Exit status: 0 when every engine passed, 1 when a check failed (unreachable
+server, wrong result), 2 for bad usage or configuration. Failures are
+reported in one line, and the password is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from sparc.sa import options
+
+__all__ = ["CheckFailed", "Report", "check_engine", "main"]
+
+DEFAULT_TARGET = "sqlite://"
+
+
+class CheckFailed(Exception):
+    """The database did not behave; the message is one line for the user."""
+
+
+class ConfigProblem(Exception):
+    """The target or its configuration is unusable; exit status 2."""
+
+
+@dataclass
+class Report:
+    name: str
+    url: str
+    dialect: str
+    driver: str
+    server_version: str
+    pool: str
+    pre_ping: bool
+    isolation_level: str
+    round_trip_ms: float
+
+    def lines(self) -> list[str]:
+        label = f" {self.name!r}" if self.name else ""
+        return [
+            f"engine{label}: OK",
+            f"  url             {self.url}",
+            f"  dialect         {self.dialect} (driver {self.driver})",
+            f"  server version  {self.server_version}",
+            f"  pool            {self.pool}",
+            f"  pre-ping        {'on' if self.pre_ping else 'off'}",
+            f"  isolation level {self.isolation_level}",
+            f"  round trip      {self.round_trip_ms:.2f} ms (median of 5 SELECT 1)",
+            "  transactions    committed 1 row, rolled back 1 row: table holds 1 row",
+        ]
+
+
+def check_engine(engine: Engine, name: str = "") -> Report:
+    """Run the check against *engine*; raise CheckFailed with a one-line reason."""
+    from zope.component import getMultiAdapter
+
+    from sparc.sa.interfaces import ISAScopedTransaction
+
+    shown = options.hide_dsn(engine.url)
+    try:
+        with engine.connect() as conn:
+            isolation = str(conn.get_isolation_level())
+            timings = []
+            for _ in range(5):
+                start = time.perf_counter()
+                conn.exec_driver_sql("SELECT 1").scalar()
+                timings.append((time.perf_counter() - start) * 1000)
+        version = engine.dialect.server_version_info
+        if engine.dialect.name == "sqlite":
+            import sqlite3
+
+            server_version = sqlite3.sqlite_version
+        else:
+            server_version = ".".join(str(p) for p in version or ()) or "unknown"
+
+        class Base(DeclarativeBase):
+            pass
+
+        class Probe(Base):
+            __tablename__ = f"sparc_sa_check_{uuid.uuid4().hex[:12]}"
+            id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+            note: Mapped[str] = mapped_column(sa.String(40))
+
+        Base.metadata.create_all(engine)
+        try:
+            transaction = getMultiAdapter((engine, Base), ISAScopedTransaction)
+            with transaction():
+                transaction.session.add(Probe(id=1, note="committed"))
+            try:
+                with transaction():
+                    transaction.session.add(Probe(id=2, note="rolled back"))
+                    transaction.session.flush()
+                    raise _RollMeBack
+            except _RollMeBack:
+                pass
+            with transaction():
+                notes = transaction.session.scalars(sa.select(Probe.note)).all()
+            if notes != ["committed"]:
+                raise CheckFailed(f"{shown}: expected only the committed row, found {notes!r}")
+        finally:
+            Base.metadata.drop_all(engine)
+    except sa.exc.DBAPIError as exc:
+        raise CheckFailed(f"{shown}: {_one_line(exc, engine)}") from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise CheckFailed(f"{shown}: {_one_line(exc, engine)}") from None
+    pool = engine.pool
+    size = getattr(pool, "size", None)
+    pool_text = type(pool).__name__
+    if callable(size):
+        pool_text += f", size {size()}, max overflow {getattr(pool, '_max_overflow', '?')}"
+    elif isinstance(pool, sa.pool.StaticPool):
+        pool_text += ", one connection shared by all threads"
+    dialect = engine.dialect.name
+    if getattr(engine.dialect, "is_mariadb", False):
+        dialect += ", MariaDB server"
+    return Report(
+        name=name,
+        url=shown,
+        dialect=dialect,
+        driver=engine.driver,
+        server_version=server_version,
+        pool=pool_text,
+        pre_ping=bool(getattr(pool, "_pre_ping", False)),
+        isolation_level=isolation,
+        round_trip_ms=statistics.median(timings),
+    )
+
+
+class _RollMeBack(Exception):
+    pass
+
+
+def _one_line(exc: Exception, engine: Engine) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    line = text[0] if text else type(orig).__name__
+    password = engine.url.password
+    if password:
+        line = line.replace(str(password), "***")
+    return f"{type(orig).__name__}: {line}"
+
+
+# -- targets ------------------------------------------------------------------
+
+
+def load_zcml(path: pathlib.Path | None = None) -> None:
+    """Load sparc.sa's configure.zcml, then the site file *path* if given."""
+    from zope.configuration import xmlconfig
+
+    import sparc.sa
+
+    context = xmlconfig.file("configure.zcml", package=sparc.sa, execute=False)
+    if path is not None:
+        xmlconfig.file(str(path.resolve()), context=context, execute=False)
+    context.execute_actions()
+
+
+def engines_for(target: str) -> list[tuple[str, Engine]]:
+    """Build the engines *target* names: a DSN, a YAML file or a ZCML file."""
+    from zope.component import createObject, getUtilitiesFor
+
+    from sparc.sa.engine import FACTORY_NAME
+    from sparc.sa.interfaces import ISAEngine
+
+    path = pathlib.Path(target)
+    looks_like_file = "://" not in target and (path.suffix or path.exists())
+    if looks_like_file and path.suffix.lower() == ".zcml":
+        if not path.is_file():
+            raise ConfigProblem(f"no such ZCML file: {target!r}")
+        try:
+            load_zcml(path)
+        except Exception as exc:
+            raise ConfigProblem(" ".join(str(exc).split())) from None
+        found = sorted(getUtilitiesFor(ISAEngine), key=lambda item: item[0])
+        if not found:
+            raise ConfigProblem(f"{target!r} declares no <sa:engine>")
+        return [(name or "(unnamed)", engine) for name, engine in found]
+    try:
+        load_zcml()
+        if looks_like_file:
+            config: Any = options.read_config_file(path)
+        else:
+            config = {"dsn": target}
+        return [("", createObject(FACTORY_NAME, config))]
+    except (TypeError, ValueError, ImportError) as exc:
+        raise ConfigProblem(str(exc)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sparc-sa",
+        description="sparc.sa: SQLAlchemy engines and scoped transactions for Zope.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = commands.add_parser(
+        "check",
+        help="build the engine(s) and run a committed and a rolled-back transaction",
+        description=(
+            "Build an engine through sparc.sa's registered factory, run one "
+            "committed and one rolled-back transaction through the "
+            "ISAScopedTransaction adapter on a temporary table, and report."
+        ),
+    )
+    check.add_argument(
+        "target",
+        nargs="?",
+        default=DEFAULT_TARGET,
+        help=(
+            "a SQLAlchemy URL, a YAML file in the configure.yaml shape, or a ZCML "
+            "file whose <sa:engine> declarations are all checked "
+            f"(default: {DEFAULT_TARGET}, an in-memory SQLite database)"
+        ),
+    )
+    args = parser.parse_args(argv)
+    try:
+        engines = engines_for(args.target)
+    except ConfigProblem as exc:
+        print(f"sparc-sa check: configuration error: {exc}", file=sys.stderr)
+        return 2
+    status = 0
+    for name, engine in engines:
+        try:
+            report = check_engine(engine, name if len(engines) > 1 or name != "" else "")
+        except CheckFailed as exc:
+            label = f" {name!r}" if name else ""
+            print(f"sparc-sa check: engine{label} FAILED: {exc}", file=sys.stderr)
+            status = 1
+        else:
+            print("\n".join(report.lines()))
+        finally:
+            engine.dispose()
+    return status

@@ -1,0 +1,123 @@
+"""``python -m sparc.sa check`` and the ``sparc-sa`` console script, run as a user would."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+
+from .conftest import SERVERS, server_dsn
+
+SCRIPT = pathlib.Path(sys.executable).with_name("sparc-sa")
+
+
+def run(*args: str, script: bool = False) -> subprocess.CompletedProcess[str]:
+    command = [str(SCRIPT)] if script else [sys.executable, "-m", "sparc.sa"]
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+
+
+def tables(dsn: str) -> set[str]:
+    engine = sa.create_engine(dsn)
+    try:
+        return {t for t in sa.inspect(engine).get_table_names() if t.startswith("sparc_sa_check_")}
+    finally:
+        engine.dispose()
+
+
+def test_check_with_no_argument_uses_memory_sqlite() -> None:
+    result = run("check")
+    assert result.returncode == 0, result.stderr
+    assert "engine: OK" in result.stdout
+    for field in (
+        "url             sqlite://",
+        "dialect         sqlite (driver pysqlite)",
+        "server version",
+        "pool            StaticPool",
+        "pre-ping        off",
+        "isolation level SERIALIZABLE",
+        "round trip",
+        "table holds 1 row",
+    ):
+        assert field in result.stdout, field
+    assert result.stderr == ""
+
+
+def test_console_script_does_the_same() -> None:
+    assert SCRIPT.exists(), "the sparc-sa console script is not installed"
+    result = run("check", script=True)
+    assert result.returncode == 0, result.stderr
+    assert "engine: OK" in result.stdout
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+def test_check_against_servers(backend: str) -> None:
+    dsn = server_dsn(backend)
+    before = tables(dsn)
+    result = run("check", dsn)
+    assert result.returncode == 0, result.stderr
+    assert "pre-ping        on" in result.stdout and "QueuePool, size 5" in result.stdout
+    assert tables(dsn) == before, "the check left its table behind"
+
+
+def test_check_a_yaml_config_in_the_1x_shape(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "configure.yaml"
+    config.write_text(
+        "SQLAlchemyEngine:\n"
+        f"  dsn: sqlite:///{tmp_path / 'app.db'}\n"
+        "  kwargs:\n"
+        "    pool_size: '3'\n"
+        "    pool_pre_ping: yes\n"
+        "OtherSection: {ignored: true}\n"
+    )
+    result = run("check", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "QueuePool, size 3" in result.stdout and "pre-ping        on" in result.stdout
+
+
+def test_unreachable_server_fails_in_one_line_without_the_password() -> None:
+    result = run("check", "postgresql+psycopg://app:t0p-s3cret@127.0.0.1:9/app")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "FAILED" in lines[0] and "OperationalError" in lines[0]
+    assert "t0p-s3cret" not in result.stderr and "app:***@" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["nosuchdialect://x"], ["configuration error", "nosuchdialect"]),
+        (["missing.yaml"], ["configuration error", "missing.yaml"]),
+        (["missing.zcml"], ["configuration error", "missing.zcml"]),
+    ],
+)
+def test_bad_config_exits_2_in_one_line(args: list[str], words: list[str]) -> None:
+    result = run("check", *args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr
+
+
+def test_bad_yaml_names_the_file_and_line(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text("SQLAlchemyEngine:\n  dsn: sqlite://\n  kwargs: [unclosed\n")
+    result = run("check", str(config))
+    assert result.returncode == 2
+    assert "broken.yaml" in result.stderr and "line" in result.stderr
+
+
+def test_usage_errors() -> None:
+    assert run().returncode == 2
+    assert "check" in run("--help").stdout

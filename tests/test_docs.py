@@ -1,0 +1,52 @@
+"""The documentation tells the truth: named tests exist, and CI runs the README's commands."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parent.parent
+README = (ROOT / "README.rst").read_text()
+
+
+def functions_in(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+
+
+GUARANTEES = README.split("\nGuarantees\n")[1].split("\nCompatibility\n")[0]
+REFERENCES = re.findall(r"``(tests/[\w/]+\.py)::(\w+)``", GUARANTEES)
+
+
+def test_the_guarantees_table_names_tests() -> None:
+    assert len(REFERENCES) >= 20
+
+
+@pytest.mark.parametrize(("path", "name"), REFERENCES)
+def test_every_guarantee_names_a_real_test(path: str, name: str) -> None:
+    file = ROOT / path
+    assert file.is_file(), path
+    assert name in functions_in(file), f"{path}::{name} does not exist"
+
+
+def quick_start_commands() -> list[str]:
+    section = README.split("\nQuick start\n")[1].split("\nUsing sparc.sa\n")[0]
+    return [line.strip() for line in section.splitlines() if line.startswith("    python3 -m venv")]
+
+
+def test_readme_gives_two_fresh_machine_commands() -> None:
+    main_job, tests = quick_start_commands()
+    assert main_job.endswith("sparc-sa check")
+    assert "[test]" in tests and tests.endswith("pytest")
+
+
+def test_ci_installs_and_tests_exactly_as_the_readme_says() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    _, tests = quick_start_commands()
+    install = re.search(r"pip install (-e '\.\[test\]')", tests)
+    assert install is not None
+    assert f"pip install {install.group(1)}" in ci
+    assert re.search(r"^\s*\S*pytest\b", ci, re.M), "CI does not run pytest"
