@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections.abc import Mapping
@@ -100,15 +101,20 @@ def _create_engine(url: URL, kwargs: dict[str, Any], shown: str) -> Engine:
             raise
         names = re.findall(r"'([^']*)'", match.group("names"))
         combo = _CONFIGURATION.search(str(exc))
-        hints = [_suggest(name) for name in names]
         error = (
-            f"create_engine() does not accept option(s) "
-            f"{', '.join(map(repr, names))} for {shown}"
-            + (f" (with {combo.group('combo')})" if combo else "")
-            + "".join(h for h in hints if h)
-            + "; check the spelling, and that the option applies to this "
-            "dialect and pool class"
+            f"create_engine() does not accept option(s) {', '.join(map(repr, names))} "
+            f"for {shown}" + (f" ({combo.group('combo')})" if combo else "")
         )
+        hints = {name: _suggest(name) for name in names}
+        if len(names) == 1 and hints[names[0]]:
+            error += f"; did you mean {hints[names[0]]!r}?"
+        elif any(hints.values()):
+            error += (
+                "; did you mean "
+                + ", ".join(f"{hint!r} for {name!r}" for name, hint in hints.items() if hint)
+                + "?"
+            )
+        error += " Check the spelling, and that the option applies to this dialect and pool."
         kind = TypeError
     except sqlalchemy.exc.NoSuchModuleError:
         error = (
@@ -121,11 +127,9 @@ def _create_engine(url: URL, kwargs: dict[str, Any], shown: str) -> Engine:
     raise kind(error)
 
 
-def _suggest(name: str) -> str:
-    import difflib
-
+def _suggest(name: str) -> str | None:
     close = difflib.get_close_matches(name, sorted(options.KNOWN_OPTIONS), n=1)
-    return f"; did you mean {close[0]!r} instead of {name!r}?" if close else ""
+    return close[0] if close else None
 
 
 def SAEngineFromConfig(SQLAlchemyEngine: Mapping[str, Any]) -> Engine:

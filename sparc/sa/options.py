@@ -27,6 +27,7 @@ __all__ = [
     "WRAPPER_KEY",
     "expand_env",
     "hide_dsn",
+    "hide_secrets_in_text",
     "is_memory_sqlite",
     "normalize",
     "read_config_file",
@@ -409,13 +410,30 @@ def hide_dsn(dsn: str | URL) -> str:
     if isinstance(dsn, URL):
         query = {k: (_HIDDEN if _SECRET_KEY.search(k) else v) for k, v in dsn.query.items()}
         return dsn.set(query=query).render_as_string(hide_password=True)
-    # An unparsable string: hide whatever sits between "user:" and "@".
-    text = re.sub(r"(://[^:/@]*:)[^@]*@", rf"\g<1>{_HIDDEN}@", dsn)
-    return re.sub(
-        r"([?&][^=&]*(?:pass|secret|token)[^=&]*=)[^&]*",
+    return hide_secrets_in_text(dsn)
+
+
+def hide_secrets_in_text(text: str) -> str:
+    """Hide passwords in free text: URLs' ``user:password@``, secret query
+    parameters, and ``password="..."``-like attributes or ``password: ...``."""
+    text = re.sub(r"(://[^:/@\s\"']*:)[^@\s\"']*@", rf"\g<1>{_HIDDEN}@", text)
+    text = re.sub(
+        r"([?&][^=&\s]*(?:pass|secret|token)[^=&\s]*=)[^&\s\"']*",
         rf"\g<1>{_HIDDEN}",
         text,
         flags=re.I,
+    )
+    text = re.sub(
+        r"""([\w.-]*(?:pass|secret|token)[\w.-]*\s*=\s*)(["'])(.*?)\2""",
+        rf"\g<1>\g<2>{_HIDDEN}\g<2>",
+        text,
+        flags=re.I,
+    )
+    return re.sub(
+        r"^(\s*[\w.-]*(?:pass|secret|token)[\w.-]*\s*:\s*)(\S.*)$",
+        rf"\g<1>{_HIDDEN}",
+        text,
+        flags=re.I | re.M,
     )
 
 
@@ -476,6 +494,16 @@ def _expand_tree(value: Any, where: str) -> Any:
     return value
 
 
+def _yaml_problem(exc: Exception) -> str:
+    parts = []
+    for what, mark_name in (("context", "context_mark"), ("problem", "problem_mark")):
+        text, mark = getattr(exc, what, None), getattr(exc, mark_name, None)
+        if text:
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            parts.append(f"{text}{where}")
+    return "; ".join(parts) or "invalid YAML"
+
+
 def read_config_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     """Read the engine section of a YAML file in the ``configure.yaml`` shape.
 
@@ -493,10 +521,7 @@ def read_config_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ValueError(f"{str(file)!r} is not valid YAML{where}: {problem}") from None
+        raise ValueError(f"{str(file)!r} is not valid YAML: {_yaml_problem(exc)}") from None
     if isinstance(data, Mapping) and WRAPPER_KEY in data:
         data = data[WRAPPER_KEY]
     if not isinstance(data, Mapping) or "dsn" not in data:

@@ -1,19 +1,242 @@
-"""ZCML directives (placeholder, completed below)."""
+"""ZCML directives: ``<sa:engine>`` and ``<sa:transaction>``.
 
+Namespace: ``http://namespaces.zope.org/sparc.sa`` (:data:`NAMESPACE`)::
+
+    <configure xmlns="http://namespaces.zope.org/zope"
+               xmlns:sa="http://namespaces.zope.org/sparc.sa">
+      <include package="sparc.sa" />
+      <sa:engine name="main" dsn="${DATABASE_URL}" pool_size="10"
+                 connect_args.connect_timeout="5" />
+      <sa:transaction name="main" engine="main" base="myapp.models.Base" />
+    </configure>
+
+Every ``create_engine()`` option can be given as an attribute and is converted
+as the engine factory converts strings. Options that take a mapping
+(``connect_args``, ``execution_options``) are written one key per attribute,
+``connect_args.KEY="VALUE"``; each VALUE is read as a JSON literal when it is
+one (``5``, ``true``, ``"5"``) and as text otherwise. Every attribute may use
+``${NAME}`` (and ``${NAME:-default}``) to read the environment.
+
+Errors in the configuration are reported by zope.configuration with the file
+and line of the directive, at configuration time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from zope.component import getUtilitiesFor, queryMultiAdapter, queryUtility
+from zope.component.interfaces import IFactory
+from zope.component.zcml import handler
+from zope.configuration.exceptions import ConfigurationError
+from zope.configuration.xmlconfig import ParserInfo
 from zope.interface import Interface
+from zope.schema import TextLine
+
+from sparc.sa import options
+from sparc.sa.engine import FACTORY_NAME, SAEngineFromConfigFactory
+from sparc.sa.interfaces import ISADeclarativeMeta, ISAEngine, ISAScopedTransaction
+from sparc.sa.orm import scoped_transaction
+
+__all__ = ["NAMESPACE", "IEngineDirective", "ITransactionDirective", "engine", "transaction"]
+
+#: The XML namespace of the directives, as meta.zcml declares it.
+NAMESPACE = "http://namespaces.zope.org/sparc.sa"
+
+# Engines are built after everything of the default order (0) is registered,
+# the factory and event subscribers included; transactions after the engines.
+_ENGINE_ORDER = 1
+_TRANSACTION_ORDER = 2
 
 
 class IEngineDirective(Interface):
-    pass
+    """Build an engine with the registered factory and register it as a
+    named ISAEngine utility.
+
+    Besides the attributes below, every create_engine() option may be given
+    as an attribute, and ``connect_args.KEY`` / ``execution_options.KEY`` for
+    the entries of those mappings.
+    """
+
+    name = TextLine(
+        title="Name",
+        description="The name of the ISAEngine utility (default: the unnamed one).",
+        required=False,
+        default="",
+    )
+    dsn = TextLine(
+        title="Database URL",
+        description="The SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db. "
+        "Overrides the dsn of the config file.",
+        required=False,
+    )
+    config = TextLine(
+        title="Configuration file",
+        description="A YAML file in the configure.yaml shape "
+        "(SQLAlchemyEngine: {dsn: ..., kwargs: {...}}), relative to this ZCML "
+        "file. Attributes override its values.",
+        required=False,
+    )
+
+
+# Any other attribute is a create_engine() option.
+IEngineDirective.setTaggedValue("keyword_arguments", True)
 
 
 class ITransactionDirective(Interface):
-    pass
+    """Register the ISAScopedTransaction of an engine and a declarative base as
+    a named utility: the very object ``getMultiAdapter((engine, Base),
+    ISAScopedTransaction)`` returns."""
+
+    name = TextLine(
+        title="Name",
+        description="The name of the ISAScopedTransaction utility.",
+        required=False,
+        default="",
+    )
+    engine = TextLine(
+        title="Engine",
+        description="The name of an engine declared with <sa:engine>.",
+        required=False,
+        default="",
+    )
+    base = TextLine(
+        title="Declarative base",
+        description="The dotted name of the declarative base class.",
+        required=True,
+    )
 
 
-def engine(_context, **kw):  # type: ignore[no-untyped-def]
-    raise NotImplementedError
+class _SecretFreeInfo(ParserInfo):
+    """The directive's location and source, as zope.configuration shows them
+    in errors and conflicts, with passwords hidden: a DSN in the ZCML file
+    must not reach the logs through an error message."""
+
+    def __str__(self) -> str:
+        return options.hide_secrets_in_text(super().__str__())
 
 
-def transaction(_context, **kw):  # type: ignore[no-untyped-def]
-    raise NotImplementedError
+def _protect(context: Any) -> None:
+    info = getattr(context, "info", None)
+    if type(info) is ParserInfo:
+        info.__class__ = _SecretFreeInfo
+
+
+def _expand(attribute: str, value: str) -> str:
+    try:
+        return options.expand_env(value)
+    except KeyError as exc:
+        raise ConfigurationError(
+            f"attribute {attribute!r} uses environment variable {exc.args[0]!r}, which is not set"
+        ) from None
+
+
+def _literal(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def engine(
+    _context: Any,
+    name: str = "",
+    dsn: str | None = None,
+    config: str | None = None,
+    **attributes: str,
+) -> None:
+    """Handle ``<sa:engine>``: check everything now, build the engine later."""
+    _protect(_context)
+    section: Mapping[str, Any] = {}
+    if config:
+        path = _context.path(_expand("config", config))
+        try:
+            section = options.read_config_file(path)
+        except ValueError as exc:
+            raise ConfigurationError(f"attribute 'config': {exc}") from None
+    dsn = _expand("dsn", dsn) if dsn else section.get("dsn")
+    if not dsn:
+        raise ConfigurationError(
+            "<sa:engine> needs a 'dsn' attribute, or a 'config' file that has a dsn"
+        )
+    kwargs: dict[str, Any] = dict(section.get("kwargs") or {})
+    for attribute, raw in attributes.items():
+        value = _expand(attribute, raw)
+        option, dot, key = attribute.partition(".")
+        if not dot:
+            kwargs[option] = value
+            continue
+        if option not in ("connect_args", "execution_options") or not key:
+            raise ConfigurationError(
+                f"attribute {attribute!r}: only connect_args.KEY and "
+                "execution_options.KEY may name a key of an option"
+            )
+        nested = kwargs.get(option)
+        nested = dict(nested) if isinstance(nested, Mapping) else {}
+        nested[key] = _literal(value)
+        kwargs[option] = nested
+    engine_config = {"dsn": dsn, "kwargs": kwargs}
+    try:
+        # Convert now, so a bad value is reported at this directive; options
+        # that create_engine() rejects are reported when the engine is built.
+        options.normalize(engine_config)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(str(exc)) from None
+    _context.action(
+        discriminator=("utility", ISAEngine, name),
+        callable=_register_engine,
+        args=(name, engine_config, _context.info),
+        order=_ENGINE_ORDER,
+    )
+
+
+def _register_engine(name: str, config: dict[str, Any], info: Any) -> None:
+    # The factory a site registered, so an override applies here too; without
+    # sparc.sa's configure.zcml, the package's own.
+    factory = queryUtility(IFactory, FACTORY_NAME) or SAEngineFromConfigFactory
+    try:
+        built = factory(config)
+    except (TypeError, ValueError, ImportError) as exc:
+        label = f"<sa:engine name={name!r}>" if name else "<sa:engine>"
+        raise ConfigurationError(f"{label}: {exc}") from None
+    handler("registerUtility", built, ISAEngine, name, info)
+
+
+def transaction(_context: Any, base: str, name: str = "", engine: str = "") -> None:
+    """Handle ``<sa:transaction>``."""
+    _protect(_context)
+    base = _expand("base", base)
+    engine = _expand("engine", engine)
+    name = _expand("name", name)
+    try:
+        resolved = _context.resolve(base)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"attribute 'base': cannot import {base!r}: {exc}") from None
+    if not ISADeclarativeMeta.providedBy(resolved):
+        raise ConfigurationError(
+            f"attribute 'base': {base!r} is not a declarative base; expected a class "
+            "made by declarative_base() or a subclass of DeclarativeBase (a "
+            "DeclarativeBaseNoMeta base must declare @provider(ISADeclarativeMeta))"
+        )
+    _context.action(
+        discriminator=("utility", ISAScopedTransaction, name),
+        callable=_register_transaction,
+        args=(name, engine, resolved, _context.info),
+        order=_TRANSACTION_ORDER,
+    )
+
+
+def _register_transaction(name: str, engine_name: str, base: type[Any], info: Any) -> None:
+    found = queryUtility(ISAEngine, engine_name)
+    if found is None:
+        known = sorted(repr(n) for n, _ in getUtilitiesFor(ISAEngine))
+        raise ConfigurationError(
+            f"attribute 'engine': no <sa:engine> named {engine_name!r} is registered"
+            + (f"; registered engines: {', '.join(known)}" if known else "")
+        )
+    manager = queryMultiAdapter((found, base), ISAScopedTransaction)
+    if manager is None:  # sparc.sa's adapter is not registered in this site
+        manager = scoped_transaction(found, base)
+    handler("registerUtility", manager, ISAScopedTransaction, name, info)
