@@ -179,6 +179,26 @@ def test_session_is_reset_and_connection_returned_after_every_block(
     assert checked_out(engine) == 0
 
 
+def test_objects_stay_readable_after_their_block(
+    engine: Engine, models: Any, transaction: Any
+) -> None:
+    with transaction():
+        item = models.Item(name="readable")
+        transaction.session.add(item)
+    state = sa.inspect(item)
+    assert state.detached  # the session was reset...
+    assert item.name == "readable" and isinstance(item.id, int)  # ...and item still reads
+
+
+def test_expire_on_commit_can_be_asked_for(engine: Engine, models: Any) -> None:
+    manager = ThreadLocalSASessionTransaction(engine, models.Base, expire_on_commit=True)
+    with manager():
+        item = models.Item(name="expired")
+        manager.session.add(item)
+    with pytest.raises(sa.orm.exc.DetachedInstanceError):
+        item.name  # noqa: B018
+
+
 def test_session_outside_a_block_is_the_thread_session(
     engine: Engine, models: Any, transaction: Any
 ) -> None:

@@ -142,6 +142,47 @@ def test_a_block_closed_by_another_task_finishes_the_session_it_opened(
     assert names(engine, ns.Item) == ["opened-elsewhere"]
 
 
+def test_a_block_outlives_the_task_that_opened_it(pooled: tuple[Engine, Any, Any]) -> None:
+    """The opening task ends, its done-callbacks run, other tasks run; only
+    then is the block closed. Its work must still be committed."""
+    engine, ns, transaction = pooled
+
+    async def main() -> None:
+        block = transaction()
+
+        async def opener() -> None:
+            block.__enter__()
+            transaction.session.add(ns.Item(name="survives-its-task"))
+
+        await asyncio.create_task(opener())
+        for _ in range(3):  # let every pending callback run first
+            await asyncio.sleep(0)
+        assert not transaction._tasks
+        block.__exit__(None, None, None)
+
+    asyncio.run(main())
+    assert names(engine, ns.Item) == ["survives-its-task"]
+    assert engine.pool.checkedout() == 0
+
+
+def test_a_block_outlives_the_thread_that_opened_it(pooled: tuple[Engine, Any, Any]) -> None:
+    engine, ns, transaction = pooled
+    block = transaction()
+
+    def opener() -> None:
+        block.__enter__()
+        transaction.session.add(ns.Item(name="survives-its-thread"))
+        transaction.session.flush()
+
+    t = threading.Thread(target=opener)
+    t.start()
+    t.join()  # the thread and its thread-local are gone
+    gc.collect()
+    block.__exit__(None, None, None)
+    assert names(engine, ns.Item) == ["survives-its-thread"]
+    assert engine.pool.checkedout() == 0
+
+
 def test_ended_task_returns_its_connection_at_once(
     pooled: tuple[Engine, Any, Any], no_gc: None
 ) -> None:

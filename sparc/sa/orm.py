@@ -130,16 +130,21 @@ def _close_abandoned(scope: _Scope) -> None:
     session = scope.session
     if session is None or scope.forgotten:
         return
+    if os.getpid() != scope.pid:
+        # Inherited across fork (threads other than the forking one vanish in
+        # the child, and their thread-locals with them): the session belongs
+        # to the parent. Checked first: even at shutdown it must stay pinned.
+        scope.session = None
+        fork.orphan(session)
+        return
+    if scope.depth:
+        # A block of this scope is still open, handed to another thread or
+        # task to close. That block's exit finishes and resets the session.
+        return
     scope.session = None
     if sys.is_finalizing():
         # The interpreter is exiting: the server rolls back what the dying
         # connection held, and modules may already be half torn down.
-        return
-    if os.getpid() != scope.pid:
-        # Inherited across fork (threads other than the forking one vanish in
-        # the child, and their thread-locals with them): the session belongs
-        # to the parent.
-        fork.orphan(session)
         return
     try:
         gate = _gate_for(scope.engine.pool)
@@ -195,12 +200,13 @@ class _Gate:
     def release(self) -> None:
         while True:
             with self._mutex:
-                pending, self._pending = self._pending, []
+                pending = self._pending
                 if not pending:
                     self.owner = None
                     self.thread = None
                     self._lock.release()
                     return
+                self._pending = []
             for session in pending:
                 _quiet_close(session)
 
@@ -323,10 +329,16 @@ class ThreadLocalSASessionTransaction:
     the one shared by the whole application for that engine and Base.
     Extra keyword arguments are passed to :class:`sqlalchemy.orm.sessionmaker`.
 
+    Sessions are made with ``expire_on_commit=False``: every block resets its
+    session right after committing, so expiring objects at commit would
+    refresh nothing and would only make the block's objects unreadable
+    afterwards. Pass ``expire_on_commit=True`` to have that back.
+
     .. versionchanged:: 2.0
        Scopes are asyncio tasks as well as threads; blocks nest as
        SAVEPOINTs; sessions of ended threads are closed at once; blocks on a
        single shared connection take turns; forks are safe; :meth:`run`.
+       ``expire_on_commit`` defaults to False.
     """
 
     #: First backoff of :meth:`run`, in seconds; doubled after each attempt.
@@ -338,6 +350,7 @@ class ThreadLocalSASessionTransaction:
         self._engine = engine
         self._base_ref = weakref.ref(base)
         self._base_name = f"{base.__module__}.{base.__qualname__}"
+        session_options.setdefault("expire_on_commit", False)
         self._session_factory = sessionmaker(bind=engine, **session_options)
         self._local = threading.local()
         self._tasks: dict[Task[Any], _Scope] = {}
