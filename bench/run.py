@@ -20,6 +20,12 @@ Contenders, each running a one-row transaction:
     sparc.sa        with transaction(): transaction.session... (manager held)
     sparc.sa/lookup the same, with getMultiAdapter() on every transaction
                     (the per-request pattern)
+
+and, on in-memory SQLite only, a reference that is not a contender:
+
+    bare            one reused session per thread: add, commit, close, with
+                    none of sparc.sa's guarantees. sparc.sa / bare is what
+                    the guarantees cost.
 """
 
 from __future__ import annotations
@@ -82,7 +88,9 @@ class Contender:
     get: Txn
 
 
-def make_contenders(engine: Engine, models: Models, n_rows: int) -> list[Contender]:
+def make_contenders(
+    engine: Engine, models: Models, n_rows: int, bare: bool = False
+) -> list[Contender]:
     """Build every contender on *engine*; their get() reads random existing rows."""
     import transaction as zope_transaction
     from z3c.saconfig import GloballyScopedSession, named_scoped_session
@@ -144,12 +152,50 @@ def make_contenders(engine: Engine, models: Models, n_rows: int) -> list[Contend
         with transaction():
             return transaction.session.get(Item, pick(ids)).name  # type: ignore[no-any-return]
 
-    return [
+    contenders = [
         Contender("plain", plain_insert, plain_get),
         Contender("zope", zope_insert, zope_get),
         Contender("sparc.sa", sparc_insert, sparc_get),
         Contender("sparc.sa/lookup", lookup_insert, lookup_get),
     ]
+    if not bare:
+        return contenders
+
+    # the reference: the session reuse sparc.sa does, without its guarantees
+    local = threading.local()
+    bare_sessions = sessionmaker(engine, expire_on_commit=False)
+
+    def bare_session() -> Any:
+        try:
+            return local.session
+        except AttributeError:
+            local.session = bare_sessions()
+            return local.session
+
+    def bare_insert() -> None:
+        session = bare_session()
+        try:
+            session.add(Item(name="x"))
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def bare_get() -> str:
+        session = bare_session()
+        try:
+            name: str = session.get(Item, pick(ids)).name  # type: ignore[union-attr]
+            session.commit()
+            return name
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    return [*contenders, Contender("bare", bare_insert, bare_get)]
 
 
 # -- measuring ---------------------------------------------------------------------------
@@ -290,8 +336,8 @@ def memory(
 
 def threads(
     engine: Engine, contenders: list[Contender], counts: list[int], seconds: float, rounds: int
-) -> dict[str, dict[int, float]]:
-    """Insert transactions per second with N threads, contenders interleaved."""
+) -> dict[str, dict[int, list[float]]]:
+    """Insert transactions per second with N threads, per round, contenders interleaved."""
     out: dict[str, dict[int, list[float]]] = {c.name: {n: [] for n in counts} for c in contenders}
     shuffle = random.Random(3).shuffle
     order = list(contenders)
@@ -328,7 +374,7 @@ def threads(
                 for w in workers:
                     w.join()
                 out[contender.name][n].append(sum(done) / (time.perf_counter() - start))
-    return {name: {n: statistics.median(v) for n, v in per.items()} for name, per in out.items()}
+    return out
 
 
 # -- reporting -------------------------------------------------------------------------------
@@ -342,11 +388,14 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def report_times(results: list[Result]) -> str:
-    names = list(results[0].per_txn_us)
+    names: list[str] = []
+    for r in results:
+        names += [n for n in r.per_txn_us if n not in names]
     rows = []
     for r in results:
         med, rat = r.medians(), r.ratios()
-        rows.append([r.workload, *(f"{med[n]:.1f} us ({rat[n]:.3f})" for n in names)])
+        cells = [f"{med[n]:.1f} us ({rat[n]:.3f})" if n in med else "-" for n in names]
+        rows.append([r.workload, *cells])
     return table(rows, ["workload (median per transaction, ratio to plain)", *names])
 
 
@@ -402,7 +451,6 @@ def main(argv: list[str] | None = None) -> int:
 
     xmlconfig.file("configure.zcml", package=sparc.sa)
     quick = args.quick
-    rounds = 5 if quick else 21
     servers = {
         "postgresql": os.environ.get("TEST_PG_DSN"),
         "mysql": os.environ.get("TEST_MYSQL_DSN"),
@@ -414,14 +462,15 @@ def main(argv: list[str] | None = None) -> int:
         f"SQLAlchemy {sa.__version__}, {platform.machine()}, {os.cpu_count()} CPUs"
     )
     print(
-        f"rounds per workload: {rounds} ({rounds + 10 if not quick else rounds} on servers); "
-        "contenders interleaved, median per transaction\n"
+        "rounds: "
+        + ("5 (quick)" if quick else "41 on SQLite, 91 on servers")
+        + "; contenders interleaved; times are medians, ratios paired per round\n"
     )
     results: list[Result] = []
     extra: dict[str, Any] = {}
 
     def setup(
-        dsn: str, n_rows: int, **kwargs: Any
+        dsn: str, n_rows: int, bare: bool = False, **kwargs: Any
     ) -> tuple[Engine, Models, list[Contender], Callable[[], None]]:
         engine = engine_from_config({"dsn": dsn, "kwargs": kwargs})
         models = Models()
@@ -436,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             with engine.begin() as conn:
                 conn.execute(sa.delete(table_).where(table_.c.id > n_rows))
 
-        return engine, models, make_contenders(engine, models, n_rows), trim
+        return engine, models, make_contenders(engine, models, n_rows, bare), trim
 
     def teardown(engine: Engine, models: Models) -> None:
         models.Base.metadata.drop_all(engine)
@@ -450,12 +499,18 @@ def main(argv: list[str] | None = None) -> int:
             var = "TEST_PG_DSN" if name == "postgresql" else "TEST_MYSQL_DSN"
             print(f"{name}: skipped, {var} is not set\n")
             continue
-        batch = {"sqlite": 2000, "sqlite-file": 100, "postgresql": 300, "mysql": 300}[name]
-        # Server round trips and fsync are noisier than CPU work: more rounds.
-        n_rounds = rounds + 10 if name in servers and not quick else rounds
+        # Short batches and many rounds: a ratio is paired within a round, and
+        # pairing cancels drift best when rounds are short. Server round trips
+        # and fsync are noisier than CPU work, so servers get the most rounds.
+        batch, n_rounds = {
+            "sqlite": (1000, 41),
+            "sqlite-file": (60, 41),
+            "postgresql": (100, 91),
+            "mysql": (100, 91),
+        }[name]
         if quick:
-            batch //= 4
-        engine, models, contenders, trim = setup(dsn, 1000)
+            batch, n_rounds = batch // 4, 5
+        engine, models, contenders, trim = setup(dsn, 1000, bare=name == "sqlite")
         try:
             for kind in ("insert", "get"):
                 label = f"{name}, one-row {kind}"
@@ -534,25 +589,32 @@ def main(argv: list[str] | None = None) -> int:
             engine, models, contenders, trim = setup(dsn, 10, pool_size=16, max_overflow=0)
             print("running threads ...", file=sys.stderr)
             try:
-                scaling = threads(
-                    engine, contenders, counts, 0.5 if quick else 1.5, 1 if quick else 3
+                per_round = threads(
+                    engine, contenders, counts, 0.5 if quick else 1.0, 1 if quick else 9
                 )
             finally:
                 teardown(engine, models)
+            scaling = {
+                c: {n: statistics.median(v) for n, v in per.items()} for c, per in per_round.items()
+            }
+            paired = {
+                c: {
+                    n: statistics.median(
+                        x / p for x, p in zip(v, per_round["plain"][n], strict=True)
+                    )
+                    for n, v in per.items()
+                }
+                for c, per in per_round.items()
+            }
             extra["threads"] = {
-                k: {str(n): v for n, v in per.items()} for k, per in scaling.items()
+                c: {str(n): {"tps": scaling[c][n], "ratio": paired[c][n]} for n in counts}
+                for c in scaling
             }
             rows = [
-                [
-                    str(n),
-                    *(
-                        f"{scaling[c][n]:.0f} ({scaling[c][n] / scaling['plain'][n]:.2f})"
-                        for c in scaling
-                    ),
-                ]
+                [str(n), *(f"{scaling[c][n]:.0f} ({paired[c][n]:.2f})" for c in scaling)]
                 for n in counts
             ]
-            print("PostgreSQL, one-row inserts per second by threads (ratio to plain):")
+            print("PostgreSQL, one-row inserts per second by threads (ratio to plain, paired):")
             print(table(rows, ["threads", *scaling]))
             plot(scaling, args.plot, f"PostgreSQL, SQLAlchemy {sa.__version__}")
             print(f"plot: {args.plot}")

@@ -198,28 +198,35 @@ class _Gate:
         return True
 
     def release(self) -> None:
+        # The common case, nothing pending, takes no extra lock. A session
+        # queued by close_when_free() between our last look and the release is
+        # not lost: we look again after releasing and, if it is there, take
+        # the gate back to close it (or the next holder will).
         while True:
-            with self._mutex:
-                pending = self._pending
-                if not pending:
-                    self.owner = None
-                    self.thread = None
-                    self._lock.release()
-                    return
-                self._pending = []
-            for session in pending:
-                _quiet_close(session)
-
-    def close_when_free(self, session: Session) -> None:
-        with self._mutex:
-            if not self._lock.acquire(blocking=False):
-                self._pending.append(session)  # the holder closes it on release
+            if self._pending:
+                self._close_pending()
+            self.owner = None
+            self.thread = None
+            self._lock.release()
+            if not self._pending or not self._lock.acquire(blocking=False):
                 return
             self.owner = self
             self.thread = _get_ident()
-        try:
+
+    def _close_pending(self) -> None:
+        with self._mutex:
+            pending, self._pending = self._pending, []
+        for session in pending:
             _quiet_close(session)
-        finally:
+
+    def close_when_free(self, session: Session) -> None:
+        with self._mutex:
+            self._pending.append(session)
+        # Queued first, then try to become the one who closes it; if another
+        # block holds the connection, its release() closes it.
+        if self._lock.acquire(blocking=False):
+            self.owner = self
+            self.thread = _get_ident()
             self.release()
 
 
@@ -382,7 +389,14 @@ class ThreadLocalSASessionTransaction:
     @property
     def session(self) -> Session:
         """The current scope's session."""
-        scope = self._scope()
+        scope: _Scope
+        if _get_running_loop() is None:  # the common case, inline
+            try:
+                scope = self._local.scope
+            except AttributeError:
+                scope = self._scope()
+        else:
+            scope = self._scope()
         session = scope.session
         if session is None:
             session = scope.session = self._session_factory()
@@ -463,11 +477,10 @@ class ThreadLocalSASessionTransaction:
         self._engine.pool.__dict__.pop(_GATE_ATTR, None)
         self._pool = None
 
-    def _current_gate(self) -> _Gate | _ThreadGate | None:
-        pool = self._engine.pool
-        if pool is not self._pool:  # first use, or the engine was disposed
-            self._gate = _gate_for(pool)
-            self._pool = pool
+    def _refresh_gate(self, pool: Pool) -> _Gate | _ThreadGate | None:
+        # First use, or the engine was disposed and has a new pool.
+        self._gate = _gate_for(pool)
+        self._pool = pool
         return self._gate
 
     def _begin_nested(self, session: Session) -> Any:
@@ -487,29 +500,39 @@ class ThreadLocalSASessionTransaction:
                 connection.exec_driver_sql("BEGIN")
         return session.begin_nested()
 
-    def _reset(self, scope: _Scope, session: Session) -> None:
-        try:
-            session.close()
-        except Exception:
-            # The transaction must not stay wedged on a session that failed to
-            # close: drop it, and the scope gets a fresh one on next use.
-            logger.error("closing the session after a block failed", exc_info=True)
-            if scope.session is session:
-                scope.session = None
-
 
 class _Block:
     """One ``with transaction():`` block."""
 
-    __slots__ = ("_gate", "_manager", "_nested", "_savepoint", "_scope", "_session", "_sp")
+    __slots__ = (
+        "_debug",
+        "_gate",
+        "_manager",
+        "_nested",
+        "_savepoint",
+        "_scope",
+        "_session",
+        "_sp",
+    )
 
     def __init__(self, manager: ThreadLocalSASessionTransaction, savepoint: bool) -> None:
         self._manager = manager
         self._savepoint = savepoint
 
+    # __enter__ and __exit__ run on every transaction: the common case (a
+    # thread outside asyncio, a pool of its own connections, no debug log) is
+    # written out inline rather than through helper calls.
+
     def __enter__(self) -> scoped_session[Session]:
         manager = self._manager
-        scope = manager._scope()
+        scope: _Scope
+        if _get_running_loop() is None:
+            try:
+                scope = manager._local.scope
+            except AttributeError:
+                scope = manager._scope()
+        else:
+            scope = manager._scope()
         session = scope.session
         if session is None:
             session = scope.session = manager._session_factory()
@@ -521,12 +544,14 @@ class _Block:
             scope.depth += 1
             return manager._Session
         self._nested = False
-        gate = manager._current_gate()
+        pool = manager._engine.pool
+        gate = manager._gate if pool is manager._pool else manager._refresh_gate(pool)
         if gate is not None and not gate.acquire(scope):
             gate = None
         self._gate = gate
         scope.depth = 1
-        if logger.isEnabledFor(_DEBUG):
+        debug = self._debug = logger.isEnabledFor(_DEBUG)
+        if debug:
             logger.debug("block entered: %r in %r", session, manager)
         return manager._Session
 
@@ -558,7 +583,7 @@ class _Block:
                         "the transaction was rolled back"
                     )
                 session.commit()
-                if logger.isEnabledFor(_DEBUG):
+                if self._debug:
                     logger.debug("block committed: %r", session)
             else:
                 _rollback(session, exc)
@@ -568,10 +593,14 @@ class _Block:
         finally:
             scope.depth = 0
             scope.doomed = False
-            self._manager._reset(scope, session)
-            gate = self._gate
-            if gate is not None:
-                gate.release()
+            try:
+                session.close()
+            except Exception:
+                _close_failed(scope, session)
+            finally:
+                gate = self._gate
+                if gate is not None:
+                    gate.release()
 
     def _exit_nested(self, scope: _Scope, exc_type: type[BaseException] | None) -> None:
         scope.depth -= 1
@@ -590,6 +619,14 @@ class _Block:
                 raise
             return
         _rollback_savepoint(scope, savepoint)
+
+
+def _close_failed(scope: _Scope, session: Session) -> None:
+    # The scope must not stay wedged on a session that failed to close: drop
+    # it, and the scope gets a fresh one on next use.
+    logger.error("closing the session after a block failed", exc_info=True)
+    if scope.session is session:
+        scope.session = None
 
 
 def _rollback(session: Session, cause: BaseException | None) -> None:
