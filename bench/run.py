@@ -382,7 +382,7 @@ def threads(
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    line = "  ".join("-" * w for w in widths)
+    line = "  ".join("=" * w for w in widths)  # a reStructuredText simple table
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([line, fmt.format(*header), line, *(fmt.format(*r) for r in rows), line])
 

@@ -50,3 +50,28 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says() -> None:
     assert install is not None
     assert f"pip install {install.group(1)}" in ci
     assert re.search(r"^\s*\S*pytest\b", ci, re.M), "CI does not run pytest"
+
+
+@pytest.mark.parametrize(
+    "name", ["README.rst", "CHANGES.rst", "docs/zcml.rst", "docs/benchmarks.rst"]
+)
+def test_rst_is_valid(name: str) -> None:
+    """PyPI shows README.rst as plain text if it has an error; catch it here."""
+    import io
+
+    import docutils.core
+
+    warnings = io.StringIO()
+    docutils.core.publish_doctree(
+        (ROOT / name).read_text(),
+        source_path=name,
+        settings_overrides={"report_level": 2, "halt_level": 5, "warning_stream": warnings},
+    )
+    assert warnings.getvalue() == ""
+
+
+def test_benchmarks_page_shows_the_plot() -> None:
+    page = (ROOT / "docs" / "benchmarks.rst").read_text()
+    assert ".. image:: benchmarks/threads.png" in page
+    assert (ROOT / "docs" / "benchmarks" / "threads.png").is_file()
+    assert "python bench/run.py" in page

@@ -172,7 +172,7 @@ class _Gate:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # held from outermost enter to exit
-        self._mutex = threading.Lock()  # guards _pending and the hand-over
+        self._mutex = threading.Lock()  # guards swapping and appending _pending
         self._pending: list[Session] = []
         self.owner: object = None
         self.thread: int | None = None
