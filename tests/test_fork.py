@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import select
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from sparc.sa.exceptions import ForkedTransactionError
 
-from .conftest import SERVERS, backend_dsn, names
+from .conftest import SERVERS, backend_dsn, build_models, names
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() is POSIX-only"),
@@ -28,8 +31,9 @@ pytestmark = [
 ]
 
 
-def in_child(fn: Callable[[], Any]) -> Any:
-    """Run *fn* in a forked child; return its JSON result or raise its error."""
+def in_child(fn: Callable[[], Any], timeout: float = 60) -> Any:
+    """Run *fn* in a forked child; return its JSON result or raise its error.
+    A child that does not answer within *timeout* seconds is killed."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
@@ -41,10 +45,20 @@ def in_child(fn: Callable[[], Any]) -> Any:
         os._exit(0)
     os.close(write)
     chunks = []
-    while chunk := os.read(read, 65536):
-        chunks.append(chunk)
-    os.close(read)
-    os.waitpid(pid, 0)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError(f"the child did not finish within {timeout}s")
+            chunk = os.read(read, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
     payload = json.loads(b"".join(chunks))
     if not payload["ok"]:
         raise AssertionError(f"in the child: {payload['error']}")
@@ -212,3 +226,38 @@ def test_child_exiting_normally_leaves_the_parents_connections_alone(
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
     assert "Exception ignored" not in result.stderr, result.stderr
+
+
+def test_locks_held_by_another_thread_at_fork_do_not_block_the_child(
+    engine: Engine, models: Any
+) -> None:
+    """A thread inside the manager cache's or gate table's lock at fork time
+    does not exist in the child; the child must not wait for it."""
+    import threading
+
+    from sparc.sa import orm
+    from sparc.sa.orm import scoped_transaction
+
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with orm._cache_lock, orm._gate_lock:
+            holding.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait()
+    try:
+
+        def child() -> str:
+            other = build_models()  # a Base never looked up: needs the cache lock
+            manager = scoped_transaction(engine, other.Base)
+            with manager():
+                pass
+            return "done"
+
+        assert in_child(child, timeout=10) == "done"
+    finally:
+        release.set()
+        holder.join()

@@ -217,6 +217,27 @@ def test_session_outside_a_block_is_the_thread_session(
     assert names(engine, models.Item) == ["added-before"]
 
 
+def test_scoped_session_api_works_on_the_current_scope(
+    engine: Engine, models: Any, transaction: Any
+) -> None:
+    Session_ = transaction.scoped_session
+    first = transaction.session
+    assert Session_.registry.has()
+    first.scalars(sa.select(models.Item)).all()  # holds a connection now
+    Session_.remove()  # closes and forgets this scope's session
+    assert checked_out(engine) == 0
+    assert transaction.session is not first
+    with pytest.raises(sa.exc.InvalidRequestError):
+        Session_(autoflush=False)  # a session exists already: SQLAlchemy's rule
+    Session_.remove()
+    custom = Session_(autoflush=False)  # scoped_session(**kw) sets the scope's session
+    assert transaction.session is custom and custom.autoflush is False
+    with transaction():
+        assert transaction.session is custom
+        transaction.session.add(models.Item(name="custom"))
+    assert names(engine, models.Item) == ["custom"]
+
+
 def test_block_session_is_the_session_attribute(models: Any, transaction: Any) -> None:
     with transaction():
         assert transaction.session is transaction.scoped_session()

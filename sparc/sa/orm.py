@@ -271,16 +271,18 @@ class _ThreadGate:
 
 
 _GATE_ATTR: Final = "_sparc_sa_gate"
+_MISSING: Final = object()
+# Makes sure two threads that first meet a pool agree on its one gate.
 _gate_lock = threading.Lock()
 
 
 def _gate_for(pool: Pool) -> _Gate | _ThreadGate | None:
-    gate = pool.__dict__.get(_GATE_ATTR, _gate_lock)
-    if gate is not _gate_lock:
+    gate = pool.__dict__.get(_GATE_ATTR, _MISSING)
+    if gate is not _MISSING:
         return gate  # type: ignore[no-any-return]
     with _gate_lock:
-        gate = pool.__dict__.get(_GATE_ATTR, _gate_lock)
-        if gate is _gate_lock:
+        gate = pool.__dict__.get(_GATE_ATTR, _MISSING)
+        if gate is _MISSING:
             if isinstance(pool, StaticPool):
                 gate = _Gate()
             elif isinstance(pool, SingletonThreadPool):
@@ -314,7 +316,7 @@ class _Registry:
         return self._manager.session
 
     def has(self) -> bool:
-        scope = self._manager._scope(create=False)
+        scope = self._manager._existing_scope()
         return scope is not None and scope.session is not None
 
     def set(self, session: Session) -> None:
@@ -322,7 +324,7 @@ class _Registry:
         scope.session = session
 
     def clear(self) -> None:
-        scope = self._manager._scope(create=False)
+        scope = self._manager._existing_scope()
         if scope is not None:
             scope.session = None
 
@@ -408,9 +410,16 @@ class ThreadLocalSASessionTransaction:
         return self._Session
 
     def __call__(self, savepoint: bool = True) -> _Block:
+        """A block: ``with transaction():`` commits on success, rolls back on
+        any exception; nested, a SAVEPOINT (or, with ``savepoint=False``, a
+        part of the outer transaction)."""
         return _Block(self, savepoint)
 
     def run(self, fn: Callable[..., _T], /, *args: Any, attempts: int = 3, **kwargs: Any) -> _T:
+        """Call ``fn(session, *args, **kwargs)`` in a block and return its result,
+        running the whole block again, up to *attempts* times in all, when
+        the database aborts it for a serialization failure or a deadlock.
+        Inside an open block, *fn* runs once in a SAVEPOINT."""
         if type(attempts) is not int or attempts < 1:
             raise ValueError(f"'attempts' must be a positive integer, got {attempts!r}")
         if self._scope().depth:
@@ -442,23 +451,26 @@ class ThreadLocalSASessionTransaction:
 
     # -- scopes --------------------------------------------------------------------
 
-    def _scope(self, create: bool = True) -> _Scope:
+    def _scope(self) -> _Scope:
+        """The current task's or thread's scope, made on first use."""
+        scope = self._existing_scope()
+        if scope is not None:
+            return scope
+        task = _current_task() if _get_running_loop() is not None else None
+        if task is not None:
+            scope = self._tasks[task] = _Scope(self._engine)
+            task.add_done_callback(self._task_done)
+        else:
+            scope = self._local.scope = _ThreadScope(self._engine)
+        return scope
+
+    def _existing_scope(self) -> _Scope | None:
         if _get_running_loop() is not None:
             task = _current_task()
             if task is not None:
-                scope = self._tasks.get(task)
-                if scope is None and create:
-                    scope = _Scope(self._engine)
-                    self._tasks[task] = scope
-                    task.add_done_callback(self._task_done)
-                return scope  # type: ignore[return-value]
-        try:
-            return self._local.scope  # type: ignore[no-any-return]
-        except AttributeError:
-            if not create:
-                return None  # type: ignore[return-value]
-            scope = self._local.scope = _ThreadScope(self._engine)
-            return scope
+                return self._tasks.get(task)
+        scope: _Scope | None = getattr(self._local, "scope", None)
+        return scope
 
     def _task_done(self, task: Task[Any]) -> None:
         scope = self._tasks.pop(task, None)
@@ -656,6 +668,7 @@ def _rollback_savepoint(scope: _Scope, savepoint: Any) -> None:
 # -- the shared managers ----------------------------------------------------------
 
 _CACHE_ATTR: Final = "_sparc_sa_transactions"
+# Makes sure two threads that first look up one (engine, base) get one manager.
 _cache_lock = threading.Lock()
 
 
@@ -696,3 +709,14 @@ def _new_shared(engine: Engine, base: type[Any]) -> ThreadLocalSASessionTransact
 
         cache[key] = (weakref.ref(base, forget), manager)
         return manager
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by a thread at fork time stays held in the child, where that
+    # thread does not exist: start the child with fresh ones.
+    global _cache_lock, _gate_lock
+    _cache_lock = threading.Lock()
+    _gate_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
