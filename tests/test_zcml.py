@@ -302,6 +302,8 @@ def test_conflicting_names_are_conflicts(app: SimpleNamespace) -> None:
         '<sa:engine name="n" dsn="sqlite://" />',
         '<sa:engine dsn="postgresql+psycopg://u:hunter2@h/d" />'
         '<sa:transaction engine="nope" base="{app}.Base" />',
+        '<sa:engine dsn="postgresql+psycopg://u@h/d" connect_args.api_key="hunter2"\n'
+        '           pool_sise="1" />',
     ],
 )
 def test_password_never_in_configuration_errors(app: SimpleNamespace, body: str) -> None:

@@ -41,7 +41,10 @@ WRAPPER_KEY = "SQLAlchemyEngine"
 _CONFIG_KEYS = ("dsn", "kwargs")
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
-_SECRET_KEY = re.compile(r"pass|secret|token|credential|api_?key|ssl_?key", re.I)
+# The words that make a key look secret, wherever secrets are hidden: keys of
+# mappings and URL queries, and key=value or key: value pairs in free text.
+_SECRET_WORDS = r"pass|secret|token|credential|api_?key|ssl_?key"
+_SECRET_KEY = re.compile(_SECRET_WORDS, re.I)
 _HIDDEN = "***"
 
 _INT_OPTIONS = frozenset(
@@ -418,19 +421,19 @@ def hide_secrets_in_text(text: str) -> str:
     parameters, and ``password="..."``-like attributes or ``password: ...``."""
     text = re.sub(r"(://[^:/@\s\"']*:)[^@\s\"']*@", rf"\g<1>{_HIDDEN}@", text)
     text = re.sub(
-        r"([?&][^=&\s]*(?:pass|secret|token)[^=&\s]*=)[^&\s\"']*",
+        rf"([?&][^=&\s]*(?:{_SECRET_WORDS})[^=&\s]*=)[^&\s\"']*",
         rf"\g<1>{_HIDDEN}",
         text,
         flags=re.I,
     )
     text = re.sub(
-        r"""([\w.-]*(?:pass|secret|token)[\w.-]*\s*=\s*)(["'])(.*?)\2""",
+        rf"""([\w.-]*(?:{_SECRET_WORDS})[\w.-]*\s*=\s*)(["'])(.*?)\2""",
         rf"\g<1>\g<2>{_HIDDEN}\g<2>",
         text,
         flags=re.I,
     )
     return re.sub(
-        r"^(\s*[\w.-]*(?:pass|secret|token)[\w.-]*\s*:\s*)(\S.*)$",
+        rf"^(\s*[\w.-]*(?:{_SECRET_WORDS})[\w.-]*\s*:\s*)(\S.*)$",
         rf"\g<1>{_HIDDEN}",
         text,
         flags=re.I | re.M,
