@@ -28,14 +28,19 @@ class Boom(Exception):
     pass
 
 
-@pytest.fixture
-def shared() -> Iterator[tuple[Engine, Any, ThreadLocalSASessionTransaction]]:
-    engine = make_engine("sqlite://")
-    assert isinstance(engine.pool, StaticPool)
+def memory_database(poolclass: type[Any]) -> Iterator[tuple[Engine, Any, Any]]:
+    """In-memory SQLite with the given pool, a Base with tables, its manager."""
+    engine = make_engine("sqlite://", poolclass=poolclass.__name__)
+    assert type(engine.pool) is poolclass
     ns = build_models()
     ns.Base.metadata.create_all(engine)
     yield engine, ns, scoped_transaction(engine, ns.Base)
     engine.dispose()
+
+
+@pytest.fixture
+def shared() -> Iterator[tuple[Engine, Any, ThreadLocalSASessionTransaction]]:
+    yield from memory_database(StaticPool)
 
 
 def test_another_threads_commit_cannot_save_a_rolled_back_block(
@@ -118,19 +123,11 @@ def test_ended_thread_does_not_roll_back_a_running_block(shared: tuple[Engine, A
     assert names(engine, ns.Item) == ["kept", "kept-too"]
 
 
-@pytest.fixture(params=["StaticPool", "SingletonThreadPool"])
+@pytest.fixture(params=[StaticPool, SingletonThreadPool], ids=lambda cls: cls.__name__)
 def one_connection(request: pytest.FixtureRequest) -> Iterator[tuple[Engine, Any, Any]]:
     """In-memory SQLite whose tasks of one thread share one connection:
     StaticPool (shared by every thread) or SingletonThreadPool (per thread)."""
-    engine = make_engine("sqlite://", poolclass=request.param)
-    assert (
-        type(engine.pool)
-        is {"StaticPool": StaticPool, "SingletonThreadPool": SingletonThreadPool}[request.param]
-    )
-    ns = build_models()
-    ns.Base.metadata.create_all(engine)
-    yield engine, ns, scoped_transaction(engine, ns.Base)
-    engine.dispose()
+    yield from memory_database(request.param)
 
 
 def test_tasks_of_one_thread_cannot_interleave_on_one_connection(
