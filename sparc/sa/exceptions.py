@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+try:  # the `transaction` package is optional: only joined mode needs it
+    from transaction.interfaces import TransientError as _TransientBase
+except ImportError:  # pragma: no cover - exercised in environments without it
+
+    class _TransientBase(Exception):  # type: ignore[no-redef]
+        """Stands in for transaction.interfaces.TransientError."""
+
+
 __all__ = [
+    "BlockOrderError",
+    "CrossScopeSessionError",
     "DoomedTransactionError",
     "ForkedTransactionError",
     "InterleavedTransactionError",
+    "JoinedTransactionError",
+    "RetryableDatabaseError",
 ]
 
 
@@ -33,4 +45,53 @@ class ForkedTransactionError(RuntimeError):
 
     Its session and connection belong to the parent; the child neither
     commits nor rolls them back.
+    """
+
+
+class BlockOrderError(RuntimeError):
+    """Blocks of one scope were closed out of order.
+
+    The blocks of a thread or task form a stack: only the innermost open
+    block may end. Two generators suspended inside blocks and closed in the
+    order they were opened break that rule. The scope's whole transaction is
+    then rolled back, never committed, and every block still open in it raises
+    this error when it ends. The next block of the scope starts afresh.
+
+    .. versionadded:: 2.0
+    """
+
+
+class CrossScopeSessionError(RuntimeError):
+    """``transaction.session`` was used outside any block in a thread or task
+    started from inside another scope's block (``asyncio.to_thread``, a
+    child task).
+
+    That session is not the block's session: work done there would not be part
+    of the block, and would be committed later by whatever block that thread
+    or task ran next. Pass the block's session to the worker, or open a block
+    in the worker.
+
+    .. versionadded:: 2.0
+    """
+
+
+class JoinedTransactionError(RuntimeError):
+    """The session belongs to a transaction of the ``transaction`` package
+    (a Zope request, say), which alone commits it.
+
+    Raised by ``session.commit()`` inside such a transaction: end the block
+    instead, and the work commits when the request does.
+
+    .. versionadded:: 2.0
+    """
+
+
+class RetryableDatabaseError(_TransientBase):  # type: ignore[misc]
+    """A serialization failure or deadlock inside a joined transaction.
+
+    A subclass of ``transaction.interfaces.TransientError``, so Zope's
+    publisher, ``transaction.manager.attempts()`` and pyramid_tm retry the
+    whole request. The database's error is the ``__cause__``.
+
+    .. versionadded:: 2.0
     """

@@ -2,28 +2,35 @@
 
 ::
 
-    transaction = getMultiAdapter((engine, Base), ISAScopedTransaction)
-    with transaction() as Session:
-        Session.add(obj)            # or transaction.session.add(obj)
+    tx = getMultiAdapter((engine, Base), ISAScopedTransaction)
+    with tx() as Session:
+        Session.add(obj)            # or tx.session.add(obj)
 
 Scopes
     A *scope* is the running asyncio task when there is one, otherwise the
     current thread. Each scope has its own session, created on first use and
-    kept for the scope's lifetime; a block resets it at exit, so it never
-    carries state from one block into the next. When a thread or task ends,
-    its session is closed at once and its connection returned to the pool.
+    kept for the scope's lifetime. When a thread or task ends, its session is
+    closed at once and its connection returned to the pool.
 
 Blocks
-    ``with transaction():`` commits on success and rolls back on any
-    exception, re-raising it unchanged. A block inside a block of the same
-    scope runs in a SAVEPOINT, or joins the outer transaction with
-    ``savepoint=False``. The session is captured when the outermost block is
-    entered and that same session is finished at exit, whichever thread or
-    task closes the block.
+    ``with tx():`` commits on success and rolls back on any exception,
+    re-raising it unchanged. The open blocks of a scope form a stack: a block
+    opened inside another runs in a SAVEPOINT (or joins the outer transaction
+    with ``savepoint=False``), and only the innermost open block may end.
+    Entering a block is atomic: it is either fully open or nothing changed.
+    The outermost block starts from a fresh view of the database.
+
+Joined mode
+    Inside a transaction of the ``transaction`` package (a Zope request),
+    blocks join it instead of committing by themselves; see
+    :mod:`sparc.sa.joined`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import inspect
 import logging
 import os
 import random
@@ -37,6 +44,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
@@ -46,9 +54,13 @@ from zope.interface import implementer
 
 from sparc.sa import fork
 from sparc.sa.exceptions import (
+    BlockOrderError,
+    CrossScopeSessionError,
     DoomedTransactionError,
     ForkedTransactionError,
     InterleavedTransactionError,
+    JoinedTransactionError,
+    RetryableDatabaseError,
 )
 from sparc.sa.interfaces import (
     ISADeclarativeMeta,
@@ -61,13 +73,20 @@ from sparc.sa.interfaces import (
 if TYPE_CHECKING:
     from asyncio import Task
 
+    from sparc.sa.joined import SessionDataManager
+
 __all__ = [
+    "JOIN_MODES",
+    "BlockOrderError",
+    "CrossScopeSessionError",
     "DoomedTransactionError",
     "ForkedTransactionError",
     "ISAScopedSession",
     "ISAScopedTransaction",
     "ISASession",
     "InterleavedTransactionError",
+    "JoinedTransactionError",
+    "RetryableDatabaseError",
     "ThreadLocalSASessionTransaction",
     "is_retryable",
     "scoped_transaction",
@@ -83,16 +102,32 @@ RETRY_SQLSTATES: Final = frozenset({"40001", "40P01"})
 #: MySQL/MariaDB error numbers of the same: deadlock, lock wait timeout,
 #: and "record has changed since last read" (MariaDB snapshot isolation).
 RETRY_MYSQL_ERRORS: Final = frozenset({1213, 1205, 1020})
+#: SQLite's result codes for a lock another connection holds: SQLITE_BUSY
+#: and its extended forms (SQLITE_BUSY_RECOVERY, _SNAPSHOT, _TIMEOUT).
+RETRY_SQLITE_CODES: Final = frozenset({5, 261, 517, 773})
+#: The join modes of :class:`ThreadLocalSASessionTransaction`.
+JOIN_MODES: Final = ("auto", "always", "never")
+#: How long a block waits for a connection that every thread shares
+#: (StaticPool) while another thread's block holds it, unless the pool says.
+DEFAULT_GATE_TIMEOUT: Final = 30.0
 
 
 def is_retryable(error: BaseException) -> bool:
-    """True if *error* is a serialization failure or deadlock worth retrying."""
+    """True if *error* is a serialization failure, deadlock or lock conflict
+    that a fresh transaction may not meet again."""
+    if isinstance(error, RetryableDatabaseError):
+        return True
     if not isinstance(error, sa_exc.DBAPIError) or error.connection_invalidated:
         return False
     orig = error.orig
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     if code in RETRY_SQLSTATES:
         return True
+    sqlite_code = getattr(orig, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        return sqlite_code in RETRY_SQLITE_CODES
+    if type(orig).__module__ == "sqlite3" and str(orig) == "database is locked":
+        return True  # Python 3.10's sqlite3 has no error codes
     args: tuple[Any, ...] = getattr(orig, "args", ())
     return bool(args) and type(args[0]) is int and args[0] in RETRY_MYSQL_ERRORS
 
@@ -101,16 +136,28 @@ def is_retryable(error: BaseException) -> bool:
 
 
 class _Scope:
-    """One thread's or task's session and the state of its open blocks."""
+    """One thread's or task's session and its stack of open blocks."""
 
-    __slots__ = ("__weakref__", "depth", "doomed", "engine", "forgotten", "pid", "session")
+    __slots__ = (
+        "__weakref__",
+        "blocks",
+        "doomed",
+        "engine",
+        "forgotten",
+        "joined",
+        "pid",
+        "session",
+        "thread",
+    )
 
     def __init__(self, engine: Engine) -> None:
         self.session: Session | None = None
-        self.depth = 0  # how many blocks of this scope are open
+        self.blocks: list[_Block] = []  # the open blocks, outermost first
         self.doomed = False  # a joined inner block failed; the outer must roll back
         self.forgotten = False  # inherited across os.fork(): never touch again
+        self.joined: SessionDataManager | None = None  # the Zope transaction we are in
         self.pid = os.getpid()
+        self.thread = _get_ident()
         self.engine = engine
 
 
@@ -137,9 +184,10 @@ def _close_abandoned(scope: _Scope) -> None:
         scope.session = None
         fork.orphan(session)
         return
-    if scope.depth:
+    if scope.blocks or scope.joined is not None:
         # A block of this scope is still open, handed to another thread or
-        # task to close. That block's exit finishes and resets the session.
+        # task to close, or the session belongs to a Zope transaction that is
+        # still running: whoever ends those finishes and resets the session.
         return
     scope.session = None
     if sys.is_finalizing():
@@ -166,68 +214,81 @@ class _Gate:
     rollback from one thread would end another thread's transaction. Blocks
     therefore take turns. Sessions of ended threads, whose close rolls the
     connection back, are closed only between blocks.
+
+    Ownership is taken with ``dict.setdefault``, one C call that tests and
+    sets at once: however a KeyboardInterrupt lands, ``owner`` tells exactly
+    whether the gate was taken, so a block that fails to open can give it
+    back. The gate may be released by another thread than the one that took
+    it (a block closed elsewhere), which rules out an RLock.
     """
 
-    __slots__ = ("_lock", "_mutex", "_pending", "owner", "thread")
+    __slots__ = ("_free", "_pending", "_state")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # held from outermost enter to exit
-        self._mutex = threading.Lock()  # guards swapping and appending _pending
+        self._state: dict[str, Any] = {}  # {"owner": scope} while held
+        self._free = threading.Condition(threading.Lock())
         self._pending: list[Session] = []
-        self.owner: object = None
-        self.thread: int | None = None
 
-    def acquire(self, scope: _Scope) -> bool:
+    @property
+    def owner(self) -> object:
+        return self._state.get("owner")
+
+    def acquire(self, scope: _Scope, timeout: float) -> bool:
         """Wait for the connection; False if *scope* already holds it."""
-        if self.owner is scope:
-            return False
-        me = _get_ident()
-        if self.thread == me:
-            # Only this thread can have set `thread` to its own id, so this
-            # read is exact: the holder is another task or manager in this
-            # very thread, and waiting here would wait for ourselves.
+        owner = self._state.setdefault("owner", scope)
+        if owner is scope:
+            return True
+        if isinstance(owner, _Scope) and owner.thread == scope.thread:
+            # Only this thread runs the holder, so waiting here would wait
+            # for ourselves: another task, or another manager, of this thread.
             raise InterleavedTransactionError(
                 "another block of this thread (an asyncio task, or a transaction "
                 "manager for another Base) holds the engine's single shared "
                 "connection; blocks on a StaticPool engine cannot interleave "
                 "within one thread"
             )
-        self._lock.acquire()
-        self.owner = scope
-        self.thread = me
+        deadline = time.monotonic() + timeout
+        with self._free:
+            while self._state.setdefault("owner", scope) is not scope:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise sa_exc.TimeoutError(
+                        f"waited {timeout:.1f} s for the connection that every thread of this "
+                        "StaticPool engine shares, while another thread's block held "
+                        "it; set the manager's gate_timeout to wait longer, or give "
+                        "the engine a pool with more connections"
+                    )
+                self._free.wait(left)
         return True
 
-    def release(self) -> None:
-        # The common case, nothing pending, takes no extra lock. A session
-        # queued by close_when_free() between our last look and the release is
-        # not lost: we look again after releasing and, if it is there, take
-        # the gate back to close it (or the next holder will).
+    def release(self, scope: object) -> None:
+        if self._state.get("owner") is not scope:
+            return
         while True:
             if self._pending:
                 self._close_pending()
-            self.owner = None
-            self.thread = None
-            self._lock.release()
-            if not self._pending or not self._lock.acquire(blocking=False):
+            with self._free:
+                self._state.pop("owner", None)
+                self._free.notify()
+            # A session queued by close_when_free() after our last look is not
+            # lost: take the gate back to close it (or the next holder will).
+            if not self._pending or self._state.setdefault("owner", self) is not self:
                 return
-            self.owner = self
-            self.thread = _get_ident()
+            scope = self
 
     def _close_pending(self) -> None:
-        with self._mutex:
+        with self._free:
             pending, self._pending = self._pending, []
         for session in pending:
             _quiet_close(session)
 
     def close_when_free(self, session: Session) -> None:
-        with self._mutex:
+        with self._free:
             self._pending.append(session)
         # Queued first, then try to become the one who closes it; if another
         # block holds the connection, its release() closes it.
-        if self._lock.acquire(blocking=False):
-            self.owner = self
-            self.thread = _get_ident()
-            self.release()
+        if self._state.setdefault("owner", self) is self:
+            self.release(self)
 
 
 class _ThreadGate:
@@ -240,34 +301,31 @@ class _ThreadGate:
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def acquire(self, scope: _Scope) -> bool:
-        local = self._local
-        owner = getattr(local, "owner", None)
+    def acquire(self, scope: _Scope, timeout: float) -> bool:
+        state = self._local.__dict__
+        owner = state.setdefault("owner", scope)
         if owner is scope:
-            return False
-        if owner is not None:
-            raise InterleavedTransactionError(
-                "another block of this thread holds its SingletonThreadPool "
-                "connection; blocks on that connection cannot interleave"
-            )
-        local.owner = scope
-        return True
+            return True
+        raise InterleavedTransactionError(
+            "another block of this thread holds its SingletonThreadPool "
+            "connection; blocks on that connection cannot interleave"
+        )
 
-    def release(self) -> None:
-        local = self._local
-        local.owner = None
-        pending = getattr(local, "pending", None)
-        if pending:
-            local.pending = []
-            for session in pending:
-                _quiet_close(session)
+    def release(self, scope: object) -> None:
+        state = self._local.__dict__
+        if state.get("owner") is not scope:
+            return
+        del state["owner"]
+        pending = state.pop("pending", None)
+        for session in pending or ():
+            _quiet_close(session)
 
     def close_when_free(self, session: Session) -> None:
-        local = self._local
-        if getattr(local, "owner", None) is None:
+        state = self._local.__dict__
+        if state.get("owner") is None:
             _quiet_close(session)
         else:
-            local.pending = [*getattr(local, "pending", ()), session]
+            state.setdefault("pending", []).append(session)
 
 
 _GATE_ATTR: Final = "_sparc_sa_gate"
@@ -300,6 +358,61 @@ def _quiet_close(session: Session) -> None:
         logger.warning("closing a session failed", exc_info=True)
 
 
+# -- session bookkeeping ----------------------------------------------------------
+
+# Keys of Session.info. _IN_BLOCK: a block of ours is open on the session.
+# _WROTE: the session wrote since its transaction began (flushes, DML).
+# _JOINED: the session belongs to a transaction of the `transaction` package.
+# _COMMITTING: our data manager is committing it (session.commit() allowed).
+_IN_BLOCK: Final = "sparc.sa.in_block"
+_WROTE: Final = "sparc.sa.wrote"
+_JOINED: Final = "sparc.sa.joined"
+_COMMITTING: Final = "sparc.sa.committing"
+
+
+def _note_flush(session: Session, flush_context: Any) -> None:
+    session.info[_WROTE] = True
+
+
+def _note_execute(state: Any) -> None:
+    if not state.is_select:
+        state.session.info[_WROTE] = True
+
+
+def _forget_writes(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:
+        session.info.pop(_WROTE, None)
+
+
+def _refuse_commit_when_joined(session: Session) -> None:
+    info = session.info
+    if info.get(_JOINED) and not info.get(_COMMITTING):
+        raise JoinedTransactionError(
+            "this session belongs to a transaction of the `transaction` package "
+            "(a Zope request), which commits it: do not call session.commit(); "
+            "end the `with tx():` block, and its work commits when the request "
+            "(or transaction.commit()) does"
+        )
+
+
+def _begin_on_sqlite(session: Session, transaction: Any, connection: Any) -> None:
+    """pysqlite (legacy transaction control) begins a transaction only before
+    DML, so a block's reads would run outside its transaction: a
+    read-modify-write could not be isolated, and a SAVEPOINT outside a
+    transaction starts one of its own, whose RELEASE commits. Inside our
+    blocks, begin explicitly as soon as the session takes its connection."""
+    if not session.info.get(_IN_BLOCK):
+        return
+    dbapi = connection.connection.dbapi_connection
+    if (
+        dbapi is not None
+        and not dbapi.in_transaction
+        and dbapi.isolation_level is not None
+        and getattr(dbapi, "autocommit", -1) is not True
+    ):
+        connection.exec_driver_sql("BEGIN")
+
+
 # -- the transaction manager --------------------------------------------------------
 
 
@@ -325,7 +438,7 @@ class _Registry:
 
     def clear(self) -> None:
         scope = self._manager._existing_scope()
-        if scope is not None:
+        if scope is not None and not scope.blocks and scope.joined is None:
             scope.session = None
 
 
@@ -338,6 +451,11 @@ class ThreadLocalSASessionTransaction:
     the one shared by the whole application for that engine and Base.
     Extra keyword arguments are passed to :class:`sqlalchemy.orm.sessionmaker`.
 
+    *join* says whether blocks join a transaction of the ``transaction``
+    package (``"auto"``, ``"always"`` or ``"never"``; see
+    :mod:`sparc.sa.joined`), and *twophase* whether a joined transaction
+    commits with two-phase commit.
+
     Sessions are made with ``expire_on_commit=False``: every block resets its
     session right after committing, so expiring objects at commit would
     refresh nothing and would only make the block's objects unreadable
@@ -345,9 +463,10 @@ class ThreadLocalSASessionTransaction:
 
     .. versionchanged:: 2.0
        Scopes are asyncio tasks as well as threads; blocks nest as
-       SAVEPOINTs; sessions of ended threads are closed at once; blocks on a
-       single shared connection take turns; forks are safe; :meth:`run`.
-       ``expire_on_commit`` defaults to False.
+       SAVEPOINTs and form a stack; sessions of ended threads are closed at
+       once; blocks on a single shared connection take turns; forks are safe;
+       :meth:`run`; joining Zope's transaction. ``expire_on_commit``
+       defaults to False.
     """
 
     #: First backoff of :meth:`run`, in seconds; doubled after each attempt.
@@ -355,7 +474,17 @@ class ThreadLocalSASessionTransaction:
     #: Upper bound of one backoff of :meth:`run`, in seconds.
     retry_max_delay: float = 1.0
 
-    def __init__(self, engine: Engine, base: type[Any], **session_options: Any) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        base: type[Any],
+        *,
+        join: str = "auto",
+        twophase: bool = False,
+        **session_options: Any,
+    ) -> None:
+        _check_base(base)
+        self._join, self._twophase = _check_join(engine, join, twophase)
         self._engine = engine
         self._base_ref = weakref.ref(base)
         self._base_name = f"{base.__module__}.{base.__qualname__}"
@@ -367,15 +496,31 @@ class ThreadLocalSASessionTransaction:
         self._Session.registry = _Registry(self)  # type: ignore[assignment]
         self._pool: Pool | None = None
         self._gate: _Gate | _ThreadGate | None = None
-        # pysqlite emits no BEGIN before a SAVEPOINT; see _begin_nested.
+        # The outermost open block of the current context: a thread or task
+        # started from inside a block (asyncio.to_thread, create_task) sees it.
+        self._open_block: contextvars.ContextVar[_Block | None] = contextvars.ContextVar(
+            "sparc.sa open block", default=None
+        )
         self._sqlite_begin = engine.dialect.name == "sqlite" and engine.driver in (
             "pysqlite",
             "pysqlcipher",
         )
+        factory = self._session_factory
+        sa_event.listen(factory, "after_flush", _note_flush)
+        sa_event.listen(factory, "do_orm_execute", _note_execute)
+        sa_event.listen(factory, "after_transaction_end", _forget_writes)
+        sa_event.listen(factory, "before_commit", _refuse_commit_when_joined)
+        if self._sqlite_begin:
+            sa_event.listen(factory, "after_begin", _begin_on_sqlite)
         fork.track(self)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} engine={self._engine!r} Base={self._base_name}>"
+        from sparc.sa.options import hide_dsn
+
+        return (
+            f"<{type(self).__name__} engine=Engine({hide_dsn(self._engine.url)}) "
+            f"Base={self._base_name} join={self._join!r}>"
+        )
 
     # -- the interface -----------------------------------------------------------
 
@@ -389,6 +534,23 @@ class ThreadLocalSASessionTransaction:
         return self._engine
 
     @property
+    def join(self) -> str:
+        """``"auto"``, ``"always"`` or ``"never"``: see :mod:`sparc.sa.joined`."""
+        return self._join
+
+    @property
+    def twophase(self) -> bool:
+        """Whether a joined transaction commits in two phases."""
+        return self._twophase
+
+    @property
+    def gate_timeout(self) -> float:
+        """Seconds a block waits for a connection every thread shares
+        (StaticPool): the pool's ``timeout`` if it has one, else 30."""
+        timeout = getattr(self._engine.pool, "_timeout", None)
+        return float(timeout) if isinstance(timeout, (int, float)) else DEFAULT_GATE_TIMEOUT
+
+    @property
     def session(self) -> Session:
         """The current scope's session."""
         scope: _Scope
@@ -400,9 +562,9 @@ class ThreadLocalSASessionTransaction:
         else:
             scope = self._scope()
         session = scope.session
-        if session is None:
-            session = scope.session = self._session_factory()
-        return session
+        if session is not None and (scope.blocks or scope.joined is not None):
+            return session
+        return self._idle_session(scope)
 
     @property
     def scoped_session(self) -> scoped_session[Session]:
@@ -410,30 +572,42 @@ class ThreadLocalSASessionTransaction:
         return self._Session
 
     def __call__(self, savepoint: bool = True) -> _Block:
-        """A block: ``with transaction():`` commits on success, rolls back on
-        any exception; nested, a SAVEPOINT (or, with ``savepoint=False``, a
-        part of the outer transaction)."""
+        """A block: ``with tx():`` commits on success, rolls back on any
+        exception; nested, a SAVEPOINT (or, with ``savepoint=False``, a part
+        of the outer transaction)."""
+        if savepoint is not True and savepoint is not False:
+            raise TypeError(
+                f"'savepoint' must be True or False, got {savepoint!r} ({type(savepoint).__name__})"
+            )
         return _Block(self, savepoint)
 
     def run(self, fn: Callable[..., _T], /, *args: Any, attempts: int = 3, **kwargs: Any) -> _T:
         """Call ``fn(session, *args, **kwargs)`` in a block and return its result,
         running the whole block again, up to *attempts* times in all, when
         the database aborts it for a serialization failure or a deadlock.
-        Inside an open block, *fn* runs once in a SAVEPOINT."""
+        Inside an open block, or inside a joined transaction (whose owner
+        retries), *fn* runs once in a SAVEPOINT."""
         if type(attempts) is not int or attempts < 1:
             raise ValueError(f"'attempts' must be a positive integer, got {attempts!r}")
-        if self._scope().depth:
+        if inspect.iscoroutinefunction(fn) or inspect.isawaitable(fn):
+            raise TypeError(
+                f"run() calls {fn!r} without awaiting it; for a coroutine function "
+                "use the asyncio manager: `await tx.run(fn)` with ISAAsyncScopedTransaction, "
+                "or call a plain function"
+            )
+        scope = self._scope()
+        if scope.blocks or scope.joined is not None or self._transaction_to_join() is not None:
             # Retrying an inner block cannot help: the server aborted the
-            # whole transaction, which only the outermost block can restart.
-            inner = _Block(self, True)
-            with inner:
-                return fn(inner._session, *args, **kwargs)
+            # whole transaction, which only its owner can restart.
+            block = _Block(self, True)
+            with block:
+                return _no_coroutine(fn(block._session, *args, **kwargs), fn)
         attempt = 1
         while True:
             block = _Block(self, True)
             try:
                 with block:
-                    return fn(block._session, *args, **kwargs)
+                    return _no_coroutine(fn(block._session, *args, **kwargs), fn)
             except sa_exc.DBAPIError as error:
                 if attempt >= attempts or not is_retryable(error):
                     raise
@@ -472,6 +646,22 @@ class ThreadLocalSASessionTransaction:
         scope: _Scope | None = getattr(self._local, "scope", None)
         return scope
 
+    def _idle_session(self, scope: _Scope) -> Session:
+        """The session of a scope with no open block."""
+        opened = self._open_block.get()
+        if opened is not None and opened._scope is not scope and opened._state is _OPEN:
+            raise CrossScopeSessionError(
+                "transaction.session was used outside any block in a thread or task "
+                "started from inside another thread's or task's block (asyncio.to_thread, "
+                "create_task...): it is not that block's session, and its work would be "
+                "committed later by an unrelated block. Pass the block's session to the "
+                "worker, or open a block (`with tx():`) in the worker"
+            )
+        session = scope.session
+        if session is None:
+            session = scope.session = self._session_factory()
+        return session
+
     def _task_done(self, task: Task[Any]) -> None:
         scope = self._tasks.pop(task, None)
         if scope is not None:
@@ -485,6 +675,7 @@ class ThreadLocalSASessionTransaction:
                 fork.orphan(scope.session)
         self._tasks = {}
         self._local = threading.local()
+        self._open_block = contextvars.ContextVar("sparc.sa open block", default=None)
         # A gate inherited in a held state would block the child forever.
         self._engine.pool.__dict__.pop(_GATE_ATTR, None)
         self._pool = None
@@ -495,47 +686,128 @@ class ThreadLocalSASessionTransaction:
         self._pool = pool
         return self._gate
 
-    def _begin_nested(self, session: Session) -> Any:
-        if self._sqlite_begin:
-            # pysqlite (legacy transaction control) begins a transaction only
-            # before DML. A SAVEPOINT outside a transaction starts one of its
-            # own, and its RELEASE commits: the outer block could no longer
-            # roll the inner block's work back. Begin explicitly first.
-            connection = session.connection()
-            dbapi = connection.connection.dbapi_connection
-            if (
-                dbapi is not None
-                and not dbapi.in_transaction
-                and dbapi.isolation_level is not None
-                and getattr(dbapi, "autocommit", -1) is not True
-            ):
-                connection.exec_driver_sql("BEGIN")
-        return session.begin_nested()
+    def _current_gate(self) -> _Gate | _ThreadGate | None:
+        pool = self._engine.pool
+        return self._gate if pool is self._pool else self._refresh_gate(pool)
+
+    def _transaction_to_join(self) -> Any:
+        """The transaction of the ``transaction`` package that blocks of this
+        scope join now, or None."""
+        if self._join == "never":
+            return None
+        from sparc.sa.joined import transaction_to_join
+
+        return transaction_to_join(self._join)
+
+    def _freshen(self, session: Session) -> None:
+        """Give an outermost block a view no older than its start.
+
+        A scope used outside any block may hold a transaction: a snapshot and
+        loaded objects. Only reads: end it, and every object reloads on next
+        access. Writes (pending objects, flushes, DML): they keep their 1.x
+        fate and are committed by this block, in their own transaction; the
+        loaded objects are still refreshed.
+        """
+        if not session.in_transaction():
+            return
+        if session.info.get(_WROTE) or session.new or session.deleted or session.dirty:
+            session.flush()
+            session.expire_all()
+            if logger.isEnabledFor(_DEBUG):
+                logger.debug("block continues writes made outside any block: %r", session)
+            return
+        session.rollback()
+
+
+def _check_join(engine: Engine, join: object, twophase: object) -> tuple[str, bool]:
+    if join not in JOIN_MODES:
+        raise ValueError(f"'join' must be one of 'auto', 'always' or 'never', got {join!r}")
+    if twophase is not True and twophase is not False:
+        raise TypeError(f"'twophase' must be True or False, got {twophase!r}")
+    if twophase and engine.dialect.name == "sqlite":
+        raise ValueError(
+            "'twophase' is not supported by SQLite, which has no prepared "
+            "transactions; use join without twophase on SQLite"
+        )
+    if twophase and join == "never":
+        raise ValueError(
+            "'twophase' applies to joined transactions; it needs join 'auto' or 'always'"
+        )
+    if join == "always":
+        try:
+            import transaction  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "join='always' joins the transaction of the `transaction` package, "
+                "which is not installed: pip install transaction"
+            ) from None
+    return str(join), bool(twophase)
+
+
+def _check_base(base: object) -> None:
+    if not isinstance(base, type):
+        raise TypeError(f"expected a declarative base class, got {type(base).__name__} {base!r}")
+    if "__mapper__" in vars(base) or "__table__" in vars(base):
+        raise TypeError(
+            f"{base.__module__}.{base.__qualname__} is a mapped model class; a "
+            "transaction manager serves a declarative base: pass the Base the "
+            "models derive from (declarative_base(), or a DeclarativeBase subclass)"
+        )
+
+
+def _no_coroutine(result: _T, fn: Any) -> _T:
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        raise TypeError(
+            f"run() got an awaitable from {fn!r}; the block was rolled back. For "
+            "asynchronous work use the asyncio manager: `await tx.run(fn)`"
+        )
+    return result
+
+
+# The states of a block.
+_NEW: Final = 0
+_OPEN: Final = 1
+_DONE: Final = 2
+_CANCELLED: Final = 3  # rolled back when an outer block ended before it
 
 
 class _Block:
-    """One ``with transaction():`` block."""
+    """One ``with tx():`` block."""
 
     __slots__ = (
         "_debug",
+        "_dm",
         "_gate",
         "_manager",
-        "_nested",
         "_savepoint",
         "_scope",
         "_session",
         "_sp",
+        "_state",
+        "_token",
     )
 
     def __init__(self, manager: ThreadLocalSASessionTransaction, savepoint: bool) -> None:
         self._manager = manager
         self._savepoint = savepoint
+        self._state = _NEW
+        self._scope: _Scope | None = None
+        self._token: contextvars.Token[_Block | None] | None = None
+        self._sp: Any = None  # the SAVEPOINT's SessionTransaction
+        self._dm: SessionDataManager | None = None
+        self._gate: _Gate | _ThreadGate | None = None
+        self._debug = False
 
     # __enter__ and __exit__ run on every transaction: the common case (a
     # thread outside asyncio, a pool of its own connections, no debug log) is
     # written out inline rather than through helper calls.
 
     def __enter__(self) -> scoped_session[Session]:
+        if self._state is not _NEW:
+            raise RuntimeError("a block can be entered once; call tx() for each block")
         manager = self._manager
         scope: _Scope
         if _get_running_loop() is None:
@@ -545,27 +817,129 @@ class _Block:
                 scope = manager._scope()
         else:
             scope = manager._scope()
-        session = scope.session
-        if session is None:
-            session = scope.session = manager._session_factory()
-        self._scope = scope
-        self._session = session
-        if scope.depth:
-            self._nested = True
-            self._sp = manager._begin_nested(session) if self._savepoint else None
-            scope.depth += 1
+        blocks = scope.blocks
+        if blocks:
+            self._enter_nested(scope, blocks)
             return manager._Session
-        self._nested = False
-        pool = manager._engine.pool
-        gate = manager._gate if pool is manager._pool else manager._refresh_gate(pool)
-        if gate is not None and not gate.acquire(scope):
-            gate = None
-        self._gate = gate
-        scope.depth = 1
-        debug = self._debug = logger.isEnabledFor(_DEBUG)
+        if scope.forgotten:
+            raise ForkedTransactionError("this scope was inherited across os.fork()")
+        self._scope = scope
+        self._sp = None
+        dm = scope.joined
+        if dm is None and manager._join != "never":
+            txn = manager._transaction_to_join()
+            if txn is not None:
+                self._enter_joined(scope, txn)
+                return manager._Session
+        elif dm is not None:
+            self._enter_joined(scope, dm.txn)
+            return manager._Session
+        self._dm = None
+        gate = manager._current_gate()
+        # From here on every step is undone if an exception (a KeyboardInterrupt
+        # from a signal, say) lands before the block is fully open.
+        try:
+            if gate is not None:
+                gate.acquire(scope, manager.gate_timeout)
+            self._gate = gate
+            session = scope.session
+            if session is None:
+                session = scope.session = manager._session_factory()
+            elif session.in_transaction():
+                manager._freshen(session)
+            self._session = session
+            if manager._sqlite_begin:
+                session.info[_IN_BLOCK] = True
+            self._token = manager._open_block.set(self)
+            debug = self._debug = logger.isEnabledFor(_DEBUG)
+            blocks.append(self)  # the block is open
+            self._state = _OPEN
+        except BaseException:
+            self._abandon_entry(scope, gate)
+            raise
         if debug:
             logger.debug("block entered: %r in %r", session, manager)
         return manager._Session
+
+    def _abandon_entry(self, scope: _Scope, gate: _Gate | _ThreadGate | None) -> None:
+        self._state = _NEW
+        if scope.blocks and scope.blocks[-1] is self:
+            scope.blocks.pop()
+        session = scope.session
+        if session is not None:
+            session.info.pop(_IN_BLOCK, None)
+        token = getattr(self, "_token", None)
+        if token is not None:
+            self._manager._open_block.reset(token)
+            self._token = None
+        if gate is not None:
+            gate.release(scope)
+
+    def _enter_nested(self, scope: _Scope, blocks: list[_Block]) -> None:
+        outer = blocks[0]
+        session = outer._session
+        self._scope = scope
+        self._session = session
+        self._gate = None
+        self._dm = None
+        self._token = None
+        self._debug = outer._debug
+        if not self._savepoint:
+            self._sp = None
+            blocks.append(self)
+            self._state = _OPEN
+            return
+        before = session.get_nested_transaction()
+        try:
+            self._sp = session.begin_nested()
+            blocks.append(self)
+            self._state = _OPEN
+        except BaseException:
+            if blocks[-1] is self:
+                blocks.pop()
+            self._state = _NEW
+            made = session.get_nested_transaction()
+            if made is not None and made is not before:
+                _rollback_savepoint(scope, made)
+            raise
+
+    def _enter_joined(self, scope: _Scope, txn: Any) -> None:
+        """The outermost block of a scope inside a transaction of the
+        ``transaction`` package: it runs in a SAVEPOINT of that transaction."""
+        from sparc.sa.joined import join_scope
+
+        manager = self._manager
+        self._gate = None
+        self._token = None
+        dm = scope.joined
+        try:
+            if dm is None:
+                dm = join_scope(manager, scope, txn)
+            self._dm = dm
+            session = self._session = dm.session
+            session.info[_IN_BLOCK] = True
+            self._debug = logger.isEnabledFor(_DEBUG)
+            before = session.get_nested_transaction()
+            try:
+                if self._savepoint:
+                    self._sp = session.begin_nested()
+                self._token = manager._open_block.set(self)
+                scope.blocks.append(self)
+                self._state = _OPEN
+            except BaseException:
+                made = session.get_nested_transaction()
+                if made is not None and made is not before:
+                    _rollback_savepoint(scope, made)
+                raise
+        except BaseException:
+            self._state = _NEW
+            if scope.blocks and scope.blocks[-1] is self:
+                scope.blocks.pop()
+            if self._token is not None:
+                manager._open_block.reset(self._token)
+            raise
+        if self._debug:
+            logger.debug("joined block entered: %r in %r", session, manager)
 
     def __exit__(
         self,
@@ -573,9 +947,14 @@ class _Block:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._state is not _OPEN:
+            self._exit_closed(exc_type)
+            return
         scope = self._scope
+        assert scope is not None
         if scope.forgotten:
             # The block was opened before os.fork() and this is the child.
+            self._state = _DONE
             if exc_type is None:
                 raise ForkedTransactionError(
                     f"this block was opened in process {scope.pid} before "
@@ -583,8 +962,14 @@ class _Block:
                     "it back, so nothing was committed here"
                 )
             return
-        if self._nested:
-            self._exit_nested(scope, exc_type)
+        blocks = scope.blocks
+        if blocks[-1] is not self:
+            _exit_out_of_order(self, scope, blocks)
+        if len(blocks) > 1:
+            self._exit_nested(scope, blocks, exc_type)
+            return
+        if self._dm is not None:
+            self._exit_joined(scope, exc_type, exc)
             return
         session = self._session
         try:
@@ -603,19 +988,53 @@ class _Block:
             _rollback(session, error)
             raise
         finally:
-            scope.depth = 0
+            self._state = _DONE
             scope.doomed = False
-            try:
-                session.close()
-            except Exception:
-                _close_failed(scope, session)
-            finally:
-                gate = self._gate
-                if gate is not None:
-                    gate.release()
+            blocks.clear()
+            self._close(scope, session)
 
-    def _exit_nested(self, scope: _Scope, exc_type: type[BaseException] | None) -> None:
-        scope.depth -= 1
+    def _close(self, scope: _Scope, session: Session) -> None:
+        """Reset the session and give the gate and context back."""
+        try:
+            session.info.pop(_IN_BLOCK, None)
+            session.close()
+        except Exception:
+            _close_failed(scope, session)
+        finally:
+            token = self._token
+            if token is not None:
+                self._token = None
+                with contextlib.suppress(ValueError):  # closed from another context
+                    self._manager._open_block.reset(token)
+            gate = self._gate
+            if gate is not None:
+                gate.release(scope)
+
+    def _exit_closed(self, exc_type: type[BaseException] | None) -> None:
+        if self._state is _CANCELLED:
+            self._state = _DONE
+            scope = self._scope
+            if scope is not None and not scope.blocks and scope.joined is None:
+                # Whatever this block's code did after the scope was reset
+                # belongs to no block: do not leave it for the next one.
+                session = scope.session
+                if session is not None and session.in_transaction():
+                    _rollback(session, None)
+            raise BlockOrderError(
+                "this block was rolled back, not committed: a block around it "
+                "ended while it was still open (blocks of one thread or task "
+                "must end innermost first; a generator suspended inside a block "
+                "keeps that block open)"
+            )
+        if self._state is _NEW:
+            raise RuntimeError("this block was never entered")
+        raise RuntimeError("this block has already ended")
+
+    def _exit_nested(
+        self, scope: _Scope, blocks: list[_Block], exc_type: type[BaseException] | None
+    ) -> None:
+        self._state = _DONE
+        blocks.pop()
         savepoint = self._sp
         if savepoint is None:  # joined: the outer block must not commit half of it
             if exc_type is not None:
@@ -631,6 +1050,46 @@ class _Block:
                 raise
             return
         _rollback_savepoint(scope, savepoint)
+
+    def _exit_joined(
+        self, scope: _Scope, exc_type: type[BaseException] | None, exc: BaseException | None
+    ) -> None:
+        from sparc.sa.joined import finish_joined_block
+
+        self._state = _DONE
+        scope.blocks.clear()
+        doomed, scope.doomed = scope.doomed, False
+        token = self._token
+        if token is not None:
+            self._token = None
+            with contextlib.suppress(ValueError):  # closed from another context
+                self._manager._open_block.reset(token)
+        finish_joined_block(self, scope, exc_type, exc, doomed)
+
+
+def _exit_out_of_order(block: _Block, scope: _Scope, blocks: list[_Block]) -> None:
+    """*block* ends while blocks opened after it are still open: roll the
+    whole transaction back, cancel every open block of the scope, and say so."""
+    inner = len(blocks) - 1 - blocks.index(block)
+    outermost = blocks[0]
+    for other in blocks:
+        other._state = _CANCELLED
+    block._state = _DONE
+    blocks.clear()
+    scope.doomed = False
+    session = outermost._session
+    dm = outermost._dm
+    if dm is not None:
+        dm.doom("blocks of one scope ended out of order")
+    else:
+        _rollback(session, None)
+        outermost._close(scope, session)
+    raise BlockOrderError(
+        f"a block ended while {inner} block(s) opened inside it were still open; "
+        "the transaction was rolled back, not committed (blocks of one thread or "
+        "task must end innermost first; a generator suspended inside a block keeps "
+        "that block open)"
+    )
 
 
 def _close_failed(scope: _Scope, session: Session) -> None:
@@ -694,6 +1153,7 @@ adapter(ISAEngine, ISADeclarativeMeta)(scoped_transaction)
 
 
 def _new_shared(engine: Engine, base: type[Any]) -> ThreadLocalSASessionTransaction:
+    _check_base(base)
     with _cache_lock:
         cache = engine.__dict__.setdefault(_CACHE_ATTR, {})
         key = id(base)
