@@ -104,7 +104,7 @@ def join_scope(
         session = scope.session
         if session is None:
             session = scope.session = manager._session_factory()
-        elif session.in_transaction():
+        elif session.in_transaction() or orm._IN_BLOCK in session.info:
             manager._freshen(session)
         if manager._twophase:
             if session.in_transaction():
@@ -301,8 +301,10 @@ class SessionDataManager:
         self._ended = True
         scope = self._scope
         session = self.session
-        for block in scope.blocks:
-            block._state = orm._CANCELLED
+        for ref in scope.blocks:
+            block = ref()
+            if block is not None:
+                block._state = orm._CANCELLED
         scope.blocks.clear()
         scope.doomed = False
         try:

@@ -152,7 +152,10 @@ class _Scope:
 
     def __init__(self, engine: Engine) -> None:
         self.session: Session | None = None
-        self.blocks: list[_Block] = []  # the open blocks, outermost first
+        # The open blocks, outermost first. Held weakly: a block whose `with`
+        # statement is gone without its __exit__ having run (interrupted before
+        # it began) dies, and its __del__ rolls it back instead of wedging us.
+        self.blocks: list[weakref.ref[_Block]] = []
         self.doomed = False  # a joined inner block failed; the outer must roll back
         self.forgotten = False  # inherited across os.fork(): never touch again
         self.joined: SessionDataManager | None = None  # the Zope transaction we are in
@@ -226,7 +229,9 @@ class _Gate:
 
     def __init__(self) -> None:
         self._state: dict[str, Any] = {}  # {"owner": scope} while held
-        self._free = threading.Condition(threading.Lock())
+        # Reentrant: a block's __del__ (an abandoned block) may release the gate
+        # while this thread is inside release() already.
+        self._free = threading.Condition(threading.RLock())
         self._pending: list[Session] = []
 
     @property
@@ -498,8 +503,8 @@ class ThreadLocalSASessionTransaction:
         self._gate: _Gate | _ThreadGate | None = None
         # The outermost open block of the current context: a thread or task
         # started from inside a block (asyncio.to_thread, create_task) sees it.
-        self._open_block: contextvars.ContextVar[_Block | None] = contextvars.ContextVar(
-            "sparc.sa open block", default=None
+        self._open_block: contextvars.ContextVar[weakref.ref[_Block] | None] = (
+            contextvars.ContextVar("sparc.sa open block", default=None)
         )
         self._sqlite_begin = engine.dialect.name == "sqlite" and engine.driver in (
             "pysqlite",
@@ -648,7 +653,8 @@ class ThreadLocalSASessionTransaction:
 
     def _idle_session(self, scope: _Scope) -> Session:
         """The session of a scope with no open block."""
-        opened = self._open_block.get()
+        ref = self._open_block.get()
+        opened = None if ref is None else ref()
         if opened is not None and opened._scope is not scope and opened._state is _OPEN:
             raise CrossScopeSessionError(
                 "transaction.session was used outside any block in a thread or task "
@@ -708,6 +714,11 @@ class ThreadLocalSASessionTransaction:
         fate and are committed by this block, in their own transaction; the
         loaded objects are still refreshed.
         """
+        if session.info.pop(_IN_BLOCK, None):
+            # A block's exit was interrupted before it reset the session: what
+            # it holds is that block's, which raised, so it is discarded.
+            session.rollback()
+            return
         if not session.in_transaction():
             return
         if session.info.get(_WROTE) or session.new or session.deleted or session.dirty:
@@ -767,6 +778,18 @@ def _no_coroutine(result: _T, fn: Any) -> _T:
     return result
 
 
+_ABANDONED: Final = (
+    "a generator was closed while suspended inside its block, so the block "
+    "rolled back, and with it %d inner block(s) that had ended normally "
+    "meanwhile (blocks opened on this thread while the generator was suspended "
+    "nest in its block); close such generators before opening other blocks"
+)
+
+
+class _Abandoned(BaseException):
+    """The exit of a block whose `with` statement is gone."""
+
+
 # The states of a block.
 _NEW: Final = 0
 _OPEN: Final = 1
@@ -781,7 +804,11 @@ class _Block:
         "_debug",
         "_dm",
         "_gate",
+        "__weakref__",
+        "_inner_done",
         "_manager",
+        "_nested_",
+        "_ref",
         "_savepoint",
         "_scope",
         "_session",
@@ -795,11 +822,15 @@ class _Block:
         self._savepoint = savepoint
         self._state = _NEW
         self._scope: _Scope | None = None
-        self._token: contextvars.Token[_Block | None] | None = None
+        self._token: contextvars.Token[weakref.ref[_Block] | None] | None = None
         self._sp: Any = None  # the SAVEPOINT's SessionTransaction
         self._dm: SessionDataManager | None = None
         self._gate: _Gate | _ThreadGate | None = None
         self._debug = False
+        self._inner_done = 0  # inner blocks that ended normally inside this one
+        self._session: Any = None
+        self._nested_ = False
+        self._ref = weakref.ref(self)
 
     # __enter__ and __exit__ run on every transaction: the common case (a
     # thread outside asyncio, a pool of its own connections, no debug log) is
@@ -845,14 +876,13 @@ class _Block:
             session = scope.session
             if session is None:
                 session = scope.session = manager._session_factory()
-            elif session.in_transaction():
+            elif session.in_transaction() or _IN_BLOCK in session.info:
                 manager._freshen(session)
             self._session = session
-            if manager._sqlite_begin:
-                session.info[_IN_BLOCK] = True
-            self._token = manager._open_block.set(self)
+            session.info[_IN_BLOCK] = True
+            self._token = manager._open_block.set(self._ref)
             debug = self._debug = logger.isEnabledFor(_DEBUG)
-            blocks.append(self)  # the block is open
+            blocks.append(self._ref)  # the block is open
             self._state = _OPEN
         except BaseException:
             self._abandon_entry(scope, gate)
@@ -861,22 +891,50 @@ class _Block:
             logger.debug("block entered: %r in %r", session, manager)
         return manager._Session
 
+    def __del__(self) -> None:
+        # Exceptions cannot leave __del__; an interruption here is logged.
+        try:
+            self._finalize()
+        except BaseException:
+            logger.error("ending an abandoned block failed", exc_info=True)
+
+    def _finalize(self) -> None:
+        # getattr: __init__ itself may have been interrupted.
+        if getattr(self, "_state", _NEW) is not _OPEN:
+            gate, scope = getattr(self, "_gate", None), getattr(self, "_scope", None)
+            if gate is not None and scope is not None and not scope.blocks:
+                gate.release(scope)  # left held by an interrupted exit
+            return
+        # Still open, yet nobody holds it: its `with` statement was left
+        # without __exit__ running (an interruption before its first line).
+        # End it as if it had raised, so that the scope is not wedged.
+        with contextlib.suppress(BlockOrderError):
+            self.__exit__(_Abandoned, None, None)
+
     def _abandon_entry(self, scope: _Scope, gate: _Gate | _ThreadGate | None) -> None:
         self._state = _NEW
-        if scope.blocks and scope.blocks[-1] is self:
+        if self._session is not None:
+            self._session.info.pop(_IN_BLOCK, None)
+        if scope.blocks and scope.blocks[-1] is self._ref:
             scope.blocks.pop()
         session = scope.session
-        if session is not None:
-            session.info.pop(_IN_BLOCK, None)
-        token = getattr(self, "_token", None)
+        token = self._token
         if token is not None:
             self._manager._open_block.reset(token)
             self._token = None
         if gate is not None:
             gate.release(scope)
 
-    def _enter_nested(self, scope: _Scope, blocks: list[_Block]) -> None:
-        outer = blocks[0]
+    def _enter_nested(self, scope: _Scope, blocks: list[weakref.ref[_Block]]) -> None:
+        top = blocks[-1]()
+        if top is None or top._state is not _OPEN:
+            _prune(scope, blocks)
+            if not blocks:
+                raise RuntimeError("stale blocks")  # pragma: no cover - see _prune
+        self._nested_ = True
+        outer = blocks[0]()
+        if outer is None:
+            raise RuntimeError("the outer block was abandoned")  # pragma: no cover
         session = outer._session
         self._scope = scope
         self._session = session
@@ -886,16 +944,16 @@ class _Block:
         self._debug = outer._debug
         if not self._savepoint:
             self._sp = None
-            blocks.append(self)
+            blocks.append(self._ref)
             self._state = _OPEN
             return
         before = session.get_nested_transaction()
         try:
             self._sp = session.begin_nested()
-            blocks.append(self)
+            blocks.append(self._ref)
             self._state = _OPEN
         except BaseException:
-            if blocks[-1] is self:
+            if blocks[-1] is self._ref:
                 blocks.pop()
             self._state = _NEW
             made = session.get_nested_transaction()
@@ -923,8 +981,8 @@ class _Block:
             try:
                 if self._savepoint:
                     self._sp = session.begin_nested()
-                self._token = manager._open_block.set(self)
-                scope.blocks.append(self)
+                self._token = manager._open_block.set(self._ref)
+                scope.blocks.append(self._ref)
                 self._state = _OPEN
             except BaseException:
                 made = session.get_nested_transaction()
@@ -933,7 +991,7 @@ class _Block:
                 raise
         except BaseException:
             self._state = _NEW
-            if scope.blocks and scope.blocks[-1] is self:
+            if scope.blocks and scope.blocks[-1] is self._ref:
                 scope.blocks.pop()
             if self._token is not None:
                 manager._open_block.reset(self._token)
@@ -963,7 +1021,20 @@ class _Block:
                 )
             return
         blocks = scope.blocks
-        if blocks[-1] is not self:
+        if not blocks or self._ref not in blocks:
+            # Open, but no longer on the stack: an earlier exit was interrupted
+            # after it had taken the block off. Finish what it began.
+            self._state = _DONE
+            if self._nested_:
+                if self._sp is not None and self._sp.is_active:
+                    _rollback_savepoint(scope, self._sp)
+            elif self._dm is None:
+                _rollback(self._session, None)
+                self._close(scope, self._session)
+            return
+        if blocks[-1] is not self._ref:
+            _prune(scope, blocks)
+        if blocks[-1] is not self._ref:
             _exit_out_of_order(self, scope, blocks)
         if len(blocks) > 1:
             self._exit_nested(scope, blocks, exc_type)
@@ -984,31 +1055,49 @@ class _Block:
                     logger.debug("block committed: %r", session)
             else:
                 _rollback(session, exc)
+                if exc_type is GeneratorExit and self._inner_done:
+                    raise BlockOrderError(_ABANDONED % self._inner_done)
         except BaseException as error:
             _rollback(session, error)
             raise
         finally:
-            self._state = _DONE
-            scope.doomed = False
-            blocks.clear()
-            self._close(scope, session)
+            # Each step runs even if the one before it is interrupted. An
+            # interruption before the stack is emptied leaves this block open
+            # and unreachable: __del__ ends it. One before the session is
+            # closed leaves the session marked, and the next block discards
+            # what it holds instead of carrying it on.
+            try:
+                blocks.clear()
+                self._state = _DONE
+                scope.doomed = False
+            finally:
+                self._close(scope, session)
 
     def _close(self, scope: _Scope, session: Session) -> None:
         """Reset the session and give the gate and context back."""
         try:
-            session.info.pop(_IN_BLOCK, None)
-            session.close()
+            try:
+                session.close()
+            except BaseException:
+                # Interrupted half-way (a KeyboardInterrupt, say): closing
+                # again finishes the job, so the connection goes back to the
+                # pool; then the interruption propagates.
+                session.close()
+                raise
+            session.info.pop(_IN_BLOCK, None)  # finished: nothing left to discard
         except Exception:
             _close_failed(scope, session)
         finally:
-            token = self._token
-            if token is not None:
-                self._token = None
-                with contextlib.suppress(ValueError):  # closed from another context
-                    self._manager._open_block.reset(token)
-            gate = self._gate
-            if gate is not None:
-                gate.release(scope)
+            try:
+                token = self._token
+                if token is not None:
+                    self._token = None
+                    with contextlib.suppress(ValueError):  # closed from another context
+                        self._manager._open_block.reset(token)
+            finally:
+                gate = self._gate
+                if gate is not None:
+                    gate.release(scope)
 
     def _exit_closed(self, exc_type: type[BaseException] | None) -> None:
         if self._state is _CANCELLED:
@@ -1031,14 +1120,20 @@ class _Block:
         raise RuntimeError("this block has already ended")
 
     def _exit_nested(
-        self, scope: _Scope, blocks: list[_Block], exc_type: type[BaseException] | None
+        self,
+        scope: _Scope,
+        blocks: list[weakref.ref[_Block]],
+        exc_type: type[BaseException] | None,
     ) -> None:
-        self._state = _DONE
         blocks.pop()
+        self._state = _DONE
+        outer = blocks[0]() if blocks else None
         savepoint = self._sp
         if savepoint is None:  # joined: the outer block must not commit half of it
             if exc_type is not None:
                 scope.doomed = True
+            elif outer is not None:
+                outer._inner_done += 1
             return
         if exc_type is None:
             try:
@@ -1048,6 +1143,8 @@ class _Block:
                 # and let the error reach the outer block's code.
                 _rollback_savepoint(scope, savepoint)
                 raise
+            if outer is not None:
+                outer._inner_done += 1
             return
         _rollback_savepoint(scope, savepoint)
 
@@ -1067,15 +1164,29 @@ class _Block:
         finish_joined_block(self, scope, exc_type, exc, doomed)
 
 
-def _exit_out_of_order(block: _Block, scope: _Scope, blocks: list[_Block]) -> None:
+def _prune(scope: _Scope, blocks: list[weakref.ref[_Block]]) -> None:
+    """Drop entries an interrupted exit left on top of the stack: blocks that
+    ended, or whose finaliser already rolled them back."""
+    while len(blocks) > 1:
+        top = blocks[-1]()
+        if top is not None and top._state is _OPEN:
+            return
+        blocks.pop()
+        if top is not None and top._sp is not None and top._sp.is_active:
+            _rollback_savepoint(scope, top._sp)
+
+
+def _exit_out_of_order(block: _Block, scope: _Scope, refs: list[weakref.ref[_Block]]) -> None:
     """*block* ends while blocks opened after it are still open: roll the
     whole transaction back, cancel every open block of the scope, and say so."""
-    inner = len(blocks) - 1 - blocks.index(block)
-    outermost = blocks[0]
+    inner = len(refs) - 1 - refs.index(block._ref)
+    blocks = [ref() for ref in refs]
+    outermost = blocks[0] or block
     for other in blocks:
-        other._state = _CANCELLED
+        if other is not None:
+            other._state = _CANCELLED
     block._state = _DONE
-    blocks.clear()
+    refs.clear()
     scope.doomed = False
     session = outermost._session
     dm = outermost._dm

@@ -1,0 +1,415 @@
+"""Blocks that cannot be wedged or fooled.
+
+The open blocks of a scope form a stack; entering a block is atomic; an
+outermost block starts from a fresh view; a worker started inside a block
+cannot leave work behind for someone else to commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from sparc.sa.exceptions import BlockOrderError, CrossScopeSessionError, DoomedTransactionError
+from sparc.sa.orm import ThreadLocalSASessionTransaction, _gate_for
+
+from .conftest import build_models, checked_out, count_rows, make_engine, names
+
+
+class Interrupt(BaseException):
+    """Stands in for a KeyboardInterrupt raised by a signal handler."""
+
+
+def open_blocks(transaction: ThreadLocalSASessionTransaction) -> int:
+    scope = transaction._existing_scope()
+    return 0 if scope is None else len(scope.blocks)
+
+
+# -- the stack ------------------------------------------------------------------
+
+
+def test_blocks_closed_out_of_order_roll_back_and_say_so(
+    engine: Engine, models: Any, transaction: Any
+) -> None:
+    def writer(name: str) -> Iterator[None]:
+        with transaction():
+            transaction.session.add(models.Item(name=name))
+            transaction.session.flush()
+            yield
+
+    first, second = writer("first"), writer("second")
+    next(first)
+    next(second)  # nested in first's block: same thread
+    with pytest.raises(BlockOrderError, match="1 block.* still open.*rolled back"):
+        first.close()
+    assert open_blocks(transaction) == 0
+    with pytest.raises(BlockOrderError, match="rolled back, not committed"):
+        second.close()
+    assert open_blocks(transaction) == 0
+    assert count_rows(engine, models.Item) == 0
+
+    with transaction():  # the thread's next block works normally
+        transaction.session.add(models.Item(name="after"))
+    assert names(engine, models.Item) == ["after"]
+    assert checked_out(engine) == 0
+
+
+def test_generator_closed_after_an_ordinary_block_says_what_it_lost(
+    engine: Engine, models: Any, transaction: Any
+) -> None:
+    def reader() -> Iterator[int]:
+        with transaction():
+            yield 1
+
+    suspended = reader()
+    next(suspended)
+    with transaction():  # nests in the suspended generator's block
+        transaction.session.add(models.Item(name="ordinary"))
+    with pytest.raises(BlockOrderError, match="1 inner block"):
+        suspended.close()
+    assert count_rows(engine, models.Item) == 0
+    assert open_blocks(transaction) == 0
+    with transaction():
+        transaction.session.add(models.Item(name="next"))
+    assert names(engine, models.Item) == ["next"]
+
+
+def test_a_generator_closed_with_nothing_inside_just_rolls_back(
+    engine: Engine, models: Any, transaction: Any
+) -> None:
+    def writer() -> Iterator[None]:
+        with transaction():
+            transaction.session.add(models.Item(name="abandoned"))
+            yield
+
+    suspended = writer()
+    next(suspended)
+    suspended.close()
+    assert count_rows(engine, models.Item) == 0
+    assert open_blocks(transaction) == 0
+
+
+def test_a_block_object_is_entered_once(transaction: Any) -> None:
+    block = transaction()
+    with block:
+        pass
+    with pytest.raises(RuntimeError, match="entered once"), block:
+        pass
+    with pytest.raises(RuntimeError, match="never entered"):
+        transaction().__exit__(None, None, None)
+
+
+# -- atomic entry and exit -------------------------------------------------------
+
+
+def interrupted(error: BaseException) -> bool:
+    """Was *error* caused by our Interrupt? SQLAlchemy may turn an
+    interruption inside its own machinery into an error of its own."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, Interrupt):
+            return True
+        seen = seen.__context__
+    return False
+
+
+FINALIZERS = frozenset({"__del__", "_finalize", "_close_abandoned", "_task_done"})
+
+
+def in_finalizer(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name in FINALIZERS:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class InterruptAtLine:
+    """Raises Interrupt at the n-th line that sparc.sa executes: an exception
+    raised by a trace function propagates into the traced frame at that line,
+    exactly as a KeyboardInterrupt from a signal handler would."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seen = 0
+        self.fired = False
+
+    def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if "/sparc/sa/" not in frame.f_code.co_filename or in_finalizer(frame):
+            # Python ignores what a finalizer raises, and they run whenever an
+            # object dies, not as a step of the block under test.
+            return None
+        frame.f_trace_lines = True
+        return self.local
+
+    def local(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line" and not self.fired:
+            self.seen += 1
+            if self.seen == self.n:
+                self.fired = True
+                raise Interrupt(f"line {frame.f_lineno}")
+        return self.local
+
+
+def test_an_interrupt_at_any_line_of_a_block_wedges_nothing(
+    engine: Engine, models: Any, transaction: Any
+) -> None:
+    """Interrupt the n-th line that sparc.sa runs during one block, for every
+    n: the block is all-or-nothing, no block stays open, the shared
+    connection's gate is free, the next block commits, nothing stays
+    checked out."""
+    gate = _gate_for(engine.pool)
+    n = 0
+    while True:
+        n += 1
+        tracer = InterruptAtLine(n)
+        returned = False
+        sys.settrace(tracer)
+        try:
+            with transaction():
+                transaction.session.add_all(
+                    [models.Item(name=f"{n}-a"), models.Item(name=f"{n}-b")]
+                )
+            returned = True
+        except BaseException as error:
+            if not interrupted(error):
+                raise
+        finally:
+            sys.settrace(None)
+        assert open_blocks(transaction) == 0, f"interrupt at step {n} left a block open"
+        if gate is not None and hasattr(gate, "owner"):
+            assert gate.owner is None, f"interrupt at step {n} left the gate held"
+        rows = [r for r in names(engine, models.Item) if r.startswith(f"{n}-")]
+        assert rows in ([], [f"{n}-a", f"{n}-b"]), f"step {n}: half a block committed"
+        if returned:
+            assert rows, f"step {n}: the block returned but did not commit"
+        with transaction():  # the next block works
+            transaction.session.add(models.Item(name=f"ok-{n}"))
+        assert f"ok-{n}" in names(engine, models.Item)
+        assert checked_out(engine) == 0, f"step {n} left a connection checked out"
+        if not tracer.fired:
+            break
+    assert n > 20, "the block ran too few lines for this test to mean anything"
+
+
+def test_an_interrupt_at_any_line_of_a_nested_block_wedges_nothing(
+    engine: Engine, models: Any, transaction: Any
+) -> None:
+    """The same for a nested block. The outer block goes on; it commits, or,
+    when the interruption left the inner work in doubt (a failed rollback to
+    the savepoint), it rolls back and raises. Never half of it."""
+    n = 0
+    while True:
+        n += 1
+        tracer = InterruptAtLine(n)
+        inner_returned = False
+        try:
+            with transaction():
+                transaction.session.add(models.Item(name=f"outer-{n}"))
+                transaction.session.flush()  # the outer transaction is under way
+                sys.settrace(tracer)
+                try:
+                    with transaction():
+                        transaction.session.add(models.Item(name=f"inner-{n}"))
+                    inner_returned = True
+                except BaseException as error:
+                    if not interrupted(error):
+                        raise
+                finally:
+                    sys.settrace(None)
+                assert open_blocks(transaction) == 1, f"step {n}: the stack is wrong"
+            outer_returned = True
+        except DoomedTransactionError:
+            outer_returned = False
+        rows = [r for r in names(engine, models.Item) if r.endswith(f"-{n}")]
+        if outer_returned:
+            assert f"outer-{n}" in rows, f"step {n}: the outer block returned but lost its row"
+            if inner_returned:
+                assert f"inner-{n}" in rows, f"step {n}: the inner block returned, its row lost"
+        else:
+            assert rows == [], f"step {n}: a block that raised committed {rows}"
+        assert open_blocks(transaction) == 0
+        assert checked_out(engine) == 0
+        if not tracer.fired:
+            break
+    assert n > 10
+
+
+# -- a fresh view -----------------------------------------------------------------
+
+
+def skip_if_shared(engine: Engine) -> None:
+    if type(engine.pool).__name__ == "StaticPool":
+        pytest.skip(
+            "one connection shared by every thread: a session used outside any "
+            "block is not isolated from other threads there (README, Guarantees)"
+        )
+
+
+def test_an_outermost_block_sees_rows_committed_before_it_began(
+    engine: Engine, models: Any, transaction: Any
+) -> None:
+    """A read outside any block (on MariaDB it starts a REPEATABLE READ
+    snapshot) must not make the next block blind to later commits."""
+    skip_if_shared(engine)
+    with transaction():
+        transaction.session.add(models.Item(name="before"))
+    assert transaction.session.scalar(sa.select(sa.func.count()).select_from(models.Item)) == 1
+
+    def commit_another() -> None:
+        with transaction():
+            transaction.session.add(models.Item(name="meanwhile"))
+
+    worker = threading.Thread(target=commit_another)
+    worker.start()
+    worker.join()
+    with transaction():
+        seen = transaction.session.scalars(sa.select(models.Item.name)).all()
+    assert sorted(seen) == ["before", "meanwhile"]
+
+
+def test_an_object_loaded_outside_a_block_is_reloaded_inside_it(
+    engine: Engine, models: Any, transaction: Any
+) -> None:
+    """The lost update: a Counter loaded outside any block, incremented by
+    another thread, then locked with with_for_update inside a block."""
+    skip_if_shared(engine)
+    with transaction():
+        transaction.session.add(models.Counter(id=1, value=0))
+    stale = transaction.session.get(models.Counter, 1)
+    assert stale is not None and stale.value == 0
+
+    def increment() -> None:
+        with transaction():
+            counter = transaction.session.get(models.Counter, 1, with_for_update=True)
+            counter.value += 1
+
+    worker = threading.Thread(target=increment)
+    worker.start()
+    worker.join()
+    increment()
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(models.Counter.value)).scalar_one() == 2
+
+
+def test_writes_outside_a_block_are_committed_by_the_next_block(
+    engine: Engine, models: Any, transaction: Any
+) -> None:
+    transaction.session.add(models.Item(name="outside"))
+    transaction.session.flush()
+    with transaction():
+        transaction.session.add(models.Item(name="inside"))
+    assert names(engine, models.Item) == ["inside", "outside"]
+
+
+def test_a_worker_thread_started_inside_a_block_cannot_leave_work_behind(
+    engine: Engine, models: Any, transaction: Any
+) -> None:
+    async def main() -> None:
+        with transaction():
+            transaction.session.add(models.Item(name="block"))
+            with pytest.raises(CrossScopeSessionError, match="to_thread"):
+                await asyncio.to_thread(lambda: transaction.session.add(models.Item(name="stray")))
+
+    asyncio.run(main())
+    # a later, unrelated job on a thread finds nothing left to commit
+    with transaction():
+        pass
+    assert names(engine, models.Item) == ["block"]
+
+
+def test_a_worker_may_open_a_block_of_its_own(engine: Engine, models: Any) -> None:
+    file_engine = engine
+    if type(engine.pool).__name__ == "StaticPool":
+        pytest.skip("one shared connection: the worker would wait for the block it serves")
+    ns = build_models()
+    ns.Base.metadata.create_all(file_engine)
+    try:
+        from sparc.sa.orm import scoped_transaction
+
+        tx = scoped_transaction(file_engine, ns.Base)
+
+        def own_block() -> None:
+            with tx():
+                tx.session.add(ns.Item(name="worker"))
+
+        async def main() -> None:
+            with tx():
+                tx.session.add(ns.Item(name="block"))
+                await asyncio.to_thread(own_block)
+
+        asyncio.run(main())
+        assert names(file_engine, ns.Item) == ["block", "worker"]
+    finally:
+        ns.Base.metadata.drop_all(file_engine)
+
+
+# -- the shared connection ----------------------------------------------------------
+
+
+def test_waiting_for_the_shared_connection_times_out_clearly() -> None:
+    engine = make_engine("sqlite://")
+    ns = build_models()
+    ns.Base.metadata.create_all(engine)
+    tx = ThreadLocalSASessionTransaction(engine, ns.Base)
+    type(tx).gate_timeout  # the documented default applies to StaticPool
+    assert tx.gate_timeout == 30.0
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with tx():
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(tx), "gate_timeout", property(lambda self: 0.2))
+            with pytest.raises(sa.exc.TimeoutError, match="waited 0.2 s"), tx():
+                pass
+    finally:
+        release.set()
+        thread.join()
+    with tx():  # and the gate works afterwards
+        tx.session.add(ns.Item(name="after"))
+    assert names(engine, ns.Item) == ["after"]
+    engine.dispose()
+
+
+# -- what run() and blocks refuse ----------------------------------------------------
+
+
+def test_run_refuses_a_coroutine_function(engine: Engine, models: Any, transaction: Any) -> None:
+    async def add(session: Any) -> None:
+        session.add(models.Item(name="never"))
+
+    with pytest.raises(TypeError, match="await tx.run"):
+        transaction.run(add)
+    with pytest.raises(TypeError, match="awaitable"):
+        transaction.run(lambda session: add(session))
+    assert count_rows(engine, models.Item) == 0
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1, None, "False"])
+def test_savepoint_takes_bools_only(transaction: Any, value: Any) -> None:
+    with pytest.raises(TypeError, match="'savepoint' must be True or False"):
+        transaction(savepoint=value)
+
+
+def test_a_mapped_class_is_not_a_base(engine: Engine, models: Any) -> None:
+    from sparc.sa.orm import scoped_transaction
+
+    with pytest.raises(TypeError, match="mapped model class.*declarative base"):
+        scoped_transaction(engine, models.Item)
+    with pytest.raises(TypeError, match="mapped model class"):
+        ThreadLocalSASessionTransaction(engine, models.Item)
