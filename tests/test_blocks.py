@@ -48,7 +48,7 @@ def test_blocks_closed_out_of_order_roll_back_and_say_so(
     first, second = writer("first"), writer("second")
     next(first)
     next(second)  # nested in first's block: same thread
-    with pytest.raises(BlockOrderError, match="1 block.* still open.*rolled back"):
+    with pytest.raises(BlockOrderError, match=r"1 block.* still open.*rolled back"):
         first.close()
     assert open_blocks(transaction) == 0
     with pytest.raises(BlockOrderError, match="rolled back, not committed"):
@@ -360,8 +360,7 @@ def test_waiting_for_the_shared_connection_times_out_clearly() -> None:
     ns = build_models()
     ns.Base.metadata.create_all(engine)
     tx = ThreadLocalSASessionTransaction(engine, ns.Base)
-    type(tx).gate_timeout  # the documented default applies to StaticPool
-    assert tx.gate_timeout == 30.0
+    assert tx.gate_timeout == 30.0  # the documented default applies to StaticPool
     held, release = threading.Event(), threading.Event()
 
     def holder() -> None:
@@ -375,7 +374,7 @@ def test_waiting_for_the_shared_connection_times_out_clearly() -> None:
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(type(tx), "gate_timeout", property(lambda self: 0.2))
-            with pytest.raises(sa.exc.TimeoutError, match="waited 0.2 s"), tx():
+            with pytest.raises(sa.exc.TimeoutError, match=r"waited 0\.2 s"), tx():
                 pass
     finally:
         release.set()
@@ -393,7 +392,7 @@ def test_run_refuses_a_coroutine_function(engine: Engine, models: Any, transacti
     async def add(session: Any) -> None:
         session.add(models.Item(name="never"))
 
-    with pytest.raises(TypeError, match="await tx.run"):
+    with pytest.raises(TypeError, match=r"await tx\.run"):
         transaction.run(add)
     with pytest.raises(TypeError, match="awaitable"):
         transaction.run(lambda session: add(session))
@@ -409,7 +408,7 @@ def test_savepoint_takes_bools_only(transaction: Any, value: Any) -> None:
 def test_a_mapped_class_is_not_a_base(engine: Engine, models: Any) -> None:
     from sparc.sa.orm import scoped_transaction
 
-    with pytest.raises(TypeError, match="mapped model class.*declarative base"):
+    with pytest.raises(TypeError, match=r"mapped model class.*declarative base"):
         scoped_transaction(engine, models.Item)
     with pytest.raises(TypeError, match="mapped model class"):
         ThreadLocalSASessionTransaction(engine, models.Item)

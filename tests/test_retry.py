@@ -21,7 +21,6 @@ from .conftest import (
     count_rows,
     make_engine,
     names,
-    server_dsn,
 )
 
 

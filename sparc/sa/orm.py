@@ -801,10 +801,10 @@ class _Block:
     """One ``with tx():`` block."""
 
     __slots__ = (
+        "__weakref__",
         "_debug",
         "_dm",
         "_gate",
-        "__weakref__",
         "_inner_done",
         "_manager",
         "_nested_",
@@ -917,7 +917,6 @@ class _Block:
             self._session.info.pop(_IN_BLOCK, None)
         if scope.blocks and scope.blocks[-1] is self._ref:
             scope.blocks.pop()
-        session = scope.session
         token = self._token
         if token is not None:
             self._manager._open_block.reset(token)
