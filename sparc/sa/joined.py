@@ -150,7 +150,7 @@ def finish_joined_block(
             )
         try:
             if savepoint is not None:
-                savepoint.commit()  # flush, then RELEASE SAVEPOINT
+                orm._release(savepoint, session)  # flush, then RELEASE SAVEPOINT
             else:
                 session.flush()
         except BaseException as error:

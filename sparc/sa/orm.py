@@ -1136,7 +1136,7 @@ class _Block:
             return
         if exc_type is None:
             try:
-                savepoint.commit()
+                _release(savepoint, self._session)
             except BaseException:
                 # RELEASE (or the flush before it) failed: undo the inner work
                 # and let the error reach the outer block's code.
@@ -1208,6 +1208,17 @@ def _close_failed(scope: _Scope, session: Session) -> None:
     logger.error("closing the session after a block failed", exc_info=True)
     if scope.session is session:
         scope.session = None
+
+
+def _release(savepoint: Any, session: Session) -> None:
+    """Flush and RELEASE a SAVEPOINT; our own doing, so not refused inside a
+    joined transaction as a user's session.commit() is."""
+    info = session.info
+    info[_COMMITTING] = True
+    try:
+        savepoint.commit()
+    finally:
+        info.pop(_COMMITTING, None)
 
 
 def _rollback(session: Session, cause: BaseException | None) -> None:
