@@ -28,7 +28,15 @@ from sparc.sa.exceptions import (  # noqa: E402
 )
 from sparc.sa.orm import ThreadLocalSASessionTransaction, scoped_transaction  # noqa: E402
 
-from .conftest import checked_out, count_rows, names  # noqa: E402
+from .conftest import (  # noqa: E402
+    SERVERS,
+    build_models,
+    checked_out,
+    count_rows,
+    make_engine,
+    names,
+    server_dsn,
+)
 
 
 def shared(engine: Engine) -> bool:
@@ -318,4 +326,96 @@ def test_requests_in_threads_do_not_see_each_others_transactions(
         t.join()
     assert not errors, errors
     assert names(engine, models.Item) == ["committed"]
+    assert checked_out(engine) == 0
+
+
+# -- two-phase commit ---------------------------------------------------------------
+
+
+@pytest.fixture(params=SERVERS)
+def twophase(request: pytest.FixtureRequest) -> Iterator[tuple[Engine, Any, Any]]:
+    engine = make_engine(server_dsn(request.param))
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            allowed = int(conn.exec_driver_sql("show max_prepared_transactions").scalar_one())
+        if allowed == 0:
+            pytest.fail(
+                "the PostgreSQL server has max_prepared_transactions = 0; .ci/run "
+                "raises it (ALTER SYSTEM, restart) before the tests"
+            )
+    ns = build_models()
+    ns.Base.metadata.create_all(engine)
+    manager = ThreadLocalSASessionTransaction(engine, ns.Base, join="always", twophase=True)
+    tm = transaction.manager
+    try:
+        yield engine, ns, manager
+    finally:
+        if tm.manager._txn is not None:
+            tm.abort()
+        ns.Base.metadata.drop_all(engine)
+        assert engine.pool.checkedout() == 0
+        engine.dispose()
+
+
+def prepared(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            return list(conn.exec_driver_sql("SELECT gid FROM pg_prepared_xacts").scalars())
+        return [row[3] for row in conn.exec_driver_sql("XA RECOVER")]
+
+
+def test_twophase_commits_with_the_transaction(twophase: tuple[Engine, Any, Any]) -> None:
+    engine, ns, manager = twophase
+    transaction.begin()
+    with manager():
+        manager.session.add(ns.Item(name="prepared, then committed"))
+    transaction.commit()
+    assert names(engine, ns.Item) == ["prepared, then committed"]
+    assert prepared(engine) == []
+
+
+@pytest.mark.parametrize("fails", ["zodb", "sql"])
+def test_a_failure_at_either_vote_commits_neither_side(
+    twophase: tuple[Engine, Any, Any], fails: str
+) -> None:
+    engine, ns, manager = twophase
+    zodb = VotingDataManager(fail_vote=Boom("zodb vote") if fails == "zodb" else None)
+    txn = transaction.begin()
+    txn.join(zodb)
+    with manager():
+        manager.session.add(ns.Item(name="neither"))
+        if fails == "sql":
+            # a duplicate primary key, flushed only at commit: our vote fails
+            manager.session.add(ns.Counter(id=1))
+    if fails == "sql":
+        with manager():
+            manager.session.execute(sa.insert(ns.Counter.__table__).values(id=2))
+        # make the vote fail: the PREPARE of a transaction whose flush fails
+        manager.session.add(ns.Counter(id=2))
+    with pytest.raises((Boom, sa.exc.IntegrityError)):
+        transaction.commit()
+    transaction.abort()
+    assert "tpc_finish" not in zodb.log
+    assert count_rows(engine, ns.Item) == 0
+    assert prepared(engine) == []
+
+
+def test_auto_joins_while_a_request_is_being_published(engine: Engine, models: Any) -> None:
+    """ZPublisher begins the transaction and sets the request (zope.globalrequest)."""
+    globalrequest = pytest.importorskip("zope.globalrequest")
+    manager = scoped_transaction(engine, models.Base)
+    transaction.begin()  # implicit mode, as ZPublisher's manager is
+    try:
+        with manager():
+            manager.session.add(models.Item(name="no request: committed now"))
+        assert manager._scope().joined is None
+        globalrequest.setRequest(object())
+        with manager():
+            manager.session.add(models.Item(name="in a request"))
+        assert manager._scope().joined is not None
+        transaction.abort()  # the request failed
+    finally:
+        globalrequest.clearRequest()
+        transaction.abort()
+    assert names(engine, models.Item) == ["no request: committed now"]
     assert checked_out(engine) == 0

@@ -367,3 +367,55 @@ def test_check_command_checks_every_engine_of_a_zcml_file(app: SimpleNamespace) 
     assert result.returncode == 2
     assert "bad.zcml" in result.stderr and "'pool_size'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_join_mode_sets_the_shared_manager(app: SimpleNamespace) -> None:
+    load(
+        write(
+            app.dir,
+            f"""
+            <sa:engine dsn="sqlite://" />
+            <sa:transaction name="a" base="{app.name}.Base" join="never" />
+            <sa:transaction name="b" base="{app.name}.Base" join="never" />
+            """,
+        )
+    )
+    manager = component.getUtility(ISAScopedTransaction, name="a")
+    assert manager is component.getUtility(ISAScopedTransaction, name="b")
+    assert manager.join == "never"
+    engine = component.getUtility(ISAEngine)
+    assert component.getMultiAdapter((engine, app.module.Base), ISAScopedTransaction) is manager
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (
+            '<sa:engine dsn="sqlite://" />'
+            '<sa:transaction name="a" base="{app}.Base" join="never" />\n'
+            '  <sa:transaction name="b" base="{app}.Base" join="always" />',
+            ["disagrees", "join='never'", "site.zcml"],
+        ),
+        (
+            '<sa:engine dsn="sqlite://" /><sa:transaction base="{app}.Base" join="maybe" />',
+            ["'join' must be 'auto', 'always' or 'never'", "'maybe'"],
+        ),
+        (
+            '<sa:engine dsn="sqlite://" /><sa:transaction base="{app}.Base" twophase="true" />',
+            ["'twophase' is not supported by SQLite"],
+        ),
+        (
+            '<sa:engine dsn="sqlite://" /><sa:transaction base="{app}.Item" />',
+            ["mapped model class", "declarative base"],
+        ),
+    ],
+)
+def test_bad_join_configuration_is_a_configuration_error(
+    app: SimpleNamespace, body: str, words: list[str]
+) -> None:
+    message = error_of(write(app.dir, body.replace("{app}", app.name)))
+    for word in words:
+        assert word in message, (word, message)
+    for _, engine in component.getUtilitiesFor(ISAEngine):
+        engine.dispose()

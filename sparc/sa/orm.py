@@ -88,6 +88,7 @@ __all__ = [
     "JoinedTransactionError",
     "RetryableDatabaseError",
     "ThreadLocalSASessionTransaction",
+    "configure_shared",
     "is_retryable",
     "scoped_transaction",
 ]
@@ -1290,6 +1291,31 @@ def _new_shared(engine: Engine, base: type[Any]) -> ThreadLocalSASessionTransact
 
         cache[key] = (weakref.ref(base, forget), manager)
         return manager
+
+
+def configure_shared(
+    manager: ThreadLocalSASessionTransaction,
+    join: str | None,
+    twophase: bool | None,
+    where: str,
+) -> None:
+    """Set the join mode of a shared manager, as ``<sa:transaction>`` does.
+
+    Two configurations that disagree about one engine and base are an error
+    that names where the first one was made.
+    """
+    wanted_join = manager._join if join is None else join
+    wanted_two = manager._twophase if twophase is None else twophase
+    first = manager.__dict__.get("_configured_at")
+    if first is not None and (wanted_join, wanted_two) != (manager._join, manager._twophase):
+        raise ValueError(
+            f"join={wanted_join!r} twophase={wanted_two} disagrees with "
+            f"join={manager._join!r} twophase={manager._twophase} set for the same "
+            f"engine and base at {first}"
+        )
+    manager._join, manager._twophase = _check_join(manager._engine, wanted_join, wanted_two)
+    if first is None:
+        manager.__dict__["_configured_at"] = " ".join(where.split())
 
 
 def _after_fork_in_child() -> None:

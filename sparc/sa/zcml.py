@@ -38,7 +38,12 @@ from zope.schema import TextLine
 from sparc.sa import options
 from sparc.sa.engine import FACTORY_NAME, SAEngineFromConfigFactory
 from sparc.sa.interfaces import ISADeclarativeMeta, ISAEngine, ISAScopedTransaction
-from sparc.sa.orm import scoped_transaction
+from sparc.sa.orm import (
+    JOIN_MODES,
+    ThreadLocalSASessionTransaction,
+    configure_shared,
+    scoped_transaction,
+)
 
 __all__ = ["NAMESPACE", "IEngineDirective", "ITransactionDirective", "engine", "transaction"]
 
@@ -106,6 +111,20 @@ class ITransactionDirective(Interface):
         title="Declarative base",
         description="The dotted name of the declarative base class.",
         required=True,
+    )
+    join = TextLine(
+        title="Join mode",
+        description="When blocks join a transaction of the `transaction` package: "
+        "'auto' (default: inside a Zope request or an explicit transaction), "
+        "'always' or 'never'. Sets the mode of the shared manager for this "
+        "engine and base.",
+        required=False,
+    )
+    twophase = TextLine(
+        title="Two-phase commit",
+        description="'true' to PREPARE at vote and commit at finish (PostgreSQL, "
+        "MySQL/MariaDB); not on SQLite.",
+        required=False,
     )
 
 
@@ -204,12 +223,32 @@ def _register_engine(name: str, config: dict[str, Any], info: Any) -> None:
     handler("registerUtility", built, ISAEngine, name, info)
 
 
-def transaction(_context: Any, base: str, name: str = "", engine: str = "") -> None:
+def transaction(
+    _context: Any,
+    base: str,
+    name: str = "",
+    engine: str = "",
+    join: str | None = None,
+    twophase: str | None = None,
+) -> None:
     """Handle ``<sa:transaction>``."""
     _protect(_context)
     base = _expand("base", base)
     engine = _expand("engine", engine)
     name = _expand("name", name)
+    mode = _expand("join", join).strip().lower() if join is not None else None
+    if mode is not None and mode not in JOIN_MODES:
+        raise ConfigurationError(
+            f"attribute 'join' must be 'auto', 'always' or 'never', got {join!r}"
+        )
+    two: bool | None = None
+    if twophase is not None:
+        word = _expand("twophase", twophase).strip().lower()
+        if word not in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            raise ConfigurationError(
+                f"attribute 'twophase' must be true or false, got {twophase!r}"
+            )
+        two = word in ("true", "yes", "on", "1")
     try:
         resolved = _context.resolve(base)
     except ConfigurationError as exc:
@@ -223,12 +262,19 @@ def transaction(_context: Any, base: str, name: str = "", engine: str = "") -> N
     _context.action(
         discriminator=("utility", ISAScopedTransaction, name),
         callable=_register_transaction,
-        args=(name, engine, resolved, _context.info),
+        args=(name, engine, resolved, _context.info, mode, two),
         order=_TRANSACTION_ORDER,
     )
 
 
-def _register_transaction(name: str, engine_name: str, base: type[Any], info: Any) -> None:
+def _register_transaction(
+    name: str,
+    engine_name: str,
+    base: type[Any],
+    info: Any,
+    mode: str | None = None,
+    twophase: bool | None = None,
+) -> None:
     found = queryUtility(ISAEngine, engine_name)
     if found is None:
         known = sorted(repr(n) for n, _ in getUtilitiesFor(ISAEngine))
@@ -239,4 +285,9 @@ def _register_transaction(name: str, engine_name: str, base: type[Any], info: An
     manager = queryMultiAdapter((found, base), ISAScopedTransaction)
     if manager is None:  # sparc.sa's adapter is not registered in this site
         manager = scoped_transaction(found, base)
+    if isinstance(manager, ThreadLocalSASessionTransaction):
+        try:
+            configure_shared(manager, mode, twophase, where=str(info))
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"<sa:transaction>: {exc}") from None
     handler("registerUtility", manager, ISAScopedTransaction, name, info)
