@@ -43,7 +43,7 @@ _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 # The words that make a key look secret, wherever secrets are hidden: keys of
 # mappings and URL queries, and key=value or key: value pairs in free text.
-_SECRET_WORDS = r"pass|secret|token|credential|api_?key|ssl_?key"
+_SECRET_WORDS = r"pass|pwd|secret|token|credential|api_?key|ssl_?key"
 _SECRET_KEY = re.compile(_SECRET_WORDS, re.I)
 _HIDDEN = "***"
 
@@ -172,12 +172,28 @@ def parse_dsn(dsn: object) -> URL:
         failed = True
     if failed:
         # Raised outside the except block so the original, which may quote the
-        # password, is not chained onto it.
+        # password, is not chained onto it. Everything up to the last "@" is
+        # hidden: a malformed password has no reliable end.
         raise ValueError(
-            f"'dsn' is not a valid SQLAlchemy URL: {hide_dsn(dsn)!r}; expected "
+            f"'dsn' is not a valid SQLAlchemy URL: {_hide_userinfo(dsn)!r}; expected "
             "dialect[+driver]://[user[:password]@]host[:port]/database"
         )
+    if url.host and "@" in url.host:
+        # "user:p@ss@host": the password ends at its first "@" and the rest
+        # of it would be taken for the host name, and shown as such.
+        raise ValueError(
+            "'dsn' has more than one '@' before its host: a password that holds "
+            "'@' (or '/', '?', '#', quotes or spaces) must be percent-encoded, "
+            "e.g. with urllib.parse.quote(password, safe='')"
+        )
     return url
+
+
+def _hide_userinfo(dsn: str) -> str:
+    head, sep, tail = dsn.partition("://")
+    if not sep or "@" not in tail:
+        return hide_secrets_in_text(dsn)
+    return hide_secrets_in_text(f"{head}://***@{tail.rpartition('@')[2]}")
 
 
 # -- conversions --------------------------------------------------------------

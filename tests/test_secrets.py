@@ -1,0 +1,104 @@
+"""No password reaches a message, a repr or a log record, wherever it sits.
+
+A property test: random passwords in every position a URL or a configuration
+can hold one, through the factory, the manager and their logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sparc.sa.engine import engine_from_config  # noqa: E402
+from sparc.sa.orm import ThreadLocalSASessionTransaction  # noqa: E402
+
+# Passwords long enough not to occur in a message by chance, from every
+# printable character a user might type, the URL's own delimiters included.
+PASSWORDS = st.text(
+    alphabet=st.characters(min_codepoint=32, max_codepoint=126),
+    min_size=8,
+    max_size=24,
+).filter(lambda p: len(set(p)) > 3 and p.strip() == p)
+
+
+def positions(password: str) -> list[Any]:
+    quoted = urllib.parse.quote(password, safe="")
+    return [
+        f"postgresql+psycopg://app:{quoted}@db.example/app",
+        f"postgresql+psycopg://app:{password}@db.example/app",  # not encoded
+        f"postgresql+psycopg://app@db.example/app?password={quoted}",
+        f"postgresql+psycopg://app@db.example/app?sslpassword={quoted}",
+        f"mysql+pymysql://app@db.example/app?pwd={quoted}",
+        f"mysql+pymysql://app:{password}@db.example:3306/app?charset=utf8mb4",
+        URL.create("postgresql+psycopg", "app", password, "db.example", None, "app"),
+        URL.create(
+            "postgresql+psycopg", "app", None, "db.example", None, "app", {"password": password}
+        ),
+        {
+            "dsn": "postgresql+psycopg://app@db.example/app",
+            "kwargs": {"connect_args": {"password": password}},
+        },
+        {"dsn": "postgresql+psycopg://app@db.example/app", "kwargs": {"pool_sise": password}},
+        {"dsn": f"postgresql+psycopg://app:{quoted}@db.example/app", "kwargs": {"pool_sise": 5}},
+        {
+            "dsn": f"postgresql+psycopg://app:{quoted}@db.example/app",
+            "junk": f"postgresql://u:{quoted}@h/d",
+        },
+    ]
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.texts.append(record.getMessage())
+
+
+def leaks(password: str, text: str) -> bool:
+    quoted = urllib.parse.quote(password, safe="")
+    return password in text or quoted in text
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(password=PASSWORDS)
+@example(password="s3cr'et pass")
+@example(password='s3"cr@t#pa/ss')
+@example(password="p@ssw0rd@@")
+@example(password="hunter2?x=1&password=y")
+def test_no_password_in_any_error_repr_or_log(password: str) -> None:
+    handler = Records()
+    root = logging.getLogger("sparc.sa")
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        for position in positions(password):
+            config = position if isinstance(position, dict) else {"dsn": position}
+            shown: list[str] = []
+            try:
+                engine = engine_from_config(config)
+            except (TypeError, ValueError, ImportError) as error:
+                shown.append(str(error))
+                shown.append(repr(error))
+            else:
+                base = sa.orm.declarative_base()
+                manager = ThreadLocalSASessionTransaction(engine, base)
+                shown.append(repr(manager))
+                engine.dispose()
+            for text in shown + handler.texts:
+                assert not leaks(password, text), (position, text)
+            handler.texts.clear()
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
