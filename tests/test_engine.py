@@ -162,8 +162,11 @@ def test_every_memory_sqlite_form_gets_the_default(dsn: str) -> None:
 
 def test_defaults_yield_to_the_users_choice() -> None:
     assert type(build({"poolclass": "NullPool"}).pool) is NullPool
-    # a pool size means the user wants a sized pool, not StaticPool
-    assert not isinstance(build({"pool_size": 2}).pool, StaticPool)
+    # a pool size with an explicit pool class is the user's choice
+    assert type(build({"poolclass": "QueuePool", "pool_size": 2}).pool).__name__ == "QueuePool"
+    # without one, each thread would get an empty database of its own: refused
+    with pytest.raises(ValueError, match="in-memory SQLite"):
+        build({"pool_size": 2})
     assert build({"pool_pre_ping": False}, SERVER_URL).pool._pre_ping is False
 
 

@@ -106,6 +106,7 @@ def _create_engine(url: URL, kwargs: dict[str, Any], shown: str) -> Engine:
             f"for {shown}" + (f" ({combo.group('combo')})" if combo else "")
         )
         hints = {name: _suggest(name) for name in names}
+        hints = {name: hint if hint != name else None for name, hint in hints.items()}
         if len(names) == 1 and hints[names[0]]:
             error += f"; did you mean {hints[names[0]]!r}?"
         elif any(hints.values()):
@@ -116,14 +117,37 @@ def _create_engine(url: URL, kwargs: dict[str, Any], shown: str) -> Engine:
             )
         error += " Check the spelling, and that the option applies to this dialect and pool."
         kind = TypeError
-    except sqlalchemy.exc.NoSuchModuleError:
+    except sqlalchemy.exc.NoSuchModuleError as exc:
+        if "sqlalchemy.plugins" in str(exc):
+            error = (
+                f"create_engine option 'plugins' names a plugin SQLAlchemy cannot load "
+                f"({exc}); expected names registered under the 'sqlalchemy.plugins' "
+                "entry point"
+            )
+        else:
+            error = (
+                f"'dsn' names a dialect or driver SQLAlchemy cannot load: {shown}; "
+                "check the 'dialect+driver://' prefix and that the driver is installed"
+            )
+    except sqlalchemy.exc.ArgumentError as exc:
+        given = ", ".join(repr(name) for name in sorted(kwargs)) or "none"
+        reason = re.sub(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", r"\1", str(exc))
         error = (
-            f"'dsn' names a dialect or driver SQLAlchemy cannot load: {shown}; "
-            "check the 'dialect+driver://' prefix and that the driver is installed"
+            f"create_engine() refused the configuration for {shown} "
+            f"(options given: {given}): {reason}"
         )
     except ImportError as exc:
         error = f"the database driver for {shown} cannot be imported: {exc}"
         kind = ImportError
+    except Exception as exc:
+        # Anything else is a value create_engine() could not use (a module or
+        # callable of the wrong kind, say): report it as such.
+        given = ", ".join(repr(name) for name in sorted(kwargs)) or "none"
+        reason = options.hide_secrets_in_text(f"{type(exc).__name__}: {exc}")
+        error = (
+            f"create_engine() could not build an engine for {shown} "
+            f"(options given: {given}): {reason}"
+        )
     raise kind(error)
 
 

@@ -11,6 +11,7 @@ never contains a password.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import json
@@ -199,12 +200,34 @@ def _hide_userinfo(dsn: str) -> str:
 # -- conversions --------------------------------------------------------------
 
 
+#: The least value each numeric option takes (-1: "no limit" where it means that).
+_MINIMUM = {
+    "pool_size": 0,
+    "max_overflow": -1,
+    "pool_recycle": -1,
+    "pool_timeout": 0,
+    "query_cache_size": 0,
+    "label_length": 1,
+    "max_identifier_length": 1,
+    "insertmanyvalues_page_size": 1,
+}
+#: Isolation levels any dialect may accept, besides its own (_isolation_lookup).
+_ISOLATION_LEVELS = frozenset(
+    {"SERIALIZABLE", "REPEATABLE READ", "READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"}
+)
+
+
 def convert_option(url: URL, name: str, value: Any) -> Any:
     """Convert one create_engine() option given as text to its real type."""
-    if name in _INT_OPTIONS:
-        return _to_int(name, value)
-    if name in _FLOAT_OPTIONS:
-        return _to_float(name, value)
+    if name in _INT_OPTIONS or name in _FLOAT_OPTIONS:
+        number: float = _to_int(name, value) if name in _INT_OPTIONS else _to_float(name, value)
+        least = _MINIMUM.get(name)
+        if least is not None and number < least:
+            meaning = " (-1 for no limit)" if least == -1 else ""
+            raise ValueError(
+                f"create_engine option {name!r} must be at least {least}{meaning}, got {value!r}"
+            )
+        return number
     if name in _BOOL_OPTIONS:
         return _to_bool(name, value)
     if name in _ECHO_OPTIONS:
@@ -216,9 +239,9 @@ def convert_option(url: URL, name: str, value: Any) -> Any:
     if name == "poolclass":
         return _to_poolclass(value)
     if name in _OBJECT_OPTIONS:
-        return resolve(name, value) if isinstance(value, str) else value
+        return _check_object(name, resolve(name, value) if isinstance(value, str) else value)
     if name == "isolation_level":
-        return _to_isolation_level(value)
+        return _check_isolation_level(url, _to_isolation_level(value))
     if name == "pool_reset_on_return":
         return _to_reset_on_return(value)
     if name == "plugins":
@@ -332,6 +355,54 @@ def _to_isolation_level(value: Any) -> str:
     return re.sub(r"[\s_-]+", " ", value.strip()).upper()
 
 
+def _check_object(name: str, obj: Any) -> Any:
+    """The objects create_engine() takes as they are: check what they are."""
+    if name == "pool":
+        if isinstance(obj, type) and issubclass(obj, sa_pool.Pool):
+            raise ValueError(
+                f"create_engine option 'pool' takes a Pool instance, got the class "
+                f"{obj.__name__}; to choose a pool class use 'poolclass'"
+            )
+        if not isinstance(obj, sa_pool.Pool):
+            raise ValueError(
+                "create_engine option 'pool' takes a Pool instance (or the dotted "
+                f"name of one), got {type(obj).__name__}"
+            )
+    elif name == "module":
+        if isinstance(obj, type) or not (
+            callable(getattr(obj, "connect", None)) and hasattr(obj, "paramstyle")
+        ):
+            raise ValueError(
+                "create_engine option 'module' takes a DB-API module (one with a "
+                "connect() function and a paramstyle), or its dotted name, got "
+                f"{type(obj).__name__}"
+            )
+    elif not callable(obj):
+        raise ValueError(
+            f"create_engine option {name!r} takes a callable, or its dotted name, "
+            f"got {type(obj).__name__}"
+        )
+    return obj
+
+
+def _check_isolation_level(url: URL, level: str) -> str:
+    known = set(_ISOLATION_LEVELS)
+    try:
+        lookup = getattr(url.get_dialect(), "_isolation_lookup", None)
+    except Exception:  # an unknown dialect is reported by create_engine()
+        lookup = None
+    if isinstance(lookup, (set, frozenset, dict)):
+        known |= {str(k) for k in lookup}
+    if level not in known:
+        close = difflib.get_close_matches(level, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"create_engine option 'isolation_level' must be one of "
+            f"{', '.join(sorted(known))}, got {level!r}{hint}"
+        )
+    return level
+
+
 def _to_reset_on_return(value: Any) -> str | None:
     if value is None:
         return None
@@ -405,12 +476,16 @@ def is_memory_sqlite(url: URL) -> bool:
 def _apply_defaults(url: URL, kwargs: dict[str, Any]) -> None:
     if url.get_backend_name() == "sqlite":
         if is_memory_sqlite(url):
-            user_chose_pool = (
-                "poolclass" in kwargs
-                or "pool" in kwargs
-                or "creator" in kwargs
-                or _QUEUE_POOL_OPTIONS.intersection(kwargs)
-            )
+            sizing = sorted(_QUEUE_POOL_OPTIONS.intersection(kwargs))
+            if sizing and "poolclass" not in kwargs and "pool" not in kwargs:
+                raise ValueError(
+                    f"create_engine option(s) {', '.join(map(repr, sizing))} size a pool of "
+                    "many connections, but each connection to an in-memory SQLite "
+                    "database has a database of its own, so every thread would see "
+                    "an empty one. Leave them out (sparc.sa then shares one database "
+                    "through StaticPool), or use a SQLite file"
+                )
+            user_chose_pool = "poolclass" in kwargs or "pool" in kwargs or "creator" in kwargs
             if not user_chose_pool:
                 kwargs["poolclass"] = sa_pool.StaticPool
             if url.get_driver_name() in ("pysqlite", "pysqlcipher"):
