@@ -23,11 +23,16 @@ from sparc.sa.orm import ThreadLocalSASessionTransaction  # noqa: E402
 
 # Passwords long enough not to occur in a message by chance, from every
 # printable character a user might type, the URL's own delimiters included.
-PASSWORDS = st.text(
-    alphabet=st.characters(min_codepoint=32, max_codepoint=126),
-    min_size=8,
-    max_size=24,
-).filter(lambda p: len(set(p)) > 3 and p.strip() == p)
+PASSWORDS = (
+    st.text(
+        alphabet=st.characters(min_codepoint=32, max_codepoint=126),
+        min_size=8,
+        max_size=24,
+    )
+    .filter(lambda p: len(set(p)) > 3 and p.strip() == p)
+    .map(lambda p: f"Zq9!{p}")
+)
+# (the prefix keeps a password from being a word that messages contain anyway)
 
 
 def positions(password: str) -> list[Any]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import gc
 import inspect
 import logging
 import os
@@ -145,6 +146,7 @@ class _Scope:
         "doomed",
         "engine",
         "forgotten",
+        "interrupted",
         "joined",
         "pid",
         "session",
@@ -159,6 +161,9 @@ class _Scope:
         self.blocks: list[weakref.ref[_Block]] = []
         self.doomed = False  # a joined inner block failed; the outer must roll back
         self.forgotten = False  # inherited across os.fork(): never touch again
+        # A block of this scope was interrupted (KeyboardInterrupt and the like):
+        # 0 no, 1 yes, 2 yes and inside the engine's pool.
+        self.interrupted = 0
         self.joined: SessionDataManager | None = None  # the Zope transaction we are in
         self.pid = os.getpid()
         self.thread = _get_ident()
@@ -198,14 +203,53 @@ def _close_abandoned(scope: _Scope) -> None:
         # The interpreter is exiting: the server rolls back what the dying
         # connection held, and modules may already be half torn down.
         return
+    gevent = sys.modules.get("gevent")
+    if gevent is not None and _in_gevent_hub(gevent):
+        # gevent ends a greenlet's locals from its event loop, which must not
+        # block; closing may talk to the server (ROLLBACK).
+        gevent.spawn(_close_session, scope.engine, session)
+        return
+    _close_session(scope.engine, session)
+
+
+def _close_session(engine: Engine, session: Session) -> None:
     try:
-        gate = _gate_for(scope.engine.pool)
+        gate = _gate_for(engine.pool)
         if gate is None or not session.in_transaction():
             session.close()
         else:
             gate.close_when_free(session)
     except Exception:
         logger.warning("closing the session of an ended thread or task failed", exc_info=True)
+
+
+def _in_gevent_hub(gevent: Any) -> bool:
+    try:
+        return bool(gevent.getcurrent() is gevent.get_hub())
+    except Exception:  # pragma: no cover - a half-initialised gevent
+        return False
+
+
+def _link_greenlet(scope: _Scope) -> None:
+    """Under gevent's monkey-patching a "thread" is a greenlet, and its
+    thread-local lives as long as the Greenlet object does (often held by
+    whoever spawned it). Close the scope's session as soon as it ends instead."""
+    gevent = sys.modules["gevent"]
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return
+    current = gevent.getcurrent()
+    rawlink = getattr(current, "rawlink", None)
+    if rawlink is None:  # the hub, or a raw greenlet: nothing to watch
+        return
+    ref = weakref.ref(scope)
+
+    def ended(greenlet: Any) -> None:
+        found = ref()
+        if found is not None:
+            _close_abandoned(found)  # from the hub: it spawns the close
+
+    rawlink(ended)
 
 
 # -- one shared connection --------------------------------------------------------
@@ -642,6 +686,8 @@ class ThreadLocalSASessionTransaction:
             task.add_done_callback(self._task_done)
         else:
             scope = self._local.scope = _ThreadScope(self._engine)
+            if "gevent" in sys.modules:
+                _link_greenlet(scope)
         return scope
 
     def _existing_scope(self) -> _Scope | None:
@@ -853,8 +899,8 @@ class _Block:
         if blocks:
             self._enter_nested(scope, blocks)
             return manager._Session
-        if scope.forgotten:
-            raise ForkedTransactionError("this scope was inherited across os.fork()")
+        if scope.interrupted:
+            _after_interruption(scope)
         self._scope = scope
         self._sp = None
         dm = scope.joined
@@ -914,6 +960,9 @@ class _Block:
 
     def _abandon_entry(self, scope: _Scope, gate: _Gate | _ThreadGate | None) -> None:
         self._state = _NEW
+        error = sys.exc_info()[1]
+        if error is not None and not isinstance(error, Exception):
+            _note_interruption(scope, error.__traceback__)
         if self._session is not None:
             self._session.info.pop(_IN_BLOCK, None)
         if scope.blocks and scope.blocks[-1] is self._ref:
@@ -1010,6 +1059,8 @@ class _Block:
             return
         scope = self._scope
         assert scope is not None
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            _note_interruption(scope, tb)
         if scope.forgotten:
             # The block was opened before os.fork() and this is the child.
             self._state = _DONE
@@ -1058,9 +1109,14 @@ class _Block:
                 if exc_type is GeneratorExit and self._inner_done:
                     raise BlockOrderError(_ABANDONED % self._inner_done)
         except BaseException as error:
+            if not isinstance(error, Exception):
+                _note_interruption(scope, error.__traceback__)
             _rollback(session, error)
             raise
         finally:
+            in_flight = sys.exc_info()[1]  # what is propagating, if anything
+            if in_flight is not None and not isinstance(in_flight, Exception):
+                _note_interruption(scope, in_flight.__traceback__)
             # Each step runs even if the one before it is interrupted. An
             # interruption before the stack is emptied leaves this block open
             # and unreachable: __del__ ends it. One before the session is
@@ -1078,10 +1134,12 @@ class _Block:
         try:
             try:
                 session.close()
-            except BaseException:
+            except BaseException as error:
                 # Interrupted half-way (a KeyboardInterrupt, say): closing
                 # again finishes the job, so the connection goes back to the
                 # pool; then the interruption propagates.
+                if not isinstance(error, Exception):
+                    _note_interruption(scope, error.__traceback__)
                 session.close()
                 raise
             session.info.pop(_IN_BLOCK, None)  # finished: nothing left to discard
@@ -1162,6 +1220,45 @@ class _Block:
             with contextlib.suppress(ValueError):  # closed from another context
                 self._manager._open_block.reset(token)
         finish_joined_block(self, scope, exc_type, exc, doomed)
+
+
+def _note_interruption(scope: _Scope, tb: TracebackType | None) -> None:
+    in_pool = False
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if "/sqlalchemy/pool/" in name or name.endswith("/sqlalchemy/util/queue.py"):
+            in_pool = True
+            break
+        tb = tb.tb_next
+    scope.interrupted = max(scope.interrupted, 2 if in_pool else 1)
+
+
+def _after_interruption(scope: _Scope) -> None:
+    """The first outermost block after an interruption (KeyboardInterrupt,
+    SystemExit...) of this scope.
+
+    An interruption that lands inside SQLAlchemy's connection handling can
+    leave a connection that nothing refers to but a reference cycle, holding
+    its locks until the garbage collector runs SQLAlchemy's finaliser, which
+    rolls it back and returns it; by now the interrupted code's exception is
+    gone, so collect. One that lands inside the pool itself can lose a
+    connection from the pool's bookkeeping for good: replace the pool. Other
+    threads' checked-out connections go on working and are discarded when
+    returned."""
+    where = "inside the connection pool" if scope.interrupted == 2 else "during a block"
+    scope.interrupted = 0
+    gc.collect()
+    if _gate_for(scope.engine.pool) is not None:
+        return  # one shared connection: it is the database (in-memory SQLite), keep it
+    # Where an interruption lands is not always known (one inside a
+    # finaliser is swallowed by Python), so the pool is replaced after any.
+    logger.warning(
+        "a block was interrupted %s; replacing the pool of %r so that no "
+        "connection is lost from its count",
+        where,
+        scope.engine,
+    )
+    scope.engine.dispose()
 
 
 def _prune(scope: _Scope, blocks: list[weakref.ref[_Block]]) -> None:
