@@ -108,7 +108,7 @@ def test_every_bad_configuration_gets_a_documented_error(dsn: str, kwargs: dict[
         ({"module": 5}, ["'module' takes a DB-API module"]),
         ({"pool": []}, ["'pool' takes a Pool instance"]),
         ({"future": False}, ["'future'", "may only be set to True"]),
-        ({"poolclass": "AsyncAdaptedQueuePool"}, ["'poolclass'", "non-asyncio"]),
+        ({"poolclass": "AsyncAdaptedQueuePool"}, ["'poolclass'", "needs an asyncio driver"]),
         ({"plugins": "x"}, ["'plugins'", "cannot load"]),
         ({"pool_timeout": 3}, ["'pool_timeout'", "in-memory SQLite", "StaticPool"]),
         ({"pool_size": 5}, ["'pool_size'", "empty one"]),

@@ -156,6 +156,7 @@ def normalize(config: object) -> tuple[URL, dict[str, Any]]:
             f"'kwargs' must be a mapping of create_engine() options, got {type(raw).__name__}"
         )
     kwargs = {str(name): convert_option(url, str(name), value) for name, value in raw.items()}
+    _check_pool_kind(url, kwargs.get("poolclass"))
     _apply_defaults(url, kwargs)
     return url, kwargs
 
@@ -353,6 +354,23 @@ def _to_isolation_level(value: Any) -> str:
             f"'READ COMMITTED', 'SERIALIZABLE' or 'AUTOCOMMIT', got {value!r}"
         )
     return re.sub(r"[\s_-]+", " ", value.strip()).upper()
+
+
+def _check_pool_kind(url: URL, poolclass: Any) -> None:
+    """An asyncio pool needs an asyncio driver (SQLAlchemy 2.0.0 accepts the
+    mismatch and fails at first use)."""
+    if poolclass is None or not getattr(poolclass, "_is_asyncio", False):
+        return
+    try:
+        is_async = bool(getattr(url.get_dialect(), "is_async", False))
+    except Exception:  # an unknown dialect is reported by create_engine()
+        return
+    if not is_async:
+        raise ValueError(
+            f"create_engine option 'poolclass' is {poolclass.__name__}, which needs an "
+            f"asyncio driver, but {url.drivername!r} is a synchronous driver; expected "
+            "a pool such as QueuePool, NullPool or StaticPool"
+        )
 
 
 def _check_object(name: str, obj: Any) -> Any:

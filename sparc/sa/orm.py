@@ -116,7 +116,23 @@ DEFAULT_GATE_TIMEOUT: Final = 30.0
 
 def is_retryable(error: BaseException) -> bool:
     """True if *error* is a serialization failure, deadlock or lock conflict
-    that a fresh transaction may not meet again."""
+    that a fresh transaction may not meet again, or was caused by one.
+
+    A server that aborts the whole transaction for a deadlock (MySQL/MariaDB)
+    also drops its savepoints, so rolling back to one then fails: that
+    failure, whose context is the deadlock, is retryable too.
+    """
+    seen: BaseException | None = error
+    for _ in range(8):  # the chain of exceptions being handled, not unbounded
+        if seen is None:
+            return False
+        if _retryable_itself(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _retryable_itself(error: BaseException) -> bool:
     if isinstance(error, RetryableDatabaseError):
         return True
     if not isinstance(error, sa_exc.DBAPIError) or error.connection_invalidated:
