@@ -121,3 +121,40 @@ def test_bad_yaml_names_the_file_and_line(tmp_path: pathlib.Path) -> None:
 def test_usage_errors() -> None:
     assert run().returncode == 2
     assert "check" in run("--help").stdout
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+def test_check_lists_prepared_transactions_a_crash_left_behind(backend: str) -> None:
+    """A two-phase transaction prepared and then abandoned, as by a process
+    that crashed between PREPARE and COMMIT, is listed until resolved."""
+    dsn = server_dsn(backend)
+    engine = sa.create_engine(dsn)
+    gid = f"sparc-sa-check-{os.getpid()}"
+    table = f"sparc_check_xa_{os.getpid()}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY)")
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1)")
+                conn.exec_driver_sql(f"PREPARE TRANSACTION '{gid}'")
+                conn.commit()
+            else:
+                conn.exec_driver_sql(f"XA START '{gid}'")
+                conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1)")
+                conn.exec_driver_sql(f"XA END '{gid}'")
+                conn.exec_driver_sql(f"XA PREPARE '{gid}'")
+                conn.invalidate()  # the connection dies; the prepared branch stays
+        done = run("check", dsn)
+        assert done.returncode == 0, done.stderr
+        assert "prepared transaction(s) left behind" in done.stdout
+        assert gid in done.stdout
+    finally:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"ROLLBACK PREPARED '{gid}'")
+            else:
+                conn.exec_driver_sql(f"XA ROLLBACK '{gid}'")
+            conn.exec_driver_sql(f"DROP TABLE {table}")
+        engine.dispose()
+    assert gid not in run("check", dsn).stdout

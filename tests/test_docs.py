@@ -53,7 +53,8 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["README.rst", "CHANGES.rst", "docs/zcml.rst", "docs/benchmarks.rst"]
+    "name",
+    ["README.rst", "CHANGES.rst", "docs/zcml.rst", "docs/zope.rst", "docs/benchmarks.rst"],
 )
 def test_rst_is_valid(name: str) -> None:
     """PyPI shows README.rst as plain text if it has an error; catch it here."""

@@ -366,12 +366,13 @@ def prepared(engine: Engine) -> list[str]:
 
 def test_twophase_commits_with_the_transaction(twophase: tuple[Engine, Any, Any]) -> None:
     engine, ns, manager = twophase
+    others = set(prepared(engine))  # the servers are shared: only ours count
     transaction.begin()
     with manager():
         manager.session.add(ns.Item(name="prepared, then committed"))
     transaction.commit()
     assert names(engine, ns.Item) == ["prepared, then committed"]
-    assert prepared(engine) == []
+    assert set(prepared(engine)) <= others
 
 
 @pytest.mark.parametrize("fails", ["zodb", "sql"])
@@ -379,6 +380,7 @@ def test_a_failure_at_either_vote_commits_neither_side(
     twophase: tuple[Engine, Any, Any], fails: str
 ) -> None:
     engine, ns, manager = twophase
+    others = set(prepared(engine))
     zodb = VotingDataManager(fail_vote=Boom("zodb vote") if fails == "zodb" else None)
     txn = transaction.begin()
     txn.join(zodb)
@@ -397,7 +399,7 @@ def test_a_failure_at_either_vote_commits_neither_side(
     transaction.abort()
     assert "tpc_finish" not in zodb.log
     assert count_rows(engine, ns.Item) == 0
-    assert prepared(engine) == []
+    assert set(prepared(engine)) <= others
 
 
 def test_auto_joins_while_a_request_is_being_published(engine: Engine, models: Any) -> None:

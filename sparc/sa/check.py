@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -51,6 +51,7 @@ class Report:
     pre_ping: bool
     isolation_level: str
     round_trip_ms: float
+    prepared: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         label = f" {self.name!r}" if self.name else ""
@@ -64,6 +65,16 @@ class Report:
             f"  isolation level {self.isolation_level}",
             f"  round trip      {self.round_trip_ms:.2f} ms (median of 5 SELECT 1)",
             "  transactions    committed 1 row, rolled back 1 row: table holds 1 row",
+            *self._prepared_lines(),
+        ]
+
+    def _prepared_lines(self) -> list[str]:
+        if not self.prepared:
+            return []
+        return [
+            f"  prepared        {len(self.prepared)} prepared transaction(s) left behind, "
+            "holding their locks until resolved (see docs/zope.rst, Two-phase commit):",
+            *(f"                  {gid}" for gid in self.prepared),
         ]
 
 
@@ -118,6 +129,12 @@ def check_engine(engine: Engine, name: str = "") -> Report:
             Base.metadata.drop_all(engine)
     except sa.exc.SQLAlchemyError as exc:  # DBAPIError (unreachable, refused...) included
         raise CheckFailed(f"{shown}: {_one_line(exc, engine)}") from None
+    try:
+        prepared = prepared_transactions(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        raise CheckFailed(
+            f"{shown}: listing prepared transactions: {_one_line(exc, engine)}"
+        ) from None
     pool = engine.pool
     size = getattr(pool, "size", None)
     pool_text = type(pool).__name__
@@ -138,7 +155,27 @@ def check_engine(engine: Engine, name: str = "") -> Report:
         pre_ping=bool(getattr(pool, "_pre_ping", False)),
         isolation_level=isolation,
         round_trip_ms=statistics.median(timings),
+        prepared=prepared,
     )
+
+
+def prepared_transactions(engine: Engine) -> list[str]:
+    """The prepared (two-phase) transactions waiting on the server: a crash
+    between PREPARE and COMMIT leaves them holding their locks."""
+    name = engine.dialect.name
+    with engine.connect() as conn:
+        if name == "postgresql":
+            rows = conn.exec_driver_sql(
+                "SELECT gid, prepared, owner FROM pg_prepared_xacts "
+                "WHERE database = current_database() ORDER BY prepared"
+            ).all()
+            return [
+                f"{gid} (prepared {when:%Y-%m-%d %H:%M:%S}, by {owner})"
+                for gid, when, owner in rows
+            ]
+        if name in ("mysql", "mariadb"):
+            return [str(row[3]) for row in conn.exec_driver_sql("XA RECOVER").all()]
+    return []
 
 
 class _RollMeBack(Exception):
