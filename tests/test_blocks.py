@@ -125,9 +125,14 @@ def interrupted(error: BaseException) -> bool:
 
 
 FINALIZERS = frozenset({"__del__", "_finalize", "_close_abandoned", "_task_done"})
+# Pool event listeners run inside SQLAlchemy's pool, where an interruption is
+# an interruption of the pool: the SIGALRM test below covers that.
+POOL_LISTENERS = frozenset({"on_checkout", "on_checkin"})
 
 
 def in_finalizer(frame: FrameType | None) -> bool:
+    if frame is not None and frame.f_code.co_name in POOL_LISTENERS:
+        return True
     while frame is not None:
         if frame.f_code.co_name in FINALIZERS:
             return True

@@ -175,8 +175,14 @@ def test_sqlite_file_keeps_sqlalchemys_defaults(tmp_path: pathlib.Path) -> None:
     assert type(engine.pool) is QueuePool and engine.pool._pre_ping is False
 
 
-def test_server_database_gets_pre_ping() -> None:
-    assert build({}, SERVER_URL).pool._pre_ping is True
+def test_server_database_gets_a_liveness_check() -> None:
+    from sparc.sa.liveness import is_checked
+
+    engine = build({}, SERVER_URL)
+    # ours (sparc.sa.liveness), not SQLAlchemy's pre-ping
+    assert is_checked(engine) and engine.pool._pre_ping is False
+    # a configuration that asks for pool_pre_ping gets SQLAlchemy's
+    assert build({"pool_pre_ping": True}, SERVER_URL).pool._pre_ping is True
 
 
 # -- bad input --------------------------------------------------------------------
@@ -312,7 +318,9 @@ def test_servers_get_pre_ping_and_work(backend: str) -> None:
         {"dsn": server_dsn(backend), "kwargs": {"pool_size": "2", "max_overflow": "0"}}
     )
     try:
-        assert engine.pool._pre_ping is True and engine.pool.size() == 2
+        from sparc.sa.liveness import is_checked
+
+        assert is_checked(engine) and engine.pool.size() == 2
         with engine.connect() as conn:
             assert conn.exec_driver_sql("select 1").scalar() == 1
     finally:

@@ -85,3 +85,19 @@ def test_zodb_and_postgresql_in_two_phase_commit_neither_when_a_vote_fails(
         assert failed["zodb"] == "both", (case, failed)  # ZODB kept the earlier value
         assert failed["prepared"] == 0, (case, failed)
         assert failed["checked_out"] == 0, (case, failed)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_a_connection_killed_just_after_it_went_back_to_the_pool(
+    backend: str, tmp_path: pathlib.Path
+) -> None:
+    """A request skips the ping of a connection returned a moment ago. The
+    server kills that connection in between; the request meets it dead, the
+    publisher publishes it again on a fresh one, and the client sees one
+    success and one row."""
+    seen = run(backend_dsn(backend, tmp_path), "killed")
+    assert seen["status"] == "200"
+    assert seen["rows"] == 1
+    assert seen["attempts"] == 2, "the dead connection was not met: the test proved nothing"
+    assert seen["new connection"]
+    assert seen["checked_out"] == 0

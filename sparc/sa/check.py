@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sparc.sa import options
+from sparc.sa import liveness, options
 
 __all__ = ["CheckFailed", "Report", "check_engine", "main"]
 
@@ -152,7 +152,7 @@ def check_engine(engine: Engine, name: str = "") -> Report:
         driver=engine.driver,
         server_version=server_version,
         pool=pool_text,
-        pre_ping=bool(getattr(pool, "_pre_ping", False)),
+        pre_ping=liveness.is_checked(engine),
         isolation_level=isolation,
         round_trip_ms=statistics.median(timings),
         prepared=prepared,

@@ -20,7 +20,7 @@ import zope.event
 from sqlalchemy.engine import URL, Engine
 from zope.component.factory import Factory
 
-from sparc.sa import fork, options
+from sparc.sa import fork, liveness, options
 from sparc.sa.events import EngineCreatedEvent
 from sparc.sa.interfaces import ISAEngine
 
@@ -78,13 +78,23 @@ def engine_from_config(
         config = SQLAlchemyEngine
     url, kwargs = options.normalize(config)
     shown = options.hide_dsn(url)
+    # Our own liveness check instead of SQLAlchemy's pre-ping, unless the
+    # configuration asked for pool_pre_ping itself (see sparc.sa.liveness).
+    ours = kwargs.get("pool_pre_ping") is True and "pool_pre_ping" not in (
+        options.unwrap(config).get("kwargs") or {}
+    )
+    if ours:
+        kwargs["pool_pre_ping"] = False
     engine = _create_engine(url, kwargs, shown)
+    if ours:
+        liveness.install(engine)
+        kwargs["pool_pre_ping"] = True  # as announced: connections are checked
     fork.track_engine(engine)
     logger.info(
-        "created SQLAlchemy engine for %s (pool %s, pre-ping %s)",
+        "created SQLAlchemy engine for %s (pool %s, liveness check %s)",
         shown,
         type(engine.pool).__name__,
-        "on" if kwargs.get("pool_pre_ping") else "off",
+        "on" if liveness.is_checked(engine) else "off",
     )
     zope.event.notify(EngineCreatedEvent(engine, {"dsn": shown, "kwargs": options.redact(kwargs)}))
     return engine

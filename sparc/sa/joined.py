@@ -47,7 +47,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 from zope.interface import implementer
 
-from sparc.sa import orm
+from sparc.sa import liveness, orm
 from sparc.sa.exceptions import DoomedTransactionError, RetryableDatabaseError
 
 if TYPE_CHECKING:
@@ -116,7 +116,12 @@ def join_scope(
         dm = SessionDataManager(manager, scope, session, txn, gate)
         scope.joined = dm
         session.info[orm._JOINED] = True
+        session.info[orm._IN_BLOCK] = True  # a BEGIN first on pysqlite
         txn.join(dm)
+        # Take the connection now, trusting one returned a moment ago: if it
+        # died meanwhile, the request is retried (see sparc.sa.liveness).
+        with liveness.trusting_recent_connections():
+            session.connection()
     except BaseException:
         scope.joined = None
         if session is not None:
@@ -128,6 +133,23 @@ def join_scope(
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("joined %r to %r", session, txn)
     return dm
+
+
+def retryable_in_request(error: BaseException) -> bool:
+    """Whether the owner of a joined transaction may publish the request
+    again: a serialization failure or deadlock, or a lost connection. A lost
+    connection before the COMMIT leaves nothing committed (the COMMIT itself
+    is never judged here: its outcome would be unknown)."""
+    if orm.is_retryable(error):
+        return True
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, sa_exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def finish_joined_block(
@@ -155,7 +177,7 @@ def finish_joined_block(
                 session.flush()
         except BaseException as error:
             dm.undo(savepoint, "the block's flush failed")
-            if orm.is_retryable(error):
+            if retryable_in_request(error):
                 raise RetryableDatabaseError(
                     f"the database aborted the transaction ({type(error).__name__}); "
                     "the request can be retried"
@@ -165,7 +187,11 @@ def finish_joined_block(
             logger.debug("joined block released: %r", session)
         return
     dm.undo(savepoint, f"the block raised {exc_type.__name__}")
-    if exc is not None and not isinstance(exc, RetryableDatabaseError) and orm.is_retryable(exc):
+    if (
+        exc is not None
+        and not isinstance(exc, RetryableDatabaseError)
+        and retryable_in_request(exc)
+    ):
         raise RetryableDatabaseError(
             f"the database aborted the transaction ({type(exc).__name__}); "
             "the request can be retried"
@@ -173,12 +199,13 @@ def finish_joined_block(
 
 
 @contextmanager
-def _transient(what: str) -> Iterator[None]:
-    """Turn a serialization failure or deadlock into a TransientError."""
+def _transient(what: str, lost_connection: bool = True) -> Iterator[None]:
+    """Turn a serialization failure or deadlock (and, unless at the COMMIT,
+    a lost connection) into a TransientError."""
     try:
         yield
     except sa_exc.DBAPIError as error:
-        if orm.is_retryable(error):
+        if orm.is_retryable(error) or (lost_connection and retryable_in_request(error)):
             raise RetryableDatabaseError(
                 f"the database aborted the transaction at {what} "
                 f"({type(error.orig).__name__}); the request can be retried"
@@ -257,7 +284,7 @@ class SessionDataManager:
         info = self.session.info
         info[orm._COMMITTING] = True
         try:
-            with _transient("commit"):
+            with _transient("commit", lost_connection=False):
                 if self._twophase:
                     self.session.prepare()
                 else:
@@ -283,7 +310,7 @@ class SessionDataManager:
         self._end()
 
     def should_retry(self, error: BaseException) -> bool:
-        return orm.is_retryable(error)
+        return retryable_in_request(error)
 
     # -- ISavepointDataManager ------------------------------------------------------------
 

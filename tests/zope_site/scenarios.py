@@ -34,6 +34,7 @@ SITE = """<configure xmlns="http://namespaces.zope.org/zope"
   <browser:page for="*" name="write" class="zopeapp.Write" permission="zope.Public" />
   <browser:page for="*" name="increment" class="zopeapp.Increment" permission="zope.Public" />
   <browser:page for="*" name="zodb-value" class="zopeapp.ZodbValue" permission="zope.Public" />
+  <browser:page for="*" name="server-pid" class="zopeapp.ServerPid" permission="zope.Public" />
 </configure>
 """
 
@@ -206,11 +207,49 @@ def scenario_twophase(dsn: str) -> dict[str, Any]:
     return out
 
 
+def scenario_killed(dsn: str) -> dict[str, Any]:
+    """The server kills the pooled connection just after a request returned
+    it; the next request, which skips the ping for a connection used a
+    moment ago, meets the dead connection and is published again."""
+    import sqlalchemy as sa
+    import zopeapp
+
+    app = start(dsn, engine_options='pool_size="1" max_overflow="0"')
+    eng = engine()
+    zopeapp.Base.metadata.create_all(eng)
+    killer = sa.create_engine(dsn, isolation_level="AUTOCOMMIT")
+    try:
+        before = rows(eng)
+        pid = app.get("/@@server-pid").text
+        # the request returned its connection; the server kills it now, and
+        # the next checkout is the request's own
+        with killer.connect() as conn:
+            if eng.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+            else:
+                conn.exec_driver_sql(f"KILL {int(pid)}")
+        status = get(app, "/@@write?name=after-kill&key=k")
+        added = [r for r in rows(eng) if r not in before]
+        new_pid = app.get("/@@server-pid").text
+        return {
+            "status": status,
+            "rows": len(added),
+            "attempts": zopeapp.attempts.get("k", 0),
+            "new connection": new_pid != pid,
+            "checked_out": eng.pool.checkedout(),
+        }
+    finally:
+        killer.dispose()
+        zopeapp.Base.metadata.drop_all(eng)
+        eng.dispose()
+
+
 if __name__ == "__main__":
     dsn, which = sys.argv[1], sys.argv[2]
     result = {
         "rows": scenario_rows,
         "serializable": scenario_serializable,
         "twophase": scenario_twophase,
+        "killed": scenario_killed,
     }[which](dsn)
     print("RESULT " + json.dumps(result))

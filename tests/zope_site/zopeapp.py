@@ -144,6 +144,18 @@ class Increment(View):
         return "ok"
 
 
+class ServerPid(View):
+    """The server's id for this request's connection."""
+
+    def __call__(self) -> str:
+        tx = self.tx
+        with tx():
+            connection = tx.session.connection()
+            if connection.dialect.name == "postgresql":
+                return str(connection.exec_driver_sql("SELECT pg_backend_pid()").scalar())
+            return str(connection.exec_driver_sql("SELECT CONNECTION_ID()").scalar())
+
+
 class ZodbValue(View):
     def __call__(self) -> str:
         return str(getattr(self.context, "_sparc_sa_zodb_write", None))
