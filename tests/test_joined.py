@@ -421,3 +421,29 @@ def test_auto_joins_while_a_request_is_being_published(engine: Engine, models: A
         transaction.abort()
     assert names(engine, models.Item) == ["no request: committed now"]
     assert checked_out(engine) == 0
+
+
+def test_a_failing_first_block_is_undone_and_the_request_goes_on(
+    engine: Engine, models: Any, joined: Any
+) -> None:
+    """The first block of a request needs no SAVEPOINT (rolling back the
+    whole SQL transaction undoes exactly it); it is still all-or-nothing."""
+    statements: list[str] = []
+    sa.event.listen(
+        engine, "before_cursor_execute", lambda *a: statements.append(a[2].split()[0].upper())
+    )
+    transaction.begin()
+    with pytest.raises(Boom), joined():
+        joined.session.add(models.Item(name="undone"))
+        joined.session.flush()
+        raise Boom
+    with joined():
+        joined.session.add(models.Item(name="second"))
+    with pytest.raises(Boom), joined():  # now there is work to keep: a SAVEPOINT
+        joined.session.add(models.Item(name="undone too"))
+        joined.session.flush()
+        raise Boom
+    transaction.commit()
+    assert names(engine, models.Item) == ["second"]
+    assert statements.count("SAVEPOINT") == 1, statements
+    assert checked_out(engine) == 0

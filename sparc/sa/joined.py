@@ -171,7 +171,7 @@ def finish_joined_block(
                 "an inner block joined with savepoint=False failed; the block was rolled back"
             )
         try:
-            if savepoint is not None:
+            if savepoint is not None and savepoint is not orm.WHOLE_TRANSACTION:
                 orm._release(savepoint, session)  # flush, then RELEASE SAVEPOINT
             else:
                 session.flush()
@@ -183,6 +183,7 @@ def finish_joined_block(
                     "the request can be retried"
                 ) from error
             raise
+        dm.fresh = False
         if block._debug:
             logger.debug("joined block released: %r", session)
         return
@@ -234,6 +235,9 @@ class SessionDataManager:
         self._twophase = manager._twophase
         self._committed = False
         self._ended = False
+        #: Nothing has been written in this transaction by a finished block:
+        #: a failing block may roll back the whole SQL transaction.
+        self.fresh = True
         self.transaction_manager = sys.modules["transaction"].manager
 
     def __repr__(self) -> str:
@@ -248,12 +252,16 @@ class SessionDataManager:
             self.txn.doom()
 
     def undo(self, savepoint: Any, reason: str) -> None:
-        """Roll a block's work back: to its savepoint, or doom the transaction."""
+        """Roll a block's work back: to its savepoint, the whole SQL
+        transaction if it held nothing else, or doom the transaction."""
         if savepoint is None:
             self.doom(reason)
             return
         try:
-            savepoint.rollback()
+            if savepoint is orm.WHOLE_TRANSACTION:
+                self.session.rollback()
+            else:
+                savepoint.rollback()
         except Exception:
             logger.error("rolling back to a savepoint failed", exc_info=True)
             self.doom(reason + ", and rolling back to its savepoint failed")

@@ -50,7 +50,7 @@ def install(engine: Engine) -> None:
             return  # fresh from connect(): alive by construction
         if _trust_recent.get() and time.monotonic() - returned < RECENT:
             return
-        if not dialect._do_ping_w_event(dbapi_connection):
+        if not _ping(dialect, dbapi_connection):
             # As SQLAlchemy's pre-ping: this connection and every older one
             # in the pool are replaced, and the checkout is tried again.
             raise sa_exc.InvalidatePoolError()
@@ -62,6 +62,16 @@ def install(engine: Engine) -> None:
     event.listen(engine, "checkout", on_checkout)
     event.listen(engine, "checkin", on_checkin)
     engine.__dict__[_MARK] = True
+
+
+def _ping(dialect: Any, dbapi_connection: Any) -> bool:
+    """As SQLAlchemy's pre-ping: False for a connection the server dropped."""
+    try:
+        return bool(dialect.do_ping(dbapi_connection))
+    except dialect.loaded_dbapi.Error as error:
+        if dialect.is_disconnect(error, dbapi_connection, None):
+            return False
+        raise
 
 
 def is_checked(engine: Engine) -> bool:

@@ -849,6 +849,10 @@ _ABANDONED: Final = (
 )
 
 
+#: The "savepoint" of a joined block that is alone in its SQL transaction.
+WHOLE_TRANSACTION: Final = object()
+
+
 class _Abandoned(BaseException):
     """The exit of a block whose `with` statement is gone."""
 
@@ -1028,7 +1032,8 @@ class _Block:
 
     def _enter_joined(self, scope: _Scope, txn: Any) -> None:
         """The outermost block of a scope inside a transaction of the
-        ``transaction`` package: it runs in a SAVEPOINT of that transaction."""
+        ``transaction`` package: it runs in a SAVEPOINT of that transaction,
+        or, while nothing has been written in it yet, in the whole of it."""
         from sparc.sa.joined import join_scope
 
         manager = self._manager
@@ -1045,7 +1050,13 @@ class _Block:
             before = session.get_nested_transaction()
             try:
                 if self._savepoint:
-                    self._sp = session.begin_nested()
+                    if dm.fresh and not session.info.get(_WROTE) and session._is_clean():
+                        # Nothing written yet in this transaction: rolling it
+                        # back whole undoes exactly this block, so the two
+                        # round trips of a SAVEPOINT and its RELEASE are saved.
+                        self._sp = WHOLE_TRANSACTION
+                    else:
+                        self._sp = session.begin_nested()
                 self._token = manager._open_block.set(self._ref)
                 scope.blocks.append(self._ref)
                 self._state = _OPEN

@@ -1,0 +1,207 @@
+"""Inside a real Zope request: sparc.sa against z3c.saconfig + zope.sqlalchemy.
+
+    pip install -e '.[test,bench]'
+    TEST_PG_DSN=postgresql+psycopg://postgres@127.0.0.1:5432/test \\
+        python bench/zope_publish.py [--rounds 30] [--batch 200] [--dsn URL]
+
+One Zope instance, in process: ZPublisher publishes two browser views that
+each insert one row, through WebTest. ``sparc`` writes in a ``with tx():``
+block of the ISAScopedTransaction that ``<sa:transaction>`` registered;
+``zope`` adds to z3c.saconfig's scoped session, which zope.sqlalchemy joins
+to the request. Each view has an engine of its own, built alike; both keep
+the guarantee that a connection the server killed while it was idle in the
+pool is never seen by a request (pool_pre_ping for the Zope stack, sparc.sa's
+liveness check, which skips the ping of a connection returned a moment ago
+and lets the publisher retry if it died meanwhile).
+
+Rounds alternate the two in a shuffled order; the ratio is the median over
+rounds of sparc's time per request divided by zope's in the same round, with
+a 95% interval from the rounds' ratios. It also prints the statements each
+view sends per request. Nothing is asserted: this measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import pathlib
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import sqlalchemy as sa
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+SITE = """<configure xmlns="http://namespaces.zope.org/zope"
+           xmlns:browser="http://namespaces.zope.org/browser"
+           xmlns:sa="http://namespaces.zope.org/sparc.sa">
+  <include package="Zope2.App" />
+  <include package="Products.Five" file="meta.zcml" />
+  <include package="Products.Five" />
+  <include package="sparc.sa" />
+  <sa:engine name="bench" dsn="{dsn}" pool_size="4" />
+  <sa:transaction name="bench" engine="bench" base="benchapp.Base" />
+  <browser:page for="*" name="sparc" class="benchapp.SparcInsert" permission="zope.Public" />
+  <browser:page for="*" name="zope" class="benchapp.ZopeInsert" permission="zope.Public" />
+</configure>
+"""
+
+CONF = """instancehome {home}
+<zodb_db main>
+   <mappingstorage>
+   </mappingstorage>
+   mount-point /
+</zodb_db>
+"""
+
+APP = """
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from z3c.saconfig import named_scoped_session
+from zope.component import getUtility
+from sparc.sa.interfaces import ISAScopedTransaction
+
+class Base(DeclarativeBase):
+    pass
+
+class Item(Base):
+    __tablename__ = "sparc_bench_zope_{token}"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(40))
+
+class SparcInsert:
+    def __init__(self, context, request):
+        self.context, self.request = context, request
+    def __call__(self):
+        tx = getUtility(ISAScopedTransaction, name="bench")
+        with tx():
+            tx.session.add(Item(name="sparc"))
+        return "ok"
+
+ZopeSession = named_scoped_session("bench-zope")
+
+class ZopeInsert:
+    def __init__(self, context, request):
+        self.context, self.request = context, request
+    def __call__(self):
+        ZopeSession().add(Item(name="zope"))
+        return "ok"
+"""
+
+
+def start_zope(dsn: str) -> tuple[Any, Any, Any]:
+    import webtest
+    from z3c.saconfig import GloballyScopedSession
+    from z3c.saconfig.interfaces import IScopedSession
+    from zope.component import getUtility, provideUtility
+    from Zope2.Startup.run import make_wsgi_app
+
+    from sparc.sa.interfaces import ISAEngine
+
+    home = pathlib.Path(tempfile.mkdtemp(prefix="sparc-bench-zope-"))
+    (home / "etc").mkdir()
+    (home / "benchapp.py").write_text(APP.format(token=uuid.uuid4().hex[:10]))
+    sys.path.insert(0, str(home))
+    (home / "etc" / "site.zcml").write_text(SITE.format(dsn=dsn))
+    (home / "etc" / "zope.conf").write_text(CONF.format(home=home))
+    app = make_wsgi_app({}, str(home / "etc" / "zope.conf"))
+    import benchapp
+
+    ours = getUtility(ISAEngine, name="bench")
+    # The Zope stack's engine: the same settings, SQLAlchemy's pre-ping.
+    theirs = sa.create_engine(dsn, pool_size=4, pool_pre_ping=True)
+    provideUtility(GloballyScopedSession(bind=theirs), IScopedSession, "bench-zope")
+    benchapp.Base.metadata.create_all(ours)
+    return webtest.TestApp(app), (ours, theirs), benchapp
+
+
+def statements(app: Any, engine: sa.engine.Engine, url: str, n: int = 50) -> dict[str, float]:
+    counts: Counter[str] = Counter()
+
+    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        counts[statement.split(None, 1)[0].upper()] += 1
+
+    def on_commit(conn: Any) -> None:
+        counts["COMMIT"] += 1
+
+    original_ping = engine.dialect.do_ping
+
+    def counting_ping(dbapi_connection: Any) -> bool:
+        counts["ping"] += 1
+        return original_ping(dbapi_connection)
+
+    sa.event.listen(engine, "before_cursor_execute", on_execute)
+    sa.event.listen(engine, "commit", on_commit)
+    engine.dialect.do_ping = counting_ping  # type: ignore[method-assign]
+    try:
+        for _ in range(n):
+            app.get(url)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", on_execute)
+        sa.event.remove(engine, "commit", on_commit)
+        engine.dialect.do_ping = original_ping  # type: ignore[method-assign]
+    return {k: v / n for k, v in sorted(counts.items())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dsn", default=os.environ.get("TEST_PG_DSN"))
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=200)
+    args = parser.parse_args()
+    if not args.dsn:
+        sys.exit("give --dsn, or set TEST_PG_DSN")
+    app, (ours, theirs), benchapp = start_zope(args.dsn)
+    try:
+        urls = {"sparc.sa": "/@@sparc", "zope": "/@@zope"}
+        for url in urls.values():  # warm up
+            for _ in range(100):
+                app.get(url)
+        per_request: dict[str, list[float]] = {name: [] for name in urls}
+        order = list(urls)
+        shuffle = random.Random(42).shuffle
+        for _ in range(args.rounds):
+            shuffle(order)
+            for name in order:
+                url = urls[name]
+                gc.collect()
+                start = time.perf_counter()
+                for _ in range(args.batch):
+                    app.get(url)
+                per_request[name].append((time.perf_counter() - start) / args.batch * 1e6)
+        ratios = sorted(
+            s / z for s, z in zip(per_request["sparc.sa"], per_request["zope"], strict=True)
+        )
+        low = ratios[max(0, int(len(ratios) * 0.025))]
+        high = ratios[min(len(ratios) - 1, int(len(ratios) * 0.975))]
+        print(
+            f"Python {platform.python_version()}, SQLAlchemy {sa.__version__}, "
+            f"{ours.dialect.name} {'.'.join(map(str, ours.dialect.server_version_info or ()))}, "
+            f"{args.rounds} rounds x {args.batch} requests"
+        )
+        for name, samples in per_request.items():
+            print(f"  {name:9} {statistics.median(samples):8.1f} us per request (median)")
+        print(
+            f"  sparc.sa / zope: {statistics.median(ratios):.3f} "
+            f"[{low:.3f}-{high:.3f}], sparc.sa faster in "
+            f"{sum(r < 1 for r in ratios)} of {len(ratios)} rounds"
+        )
+        print("  statements per request:")
+        print(f"    sparc.sa {statements(app, ours, urls['sparc.sa'])}")
+        print(f"    zope     {statements(app, theirs, urls['zope'])}")
+    finally:
+        benchapp.Base.metadata.drop_all(ours)
+        ours.dispose()
+        theirs.dispose()
+
+
+if __name__ == "__main__":
+    main()
