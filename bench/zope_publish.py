@@ -123,6 +123,16 @@ def start_zope(dsn: str) -> tuple[Any, Any, Any]:
     return webtest.TestApp(app), (ours, theirs), benchapp
 
 
+def median_interval(ordered: list[float]) -> tuple[float, float]:
+    """A 95% confidence interval of the median, from order statistics (the
+    number of samples below the median is binomial(n, 1/2))."""
+    n = len(ordered)
+    half_width = 1.96 * (n**0.5) / 2
+    lo = max(0, int(n / 2 - half_width))
+    hi = min(n - 1, int(n / 2 + half_width + 1) - 1)
+    return ordered[lo], ordered[hi]
+
+
 def statements(app: Any, engine: sa.engine.Engine, url: str, n: int = 50) -> dict[str, float]:
     counts: Counter[str] = Counter()
 
@@ -151,11 +161,33 @@ def statements(app: Any, engine: sa.engine.Engine, url: str, n: int = 50) -> dic
     return {k: v / n for k, v in sorted(counts.items())}
 
 
+def profile(app: Any, urls: dict[str, str], n: int) -> None:
+    import cProfile
+    import pstats
+
+    for name, url in urls.items():
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(n):
+            app.get(url)
+        profiler.disable()
+        print(f"  --- {name}: functions by own time, {n} requests")
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("tottime").print_stats(12)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dsn", default=os.environ.get("TEST_PG_DSN"))
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile N requests of each view and print where the time goes",
+    )
     args = parser.parse_args()
     if not args.dsn:
         sys.exit("give --dsn, or set TEST_PG_DSN")
@@ -180,8 +212,7 @@ def main() -> None:
         ratios = sorted(
             s / z for s, z in zip(per_request["sparc.sa"], per_request["zope"], strict=True)
         )
-        low = ratios[max(0, int(len(ratios) * 0.025))]
-        high = ratios[min(len(ratios) - 1, int(len(ratios) * 0.975))]
+        low, high = median_interval(ratios)
         print(
             f"Python {platform.python_version()}, SQLAlchemy {sa.__version__}, "
             f"{ours.dialect.name} {'.'.join(map(str, ours.dialect.server_version_info or ()))}, "
@@ -194,6 +225,8 @@ def main() -> None:
             f"[{low:.3f}-{high:.3f}], sparc.sa faster in "
             f"{sum(r < 1 for r in ratios)} of {len(ratios)} rounds"
         )
+        if args.profile:
+            profile(app, urls, args.profile)
         print("  statements per request:")
         print(f"    sparc.sa {statements(app, ours, urls['sparc.sa'])}")
         print(f"    zope     {statements(app, theirs, urls['zope'])}")

@@ -124,7 +124,7 @@ def interrupted(error: BaseException) -> bool:
     return False
 
 
-FINALIZERS = frozenset({"__del__", "_finalize", "_close_abandoned", "_task_done"})
+FINALIZERS = frozenset({"__del__", "_close_abandoned", "_task_done"})
 # Pool event listeners run inside SQLAlchemy's pool, where an interruption is
 # an interruption of the pool: the SIGALRM test below covers that.
 POOL_LISTENERS = frozenset({"on_checkout", "on_checkin"})

@@ -80,8 +80,11 @@ def transaction_to_join(mode: str) -> Any:
     # transaction.manager is a ThreadTransactionManager: the thread's own
     # TransactionManager is its `manager`. Its `_txn` is the running
     # transaction, which get() would create in implicit mode.
-    inner = getattr(tm, "manager", tm)
-    txn = getattr(inner, "_txn", None)
+    try:
+        inner = tm.manager
+        txn = inner._txn
+    except AttributeError:  # not a ThreadTransactionManager of transaction 3+
+        inner, txn = tm, getattr(tm, "_txn", None)
     if txn is None:
         return None
     if inner.explicit:
@@ -98,7 +101,7 @@ def join_scope(
     """Join *scope*'s session to *txn* and return its data manager."""
     gate = manager._current_gate()
     if gate is not None:
-        gate.acquire(scope, manager.gate_timeout)
+        gate.acquire(scope, manager)
     session = None
     try:
         session = scope.session
@@ -114,8 +117,13 @@ def join_scope(
                 )
             session.twophase = True
         dm = SessionDataManager(manager, scope, session, txn, gate)
+        # Writes made outside any block, carried into this transaction by
+        # _freshen: a failing block must not roll them back whole.
+        dm.fresh = not session.in_transaction()
         scope.joined = dm
         session.info[orm._JOINED] = True
+        if manager._switch_class:
+            session.__class__ = orm.JoinedSession
         session.info[orm._IN_BLOCK] = True  # a BEGIN first on pysqlite
         txn.join(dm)
         # Take the connection now, trusting one returned a moment ago: if it
@@ -127,6 +135,8 @@ def join_scope(
         if session is not None:
             session.info.pop(orm._JOINED, None)
             session.twophase = False
+            if session.__class__ is orm.JoinedSession:
+                session.__class__ = Session  # type: ignore[assignment]
         if gate is not None:
             gate.release(scope)
         raise
@@ -350,6 +360,8 @@ class SessionDataManager:
             info.pop(orm._JOINED, None)
             info.pop(orm._IN_BLOCK, None)
             session.twophase = False
+            if session.__class__ is orm.JoinedSession:
+                session.__class__ = Session  # type: ignore[assignment]
             try:
                 session.close()
             except Exception:
@@ -372,10 +384,10 @@ class _Savepoint:
         self._dm = dm
         session = dm.session
         session.info[orm._IN_BLOCK] = True  # a BEGIN first on pysqlite
-        self._nested = session.begin_nested()
+        self._nested = dm._manager._begin_nested(session)
 
     def rollback(self) -> None:
         if self._nested.is_active:
             self._nested.rollback()
         # The transaction package lets a savepoint be rolled back again.
-        self._nested = self._dm.session.begin_nested()
+        self._nested = self._dm._manager._begin_nested(self._dm.session)

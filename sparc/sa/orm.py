@@ -28,7 +28,6 @@ Joined mode
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import gc
 import inspect
@@ -286,10 +285,11 @@ class _Gate:
     it (a block closed elsewhere), which rules out an RLock.
     """
 
-    __slots__ = ("_free", "_pending", "_state")
+    __slots__ = ("_free", "_pending", "_state", "_waiting")
 
     def __init__(self) -> None:
         self._state: dict[str, Any] = {}  # {"owner": scope} while held
+        self._waiting = 0  # threads inside acquire()'s wait loop
         # Reentrant: a block's __del__ (an abandoned block) may release the gate
         # while this thread is inside release() already.
         self._free = threading.Condition(threading.RLock())
@@ -299,8 +299,8 @@ class _Gate:
     def owner(self) -> object:
         return self._state.get("owner")
 
-    def acquire(self, scope: _Scope, timeout: float) -> bool:
-        """Wait for the connection; False if *scope* already holds it."""
+    def acquire(self, scope: _Scope, manager: ThreadLocalSASessionTransaction) -> bool:
+        """Wait for the connection, at most the manager's gate_timeout."""
         owner = self._state.setdefault("owner", scope)
         if owner is scope:
             return True
@@ -313,19 +313,33 @@ class _Gate:
                 "connection; blocks on a StaticPool engine cannot interleave "
                 "within one thread"
             )
+        timeout = manager.gate_timeout
         deadline = time.monotonic() + timeout
         with self._free:
-            while self._state.setdefault("owner", scope) is not scope:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise sa_exc.TimeoutError(
-                        f"waited {timeout:.1f} s for the connection that every thread of this "
-                        "StaticPool engine shares, while another thread's block held "
-                        "it; set the manager's gate_timeout to wait longer, or give "
-                        "the engine a pool with more connections"
-                    )
-                self._free.wait(left)
+            self._waiting += 1
+            try:
+                self._wait(scope, deadline, timeout)
+            finally:
+                self._waiting -= 1
         return True
+
+    def _wait(self, scope: _Scope, deadline: float, timeout: float) -> None:
+        # Counted in _waiting before looking, under the condition's lock: a
+        # release() that empties the gate after our look sees the count and
+        # notifies; one before it left the gate free for setdefault to take.
+        while self._state.setdefault("owner", scope) is not scope:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise sa_exc.TimeoutError(
+                    f"waited {timeout:.1f} s for the connection that every thread of this "
+                    "StaticPool engine shares, while another thread's block held "
+                    "it; set the manager's gate_timeout to wait longer, or give "
+                    "the engine a pool with more connections"
+                )
+            self._free.wait(left)
+
+    def held_by(self, scope: object) -> bool:
+        return self._state.get("owner") is scope
 
     def release(self, scope: object) -> None:
         if self._state.get("owner") is not scope:
@@ -333,9 +347,10 @@ class _Gate:
         while True:
             if self._pending:
                 self._close_pending()
-            with self._free:
-                self._state.pop("owner", None)
-                self._free.notify()
+            self._state.pop("owner", None)
+            if self._waiting:  # only then is the condition's lock worth taking
+                with self._free:
+                    self._free.notify()
             # A session queued by close_when_free() after our last look is not
             # lost: take the gate back to close it (or the next holder will).
             if not self._pending or self._state.setdefault("owner", self) is not self:
@@ -367,7 +382,7 @@ class _ThreadGate:
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def acquire(self, scope: _Scope, timeout: float) -> bool:
+    def acquire(self, scope: _Scope, manager: ThreadLocalSASessionTransaction) -> bool:
         state = self._local.__dict__
         owner = state.setdefault("owner", scope)
         if owner is scope:
@@ -376,6 +391,9 @@ class _ThreadGate:
             "another block of this thread holds its SingletonThreadPool "
             "connection; blocks on that connection cannot interleave"
         )
+
+    def held_by(self, scope: object) -> bool:
+        return self._local.__dict__.get("owner") is scope
 
     def release(self, scope: object) -> None:
         state = self._local.__dict__
@@ -436,29 +454,60 @@ _JOINED: Final = "sparc.sa.joined"
 _COMMITTING: Final = "sparc.sa.committing"
 
 
+_REFUSED_COMMIT: Final = (
+    "this session belongs to a transaction of the `transaction` package "
+    "(a Zope request), which commits it: do not call session.commit(); "
+    "end the `with tx():` block, and its work commits when the request "
+    "(or transaction.commit()) does"
+)
+
+
+def wrote(session: Session) -> bool:
+    """Whether *session* wrote (flushed, or executed anything but a SELECT)
+    in the transaction it is in now. Writes are noted with the transaction
+    they happened in, so a transaction that ended takes its note along."""
+    noted = session.info.get(_WROTE)
+    return noted is not None and noted is session.get_transaction()
+
+
+class JoinedSession(Session):
+    """What a session becomes while it belongs to a transaction of the
+    ``transaction`` package: its ``commit()`` is refused, except from our data
+    manager. Sessions of sparc.sa's managers switch to this class when they
+    join and back when the transaction ends, so other sessions pay nothing."""
+
+    def commit(self) -> None:
+        if not self.info.get(_COMMITTING):
+            raise JoinedTransactionError(_REFUSED_COMMIT)
+        super().commit()
+
+
+# Writes are noted only on sessions used outside blocks, whose next block
+# must know whether to end their transaction or carry it on (_idle_session
+# installs these on such a session once); blocks need no notes.
+_WATCHED: Final = "sparc.sa.watched"
+
+
 def _note_flush(session: Session, flush_context: Any) -> None:
-    session.info[_WROTE] = True
+    session.info[_WROTE] = session.get_transaction()
 
 
 def _note_execute(state: Any) -> None:
     if not state.is_select:
-        state.session.info[_WROTE] = True
+        state.session.info[_WROTE] = state.session.get_transaction()
 
 
-def _forget_writes(session: Session, transaction: Any) -> None:
-    if transaction.parent is None:
-        session.info.pop(_WROTE, None)
+def _watch(session: Session) -> None:
+    session.info[_WATCHED] = True
+    sa_event.listen(session, "after_flush", _note_flush)
+    sa_event.listen(session, "do_orm_execute", _note_execute)
 
 
+# For a manager given a Session class of its own (class_=...).
 def _refuse_commit_when_joined(session: Session) -> None:
     info = session.info
     if info.get(_JOINED) and not info.get(_COMMITTING):
-        raise JoinedTransactionError(
-            "this session belongs to a transaction of the `transaction` package "
-            "(a Zope request), which commits it: do not call session.commit(); "
-            "end the `with tx():` block, and its work commits when the request "
-            "(or transaction.commit()) does"
-        )
+        raise JoinedTransactionError(_REFUSED_COMMIT)
 
 
 def _begin_on_sqlite(session: Session, transaction: Any, connection: Any) -> None:
@@ -555,6 +604,7 @@ class ThreadLocalSASessionTransaction:
         self._base_ref = weakref.ref(base)
         self._base_name = f"{base.__module__}.{base.__qualname__}"
         session_options.setdefault("expire_on_commit", False)
+        own_class = session_options.get("class_", Session)
         self._session_factory = sessionmaker(bind=engine, **session_options)
         self._local = threading.local()
         self._tasks: dict[Task[Any], _Scope] = {}
@@ -572,11 +622,14 @@ class ThreadLocalSASessionTransaction:
             "pysqlcipher",
         )
         factory = self._session_factory
-        sa_event.listen(factory, "after_flush", _note_flush)
-        sa_event.listen(factory, "do_orm_execute", _note_execute)
-        sa_event.listen(factory, "after_transaction_end", _forget_writes)
-        sa_event.listen(factory, "before_commit", _refuse_commit_when_joined)
-        if self._sqlite_begin:
+        # A Session class of the application's own cannot switch to
+        # JoinedSession; it gets a listener instead.
+        self._switch_class = own_class is Session
+        if not self._switch_class:
+            sa_event.listen(factory, "before_commit", _refuse_commit_when_joined)
+        if self._sqlite_begin and not isinstance(engine.pool, StaticPool):
+            # On StaticPool blocks take turns on the one connection, so their
+            # reads are isolated without it; nested blocks still begin first.
             sa_event.listen(factory, "after_begin", _begin_on_sqlite)
         fork.track(self)
 
@@ -628,8 +681,13 @@ class ThreadLocalSASessionTransaction:
         else:
             scope = self._scope()
         session = scope.session
-        if session is not None and (scope.blocks or scope.joined is not None):
-            return session
+        if session is not None:
+            if scope.blocks:
+                return session
+            joined = scope.joined
+            if joined is not None:
+                joined.fresh = False  # used outside a block: it may write
+                return session
         return self._idle_session(scope)
 
     @property
@@ -729,6 +787,8 @@ class ThreadLocalSASessionTransaction:
         session = scope.session
         if session is None:
             session = scope.session = self._session_factory()
+        if _WATCHED not in session.info:
+            _watch(session)
         return session
 
     def _task_done(self, task: Task[Any]) -> None:
@@ -749,6 +809,15 @@ class ThreadLocalSASessionTransaction:
         self._engine.pool.__dict__.pop(_GATE_ATTR, None)
         self._pool = None
 
+    def _begin_nested(self, session: Session) -> Any:
+        """``session.begin_nested()``, on pysqlite inside a transaction: a
+        SAVEPOINT outside one starts a transaction of its own, whose RELEASE
+        commits, so the outer block could no longer roll it back."""
+        if self._sqlite_begin:
+            connection = session.connection()
+            _begin_on_sqlite(session, None, connection)
+        return session.begin_nested()
+
     def _refresh_gate(self, pool: Pool) -> _Gate | _ThreadGate | None:
         # First use, or the engine was disposed and has a new pool.
         self._gate = _gate_for(pool)
@@ -762,11 +831,9 @@ class ThreadLocalSASessionTransaction:
     def _transaction_to_join(self) -> Any:
         """The transaction of the ``transaction`` package that blocks of this
         scope join now, or None."""
-        if self._join == "never":
-            return None
-        from sparc.sa.joined import transaction_to_join
-
-        return transaction_to_join(self._join)
+        if self._join == "never" or (self._join == "auto" and "transaction" not in sys.modules):
+            return None  # nobody imported it, so no transaction is running
+        return _joined.transaction_to_join(self._join)
 
     def _freshen(self, session: Session) -> None:
         """Give an outermost block a view no older than its start.
@@ -784,7 +851,7 @@ class ThreadLocalSASessionTransaction:
             return
         if not session.in_transaction():
             return
-        if session.info.get(_WROTE) or session.new or session.deleted or session.dirty:
+        if wrote(session) or session.new or session.deleted or session.dirty:
             session.flush()
             session.expire_all()
             if logger.isEnabledFor(_DEBUG):
@@ -924,8 +991,9 @@ class _Block:
         self._scope = scope
         self._sp = None
         dm = scope.joined
-        if dm is None and manager._join != "never":
-            txn = manager._transaction_to_join()
+        join = manager._join
+        if dm is None and (join == "always" or (join == "auto" and "transaction" in sys.modules)):
+            txn = _joined.transaction_to_join(join)
             if txn is not None:
                 self._enter_joined(scope, txn)
                 return manager._Session
@@ -933,12 +1001,13 @@ class _Block:
             self._enter_joined(scope, dm.txn)
             return manager._Session
         self._dm = None
-        gate = manager._current_gate()
+        pool = manager._engine.pool
+        gate = manager._gate if pool is manager._pool else manager._refresh_gate(pool)
         # From here on every step is undone if an exception (a KeyboardInterrupt
         # from a signal, say) lands before the block is fully open.
         try:
             if gate is not None:
-                gate.acquire(scope, manager.gate_timeout)
+                gate.acquire(scope, manager)
             self._gate = gate
             session = scope.session
             if session is None:
@@ -959,24 +1028,26 @@ class _Block:
         return manager._Session
 
     def __del__(self) -> None:
-        # Exceptions cannot leave __del__; an interruption here is logged.
-        try:
-            self._finalize()
-        except BaseException:
-            logger.error("ending an abandoned block failed", exc_info=True)
-
-    def _finalize(self) -> None:
+        # Runs for every block, so the common case (ended) is kept short.
         # getattr: __init__ itself may have been interrupted.
-        if getattr(self, "_state", _NEW) is not _OPEN:
-            gate, scope = getattr(self, "_gate", None), getattr(self, "_scope", None)
-            if gate is not None and scope is not None and not scope.blocks:
-                gate.release(scope)  # left held by an interrupted exit
+        state = getattr(self, "_state", _NEW)
+        if state is not _OPEN:
+            gate = getattr(self, "_gate", None)
+            if gate is not None:
+                scope = self._scope
+                if scope is not None and not scope.blocks and gate.held_by(scope):
+                    gate.release(scope)  # left held by an interrupted exit
             return
         # Still open, yet nobody holds it: its `with` statement was left
         # without __exit__ running (an interruption before its first line).
         # End it as if it had raised, so that the scope is not wedged.
-        with contextlib.suppress(BlockOrderError):
+        # Exceptions cannot leave __del__; an interruption here is logged.
+        try:
             self.__exit__(_Abandoned, None, None)
+        except BlockOrderError:
+            pass
+        except BaseException:
+            logger.error("ending an abandoned block failed", exc_info=True)
 
     def _abandon_entry(self, scope: _Scope, gate: _Gate | _ThreadGate | None) -> None:
         self._state = _NEW
@@ -1018,7 +1089,7 @@ class _Block:
             return
         before = session.get_nested_transaction()
         try:
-            self._sp = session.begin_nested()
+            self._sp = self._manager._begin_nested(session)
             blocks.append(self._ref)
             self._state = _OPEN
         except BaseException:
@@ -1034,15 +1105,13 @@ class _Block:
         """The outermost block of a scope inside a transaction of the
         ``transaction`` package: it runs in a SAVEPOINT of that transaction,
         or, while nothing has been written in it yet, in the whole of it."""
-        from sparc.sa.joined import join_scope
-
         manager = self._manager
         self._gate = None
         self._token = None
         dm = scope.joined
         try:
             if dm is None:
-                dm = join_scope(manager, scope, txn)
+                dm = _joined.join_scope(manager, scope, txn)
             self._dm = dm
             session = self._session = dm.session
             session.info[_IN_BLOCK] = True
@@ -1050,13 +1119,13 @@ class _Block:
             before = session.get_nested_transaction()
             try:
                 if self._savepoint:
-                    if dm.fresh and not session.info.get(_WROTE) and session._is_clean():
+                    if dm.fresh and session._is_clean():
                         # Nothing written yet in this transaction: rolling it
                         # back whole undoes exactly this block, so the two
                         # round trips of a SAVEPOINT and its RELEASE are saved.
                         self._sp = WHOLE_TRANSACTION
                     else:
-                        self._sp = session.begin_nested()
+                        self._sp = manager._begin_nested(session)
                 self._token = manager._open_block.set(self._ref)
                 scope.blocks.append(self._ref)
                 self._state = _OPEN
@@ -1177,8 +1246,10 @@ class _Block:
                 token = self._token
                 if token is not None:
                     self._token = None
-                    with contextlib.suppress(ValueError):  # closed from another context
+                    try:  # noqa: SIM105 - cheaper than contextlib.suppress()
                         self._manager._open_block.reset(token)
+                    except ValueError:
+                        pass  # closed from another context than it opened in
             finally:
                 gate = self._gate
                 if gate is not None:
@@ -1236,17 +1307,17 @@ class _Block:
     def _exit_joined(
         self, scope: _Scope, exc_type: type[BaseException] | None, exc: BaseException | None
     ) -> None:
-        from sparc.sa.joined import finish_joined_block
-
         self._state = _DONE
         scope.blocks.clear()
         doomed, scope.doomed = scope.doomed, False
         token = self._token
         if token is not None:
             self._token = None
-            with contextlib.suppress(ValueError):  # closed from another context
+            try:  # noqa: SIM105 - cheaper than contextlib.suppress()
                 self._manager._open_block.reset(token)
-        finish_joined_block(self, scope, exc_type, exc, doomed)
+            except ValueError:
+                pass  # closed from another context than it opened in
+        _joined.finish_joined_block(self, scope, exc_type, exc, doomed)
 
 
 def _note_interruption(scope: _Scope, tb: TracebackType | None) -> None:
@@ -1451,3 +1522,7 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# Last: joined.py builds on this module.
+from sparc.sa import joined as _joined  # noqa: E402
