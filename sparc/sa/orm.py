@@ -989,18 +989,24 @@ class _Block:
         if scope.interrupted:
             _after_interruption(scope)
         self._scope = scope
-        self._sp = None
         dm = scope.joined
-        join = manager._join
-        if dm is None and (join == "always" or (join == "auto" and "transaction" in sys.modules)):
-            txn = _joined.transaction_to_join(join)
-            if txn is not None:
-                self._enter_joined(scope, txn)
-                return manager._Session
-        elif dm is not None:
+        if dm is not None:
             self._enter_joined(scope, dm.txn)
             return manager._Session
-        self._dm = None
+        join = manager._join
+        if join != "never":
+            # Inline, as it runs for every block: is a transaction of the
+            # `transaction` package running for this thread? (sparc.sa.joined)
+            module = sys.modules.get("transaction")
+            running = False
+            if module is not None:
+                tm = module.manager  # the thread's TransactionManager is tm.manager
+                running = getattr(tm, "manager", tm).__dict__.get("_txn") is not None
+            if running or join == "always":
+                txn = _joined.transaction_to_join(join)
+                if txn is not None:
+                    self._enter_joined(scope, txn)
+                    return manager._Session
         pool = manager._engine.pool
         gate = manager._gate if pool is manager._pool else manager._refresh_gate(pool)
         # From here on every step is undone if an exception (a KeyboardInterrupt
