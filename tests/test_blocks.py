@@ -478,3 +478,15 @@ def test_signal_interrupts_during_many_blocks_never_wedge(
     assert "after" in names(engine, models.Item)
     assert checked_out(engine) == 0
     assert interrupted_blocks > rounds // 20, "too few interruptions to mean anything"
+
+
+def test_async_with_names_what_to_use_instead(transaction: Any) -> None:
+    async def main() -> None:
+        async with transaction():
+            pass
+
+    with pytest.raises(
+        TypeError, match=r"`async with tx\(\)` needs an asyncio manager.*use `with tx\(\):`"
+    ):
+        asyncio.run(main())
+    assert open_blocks(transaction) == 0

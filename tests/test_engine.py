@@ -325,3 +325,14 @@ def test_servers_get_pre_ping_and_work(backend: str) -> None:
             assert conn.exec_driver_sql("select 1").scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_a_missing_driver_names_the_extra_that_installs_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "psycopg", None)
+    with pytest.raises(ImportError, match=r"pip install 'sparc\.sa\[postgresql\]'"):
+        engine_from_config({"dsn": "postgresql+psycopg://app@db.example/app"})
+    monkeypatch.setitem(__import__("sys").modules, "pymysql", None)
+    with pytest.raises(ImportError, match=r"pip install 'sparc\.sa\[mysql\]'"):
+        engine_from_config({"dsn": "mysql+pymysql://app@db.example/app"})

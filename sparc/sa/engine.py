@@ -148,6 +148,9 @@ def _create_engine(url: URL, kwargs: dict[str, Any], shown: str) -> Engine:
         )
     except ImportError as exc:
         error = f"the database driver for {shown} cannot be imported: {exc}"
+        extra = _DRIVER_EXTRAS.get(url.get_backend_name())
+        if extra:
+            error += f"; install it, e.g. with: pip install 'sparc.sa[{extra}]'"
         kind = ImportError
     except Exception as exc:
         # Anything else is a value create_engine() could not use (a module or
@@ -159,6 +162,10 @@ def _create_engine(url: URL, kwargs: dict[str, Any], shown: str) -> Engine:
             f"(options given: {given}): {reason}"
         )
     raise kind(error)
+
+
+#: The extra of sparc.sa that installs a driver for each backend.
+_DRIVER_EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
 
 
 def _suggest(name: str) -> str | None:

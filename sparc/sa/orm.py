@@ -1150,6 +1150,16 @@ class _Block:
         if self._debug:
             logger.debug("joined block entered: %r in %r", session, manager)
 
+    async def __aenter__(self) -> Any:
+        raise TypeError(
+            "`async with tx()` needs an asyncio manager, which sparc.sa does not "
+            "have yet; this manager's blocks are synchronous: use `with tx():`, "
+            "which works inside a coroutine too, scoped to its task"
+        )
+
+    async def __aexit__(self, *exc_info: Any) -> None:  # pragma: no cover - never entered
+        return None
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
