@@ -1084,9 +1084,6 @@ class _Block:
         session = outer._session
         self._scope = scope
         self._session = session
-        self._gate = None
-        self._dm = None
-        self._token = None
         self._debug = outer._debug
         if not self._savepoint:
             self._sp = None
@@ -1112,8 +1109,6 @@ class _Block:
         ``transaction`` package: it runs in a SAVEPOINT of that transaction,
         or, while nothing has been written in it yet, in the whole of it."""
         manager = self._manager
-        self._gate = None
-        self._token = None
         dm = scope.joined
         try:
             if dm is None:
@@ -1259,13 +1254,7 @@ class _Block:
             _close_failed(scope, session)
         finally:
             try:
-                token = self._token
-                if token is not None:
-                    self._token = None
-                    try:  # noqa: SIM105 - cheaper than contextlib.suppress()
-                        self._manager._open_block.reset(token)
-                    except ValueError:
-                        pass  # closed from another context than it opened in
+                self._leave_context()
             finally:
                 gate = self._gate
                 if gate is not None:
@@ -1320,12 +1309,8 @@ class _Block:
             return
         _rollback_savepoint(scope, savepoint)
 
-    def _exit_joined(
-        self, scope: _Scope, exc_type: type[BaseException] | None, exc: BaseException | None
-    ) -> None:
-        self._state = _DONE
-        scope.blocks.clear()
-        doomed, scope.doomed = scope.doomed, False
+    def _leave_context(self) -> None:
+        """Forget this block as the open block of its context."""
         token = self._token
         if token is not None:
             self._token = None
@@ -1333,6 +1318,14 @@ class _Block:
                 self._manager._open_block.reset(token)
             except ValueError:
                 pass  # closed from another context than it opened in
+
+    def _exit_joined(
+        self, scope: _Scope, exc_type: type[BaseException] | None, exc: BaseException | None
+    ) -> None:
+        self._state = _DONE
+        scope.blocks.clear()
+        doomed, scope.doomed = scope.doomed, False
+        self._leave_context()
         _joined.finish_joined_block(self, scope, exc_type, exc, doomed)
 
 

@@ -87,6 +87,13 @@ def rows(engine: Any) -> list[str]:
         return sorted(conn.execute(sa.select(zopeapp.Row.name)).scalars())
 
 
+def publish_counting_rows(app: Any, eng: Any, url: str) -> tuple[str, int]:
+    """Publish *url*: its status, and how many rows it left."""
+    before = rows(eng)
+    status = get(app, url)
+    return status, len([r for r in rows(eng) if r not in before])
+
+
 def get(app: Any, url: str) -> str:
     """Publish *url*; the status, or the exception the publisher let through."""
     try:
@@ -112,13 +119,11 @@ def scenario_rows(dsn: str) -> dict[str, Any]:
             "conflict on every attempt": "/@@write?name=always&key=d&conflicts=99",
         }
         for label, url in cases.items():
-            before = rows(eng)
-            status = get(app, url)
-            added = [r for r in rows(eng) if r not in before]
+            status, added = publish_counting_rows(app, eng, url)
             key = url.split("key=")[1].split("&")[0]
             out[label] = {
                 "status": status,
-                "rows": len(added),
+                "rows": added,
                 "attempts": zopeapp.attempts.get(key, 0),
                 "checked_out": eng.pool.checkedout(),
             }
@@ -190,13 +195,11 @@ def scenario_twophase(dsn: str) -> dict[str, Any]:
             "SQL vote fails": "/@@write?name=sqlfails&zodb=1&code=1&key=g",
         }
         for label, url in cases.items():
-            before = rows(eng)
-            status = get(app, url)
-            added = [r for r in rows(eng) if r not in before]
+            status, added = publish_counting_rows(app, eng, url)
             zodb = app.get("/@@zodb-value").text
             out[label] = {
                 "status": status,
-                "rows": len(added),
+                "rows": added,
                 "zodb": zodb,
                 "prepared": prepared(),
                 "checked_out": eng.pool.checkedout(),
