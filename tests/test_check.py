@@ -158,3 +158,33 @@ def test_check_lists_prepared_transactions_a_crash_left_behind(backend: str) -> 
             conn.exec_driver_sql(f"DROP TABLE {table}")
         engine.dispose()
     assert gid not in run("check", dsn).stdout
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ('<include package="sparc.sa"\n', ["line 4", "not well-formed"]),
+        ('<utility nonsense="1" />\n', ["line 3", "Unrecognized parameters: nonsense"]),
+        (
+            '<adapter factory="no.such.Thing" for="*" provides="zope.interface.Interface" />\n',
+            ["line 3", "Invalid value for 'factory'", "Couldn't import no"],
+        ),
+    ],
+)
+def test_bad_zcml_names_the_file_line_and_problem(
+    tmp_path: pathlib.Path, body: str, words: list[str]
+) -> None:
+    site = tmp_path / "site.zcml"
+    site.write_text(
+        '<configure xmlns="http://namespaces.zope.org/zope">\n'
+        '<include package="sparc.sa" />\n' + body + "</configure>\n"
+    )
+    done = run("check", str(site))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"{site}, line" in lines[0]
+    for word in words:
+        assert word in lines[0]
+    for junk in ("TextIOWrapper", "('", "<_io"):
+        assert junk not in lines[0]

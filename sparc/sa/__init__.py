@@ -10,6 +10,7 @@ then::
         transaction.session.add(obj)
 """
 
+from sparc.sa import legacy
 from sparc.sa.engine import SAEngineFromConfigFactory, engine_from_config
 from sparc.sa.events import EngineCreatedEvent
 from sparc.sa.exceptions import (
@@ -44,3 +45,6 @@ __all__ = [
     "is_retryable",
     "scoped_transaction",
 ]
+
+# sparc.sa 1.x's module paths (sparc.sa.orm.query, sparc.sa.engine.engine, ...)
+legacy.install()

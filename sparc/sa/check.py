@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -20,6 +21,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from xml.sax import SAXParseException
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -207,6 +209,34 @@ def load_zcml(path: pathlib.Path | None = None) -> None:
     context.execute_actions()
 
 
+_DETAIL = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
+
+
+def zcml_problem(exc: BaseException, path: pathlib.Path) -> str:
+    """'<file>, line <n>: <message>' for an error zope.configuration raised."""
+    where, line, message = str(path), None, ""
+    evalue = getattr(exc, "evalue", None)
+    info = getattr(exc, "info", None)
+    if isinstance(evalue, SAXParseException):
+        where = evalue.getSystemId() or where
+        line, message = evalue.getLineNumber(), evalue.getMessage()
+    elif isinstance(evalue, BaseException):
+        if getattr(info, "file", None):
+            where, line = info.file, info.line  # type: ignore[union-attr]
+        message = f"{type(evalue).__name__}: {evalue}"
+    else:
+        parts = [" ".join(str(arg) for arg in exc.args)]
+        for detail in getattr(exc, "_details", None) or ():
+            found = _DETAIL.search(str(detail))
+            if found:
+                where, line = found["file"], int(found["line"])
+            else:  # what went wrong underneath, minus the exception's module path
+                parts.append(re.sub(r"^[\w.]+\.(\w+): ", r"\1: ", str(detail)))
+        message = ": ".join(parts)
+    message = options.hide_secrets_in_text(" ".join(message.split()))
+    return f"{where}, line {line}: {message}" if line is not None else f"{where}: {message}"
+
+
 def engines_for(target: str) -> list[tuple[str, Engine]]:
     """Build the engines *target* names: a DSN, a YAML file or a ZCML file."""
     from zope.component import createObject, getUtilitiesFor
@@ -222,7 +252,7 @@ def engines_for(target: str) -> list[tuple[str, Engine]]:
         try:
             load_zcml(path)
         except Exception as exc:
-            raise ConfigProblem(" ".join(str(exc).split())) from None
+            raise ConfigProblem(zcml_problem(exc, path)) from None
         found = sorted(getUtilitiesFor(ISAEngine), key=lambda item: item[0])
         if not found:
             raise ConfigProblem(f"{target!r} declares no <sa:engine>")

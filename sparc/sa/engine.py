@@ -23,6 +23,7 @@ from zope.component.factory import Factory
 from sparc.sa import fork, liveness, options
 from sparc.sa.events import EngineCreatedEvent
 from sparc.sa.interfaces import ISAEngine
+from sparc.sa.legacy import package_path
 
 __all__ = [
     "FACTORY_NAME",
@@ -33,6 +34,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# A package to the import system, for sparc.sa 1.x's submodule paths
+# (``sparc.sa.engine.engine``); see sparc.sa.legacy.
+__path__ = package_path(__name__)
 
 #: The name of the IFactory utility registered by configure.zcml.
 FACTORY_NAME = "sparc.sa.engine.engine_from_config"

@@ -16,6 +16,7 @@ __all__ = [
     "DoomedTransactionError",
     "ForkedTransactionError",
     "InterleavedTransactionError",
+    "InvalidFilterError",
     "JoinedTransactionError",
     "RetryableDatabaseError",
 ]
@@ -95,3 +96,22 @@ class RetryableDatabaseError(_TransientBase):  # type: ignore[misc]
 
     .. versionadded:: 2.0
     """
+
+
+class InvalidFilterError(ValueError):
+    """A filter container (see :mod:`sparc.sa.query`) is malformed.
+
+    Raised before any SQL is sent. ``path`` names the offending place in the
+    container, such as ``expressions[2].attribute`` (empty for the container
+    itself), and the message says what was expected there. Containers usually
+    come from a request, so a value found there is described by its type only,
+    never echoed; a class, attribute or condition name is quoted, cut short.
+
+    .. versionadded:: 2.0
+    """
+
+    def __init__(self, path: str, expected: str) -> None:
+        self.path = path
+        self.expected = expected
+        where = path or "filter"
+        super().__init__(f"{where}: {expected}")

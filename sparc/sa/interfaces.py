@@ -10,14 +10,28 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, scoped_session
+from sqlalchemy.orm import InstrumentedAttribute, Mapper, Query, Session, scoped_session
 from sqlalchemy.orm.decl_api import DeclarativeAttributeIntercept, DeclarativeMeta
+from sqlalchemy.sql import Select
 from zope.interface import Attribute, Interface, classImplements
+from zope.schema import Choice, Field, Tuple
 
 __all__ = [
+    "CONDITIONS",
+    "CONJUNCTIONS",
     "IEngineCreatedEvent",
+    "IORMRelatedModels",
+    "IORMRelatedModelsAdder",
+    "ISAConjunction",
     "ISADeclarativeMeta",
     "ISAEngine",
+    "ISAExpression",
+    "ISAInstrumentedAttribute",
+    "ISAMapper",
+    "ISAModelFilterExpression",
+    "ISAModelFilterExpressionGroup",
+    "ISAQuery",
+    "ISAResultRowModel",
     "ISAScopedSession",
     "ISAScopedTransaction",
     "ISASession",
@@ -134,6 +148,128 @@ class IEngineCreatedEvent(Interface):
     )
 
 
+class ISAMapper(Interface):
+    """A SQLAlchemy ORM :class:`sqlalchemy.orm.Mapper` (``Model.attr.parent``)."""
+
+
+class ISAInstrumentedAttribute(Interface):
+    """A mapped attribute of an ORM class, such as ``Model.name``.
+
+    Adapted together with an :class:`ISASession` to
+    ``zope.interface.common.mapping.IIterableMapping``: a read-only mapping
+    from the attribute's values to the rows holding them.
+    """
+
+
+class ISAQuery(Interface):
+    """A query that selects ORM rows.
+
+    Provided by the legacy :class:`sqlalchemy.orm.Query` (``session.query()``)
+    and by the 2.0 style :class:`sqlalchemy.sql.Select` (``select()``). A
+    ``Query`` adapts to ``zope.interface.common.sequence.IFiniteSequence``; a
+    ``Select``, which has no session, adapts together with an ISASession.
+    """
+
+
+class ISAExpression(Interface):
+    """A SQL boolean expression that can stand in a WHERE clause or a conjunction."""
+
+
+class ISAConjunction(Interface):
+    """The ``and_()`` or ``or_()`` of expressions, for ``Query.filter()`` or ``Select.where()``."""
+
+
+class ISAResultRowModel(Interface):
+    """Picks the ORM object out of a result row by the interface it provides."""
+
+    def first(iface: Any, row: Any) -> Any:
+        """Return the first entry of ``row`` that provides ``iface``.
+
+        Raises ValueError when no entry does.
+        """
+
+
+#: The conditions of a filter expression (compared case-insensitively).
+CONDITIONS = (
+    "==",
+    "equals",
+    "!=",
+    "not equals",
+    "<",
+    "less than",
+    "<=",
+    "less than equal",
+    ">",
+    "greater than",
+    ">=",
+    "greater than equal",
+    "like",
+    "ilike",
+    "in",
+    "not in",
+    "is null",
+    "is not null",
+)
+#: The conjunctions of a filter expression group (compared case-insensitively).
+CONJUNCTIONS = ("AND", "OR")
+
+
+class ISAModelFilterExpression(Interface):
+    """One condition on one mapped column: ``Model.attribute <condition> value``.
+
+    Adapts to :class:`ISAExpression`.
+    """
+
+    attribute = Attribute("The ISAInstrumentedAttribute (a mapped column) to filter by.")
+    condition = Choice(
+        title="Condition",
+        description="How the column is compared with the value; one of CONDITIONS.",
+        values=CONDITIONS,
+        required=True,
+    )
+    value = Field(
+        title="Value",
+        description=(
+            "What the column is compared with: a list for 'in' and 'not in', "
+            "nothing for 'is null' and 'is not null'."
+        ),
+        required=False,
+    )
+
+
+class ISAModelFilterExpressionGroup(Interface):
+    """Expressions and nested groups joined by one conjunction.
+
+    Adapts to :class:`ISAConjunction`. An empty 'AND' group matches every row,
+    an empty 'OR' group none.
+    """
+
+    conjunction = Choice(title="Conjunction", values=CONJUNCTIONS, required=True)
+    expressions = Tuple(
+        title="Expressions",
+        description="Filter expressions and nested groups, in order.",
+        required=True,
+    )
+
+
+class IORMRelatedModels(Interface):
+    """A graph of mapped classes that relate to each other through foreign keys."""
+
+    def flattened(seed: Any) -> Any:
+        """Return the classes reachable from ``seed``, breadth first, ``seed`` first.
+
+        Each class appears once, and neighbours come in the order they were
+        added, so the result is the same on every call.
+        """
+
+
+class IORMRelatedModelsAdder(IORMRelatedModels):
+    """An :class:`IORMRelatedModels` that can grow."""
+
+    def add_sequence(sequence: Any) -> None:
+        """Add the classes of ``sequence``, each linked to its neighbours in it."""
+
+
 # SQLAlchemy's classes are declared to implement the markers, so the instances
 # users already have can be looked up in the registry without wrapping.
 classImplements(Engine, ISAEngine)
@@ -145,3 +281,7 @@ classImplements(DeclarativeMeta, ISADeclarativeMeta)
 classImplements(DeclarativeAttributeIntercept, ISADeclarativeMeta)
 classImplements(Session, ISASession)
 classImplements(scoped_session, ISAScopedSession)
+classImplements(Mapper, ISAMapper)
+classImplements(InstrumentedAttribute, ISAInstrumentedAttribute)
+classImplements(Query, ISAQuery)
+classImplements(Select, ISAQuery)

@@ -69,6 +69,7 @@ from sparc.sa.interfaces import (
     ISAScopedTransaction,
     ISASession,
 )
+from sparc.sa.legacy import package_path
 
 if TYPE_CHECKING:
     from asyncio import Task
@@ -94,6 +95,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# A package to the import system, for sparc.sa 1.x's submodule paths
+# (``sparc.sa.orm.session``); see sparc.sa.legacy.
+__path__ = package_path(__name__)
 _DEBUG: Final = logging.DEBUG
 _T = TypeVar("_T")
 _get_ident = threading.get_ident

@@ -1,0 +1,132 @@
+"""The import paths of sparc.sa 1.x, kept working.
+
+In 1.x, ``sparc.sa.orm`` and ``sparc.sa.engine`` were packages with
+submodules (``sparc.sa.orm.query``, ``sparc.sa.engine.engine``, ...). In 2.x
+they are single modules, as the project layout asks, and the code of those
+submodules lives in flat modules: :mod:`sparc.sa.query`,
+:mod:`sparc.sa.attributes`, :mod:`sparc.sa.testing` and
+:mod:`sparc.sa.interfaces`.
+
+How the old dotted paths still import:
+
+1. ``sparc/sa/orm.py``, ``engine.py`` and ``ext.py`` set a module
+   ``__path__``. That makes each of them a package to the import system,
+   while staying a single file. Their ``__path__`` is the directory of the
+   same name beside them (``sparc/sa/orm/``), which holds only ZCML, so that
+   ``<include package="sparc.sa.orm" />`` finds its ``configure.zcml`` there
+   as it did in 1.x.
+2. :class:`LegacyFinder`, installed on ``sys.meta_path`` when ``sparc.sa``
+   is imported, answers for the names in :data:`ALIASES` only. For each, it
+   makes a small forwarding module (:class:`Alias`) whose attributes are
+   looked up in the flat module that now holds the code. The flat module is
+   imported only then, so importing ``sparc.sa`` stays cheap.
+
+Forwarding modules, rather than the flat modules themselves under a second
+name, keep the import system's bookkeeping away from the real modules:
+importing ``sparc.sa.orm.query.filter`` binds ``filter`` as an attribute of
+its parent, which must not shadow the builtin inside :mod:`sparc.sa.query`.
+Every alias is a distinct module object, but every class, function and
+interface reached through it is the one object of the flat module, so
+``isinstance`` checks, adapters and pickles agree whichever path was used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import types
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["ALIASES", "Alias", "LegacyFinder", "install"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+#: 1.x module path -> the module that now holds its names.
+ALIASES: dict[str, str] = {
+    "sparc.sa.engine.engine": "sparc.sa.engine",
+    "sparc.sa.engine.interfaces": "sparc.sa.interfaces",
+    "sparc.sa.ext.interfaces": "sparc.sa.interfaces",
+    "sparc.sa.orm.interfaces": "sparc.sa.interfaces",
+    "sparc.sa.orm.session": "sparc.sa.orm",
+    "sparc.sa.orm.testing": "sparc.sa.testing",
+    "sparc.sa.orm.attributes": "sparc.sa.attributes",
+    "sparc.sa.orm.attributes.interfaces": "sparc.sa.attributes",
+    "sparc.sa.orm.attributes.mapping": "sparc.sa.attributes",
+    "sparc.sa.orm.mapper": "sparc.sa.interfaces",
+    "sparc.sa.orm.mapper.interfaces": "sparc.sa.interfaces",
+    "sparc.sa.orm.query": "sparc.sa.query",
+    "sparc.sa.orm.query.interfaces": "sparc.sa.query",
+    "sparc.sa.orm.query.query": "sparc.sa.query",
+    "sparc.sa.orm.query.filter": "sparc.sa.query",
+    "sparc.sa.orm.query.result": "sparc.sa.query",
+    "sparc.sa.orm.query.sequence": "sparc.sa.query",
+    "sparc.sa.orm.query.testing": "sparc.sa.testing",
+}
+
+# The aliases that were packages in 1.x: their 1.x directory (ZCML only).
+_PACKAGES = {"sparc.sa.orm.attributes", "sparc.sa.orm.mapper", "sparc.sa.orm.query"}
+
+
+def package_path(name: str) -> list[str]:
+    """The ``__path__`` of 1.x package ``name``: its directory under sparc/sa/."""
+    parts = name.split(".")[2:]  # drop "sparc", "sa"
+    return [os.path.join(_HERE, *parts)]
+
+
+class Alias(types.ModuleType):
+    """A module that forwards attribute lookups to the module holding the code."""
+
+    def __init__(self, name: str, target: types.ModuleType) -> None:
+        super().__init__(name, f"sparc.sa 1.x's {name}; its names are those of {target.__name__}.")
+        self.__dict__["_sparc_target"] = target
+
+    def __getattr__(self, name: str) -> Any:  # only for names not set on the alias itself
+        if name.startswith("__") and name != "__all__":
+            # __spec__, __path__, __file__ ... describe the alias, not its target
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+        try:
+            return getattr(self.__dict__["_sparc_target"], name)
+        except AttributeError:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}") from None
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(dir(self.__dict__["_sparc_target"])) | set(self.__dict__))
+
+
+class _AliasLoader(importlib.abc.Loader):
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return Alias(spec.name, importlib.import_module(ALIASES[spec.name]))
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        """Nothing to run: the alias forwards to a module that is already loaded."""
+
+
+class LegacyFinder(importlib.abc.MetaPathFinder):
+    """Finds the 1.x module paths listed in :data:`ALIASES`, and nothing else."""
+
+    _loader = _AliasLoader()
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None = None,
+        target: types.ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in ALIASES:
+            return None
+        spec = importlib.machinery.ModuleSpec(
+            fullname, self._loader, is_package=fullname in _PACKAGES
+        )
+        if fullname in _PACKAGES:
+            spec.submodule_search_locations = package_path(fullname)
+        return spec
+
+
+def install() -> None:
+    """Put one :class:`LegacyFinder` on ``sys.meta_path`` (idempotent)."""
+    if not any(isinstance(finder, LegacyFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, LegacyFinder())
