@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import logging
 import re
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from typing import Any
 import sqlalchemy
 import zope.event
 from sqlalchemy.engine import URL, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from zope.component.factory import Factory
 
 from sparc.sa import fork, liveness, options
@@ -51,8 +53,13 @@ def engine_from_config(
     /,
     *,
     SQLAlchemyEngine: Mapping[str, Any] | None = None,
-) -> Engine:
+) -> Engine | AsyncEngine:
     """Build a SQLAlchemy engine from ``{'dsn': ..., 'kwargs': {...}}``.
+
+    A DSN that names an asyncio driver (``postgresql+asyncpg``,
+    ``postgresql+psycopg_async``, ``sqlite+aiosqlite``, ``mysql+asyncmy``,
+    ``mysql+aiomysql``) gives an ``AsyncEngine`` (an ISAAsyncEngine provider),
+    with the same conversions, defaults and errors.
 
     The mapping may also be wrapped as ``{'SQLAlchemyEngine': {...}}`` (the
     1.x ``configure.yaml`` shape), or passed as the ``SQLAlchemyEngine``
@@ -83,6 +90,8 @@ def engine_from_config(
         config = SQLAlchemyEngine
     url, kwargs = options.normalize(config)
     shown = options.hide_dsn(url)
+    if options.is_async_url(url):
+        return _async_engine(url, kwargs, shown)
     # Our own liveness check instead of SQLAlchemy's pre-ping, unless the
     # configuration asked for pool_pre_ping itself (see sparc.sa.liveness).
     ours = kwargs.get("pool_pre_ping") is True and "pool_pre_ping" not in (
@@ -105,11 +114,33 @@ def engine_from_config(
     return engine
 
 
-def _create_engine(url: URL, kwargs: dict[str, Any], shown: str) -> Engine:
+def _async_engine(url: URL, kwargs: dict[str, Any], shown: str) -> AsyncEngine:
+    """An AsyncEngine, for a DSN that names an asyncio driver."""
+    if importlib.util.find_spec("greenlet") is None:
+        raise ImportError(
+            f"{shown} names an asyncio driver, and SQLAlchemy's asyncio support needs "
+            "the greenlet library; install it with: pip install 'sparc.sa[async]'"
+        )
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine: Any = _create_engine(url, kwargs, shown, create_async_engine)
+    fork.track_engine(engine.sync_engine)
+    logger.info(
+        "created SQLAlchemy asyncio engine for %s (pool %s)",
+        shown,
+        type(engine.sync_engine.pool).__name__,
+    )
+    zope.event.notify(EngineCreatedEvent(engine, {"dsn": shown, "kwargs": options.redact(kwargs)}))
+    return engine  # type: ignore[no-any-return]
+
+
+def _create_engine(
+    url: URL, kwargs: dict[str, Any], shown: str, create: Any = sqlalchemy.create_engine
+) -> Engine:
     error: str | None = None
     kind: type[Exception] = ValueError
     try:
-        return sqlalchemy.create_engine(url, **kwargs)
+        return create(url, **kwargs)  # type: ignore[no-any-return]
     except TypeError as exc:
         match = _INVALID_ARGS.search(str(exc))
         if match is None:
@@ -153,8 +184,11 @@ def _create_engine(url: URL, kwargs: dict[str, Any], shown: str) -> Engine:
         )
     except ImportError as exc:
         error = f"the database driver for {shown} cannot be imported: {exc}"
+        package = _ASYNC_DRIVERS.get(url.get_driver_name())
         extra = _DRIVER_EXTRAS.get(url.get_backend_name())
-        if extra:
+        if package:
+            error += f"; install it, e.g. with: pip install 'sparc.sa[async]' {package}"
+        elif extra:
             error += f"; install it, e.g. with: pip install 'sparc.sa[{extra}]'"
         kind = ImportError
     except Exception as exc:
@@ -171,6 +205,14 @@ def _create_engine(url: URL, kwargs: dict[str, Any], shown: str) -> Engine:
 
 #: The extra of sparc.sa that installs a driver for each backend.
 _DRIVER_EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
+#: The package that provides each asyncio driver.
+_ASYNC_DRIVERS = {
+    "asyncpg": "asyncpg",
+    "psycopg_async": "'psycopg[binary]'",
+    "aiosqlite": "aiosqlite",
+    "asyncmy": "asyncmy",
+    "aiomysql": "aiomysql",
+}
 
 
 def _suggest(name: str) -> str | None:
@@ -178,7 +220,7 @@ def _suggest(name: str) -> str | None:
     return close[0] if close else None
 
 
-def SAEngineFromConfig(SQLAlchemyEngine: Mapping[str, Any]) -> Engine:
+def SAEngineFromConfig(SQLAlchemyEngine: Mapping[str, Any]) -> Engine | AsyncEngine:
     """The sparc.sa 1.x name of :func:`engine_from_config`."""
     return engine_from_config(SQLAlchemyEngine)
 

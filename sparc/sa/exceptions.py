@@ -14,6 +14,7 @@ __all__ = [
     "BlockOrderError",
     "CrossScopeSessionError",
     "DoomedTransactionError",
+    "ForeignEventLoopError",
     "ForkedTransactionError",
     "InterleavedTransactionError",
     "InvalidFilterError",
@@ -115,3 +116,15 @@ class InvalidFilterError(ValueError):
         self.expected = expected
         where = path or "filter"
         super().__init__(f"{where}: {expected}")
+
+
+class ForeignEventLoopError(RuntimeError):
+    """An ``AsyncEngine`` was used from an event loop other than its own.
+
+    Its pooled connections belong to the loop that opened them; using them
+    from a second loop would hang or fail deep in the driver. Build one engine
+    per event loop. Once the first loop is closed, the next one may take the
+    engine over.
+
+    .. versionadded:: 2.0
+    """

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import InstrumentedAttribute, Mapper, Query, Session, scoped_session
 from sqlalchemy.orm.decl_api import DeclarativeAttributeIntercept, DeclarativeMeta
 from sqlalchemy.sql import Select
@@ -22,6 +23,8 @@ __all__ = [
     "IEngineCreatedEvent",
     "IORMRelatedModels",
     "IORMRelatedModelsAdder",
+    "ISAAsyncEngine",
+    "ISAAsyncScopedTransaction",
     "ISAConjunction",
     "ISADeclarativeMeta",
     "ISAEngine",
@@ -128,6 +131,60 @@ class ISAScopedTransaction(Interface):
         from its outermost block.
 
         .. versionadded:: 2.0
+        """
+
+
+class ISAAsyncEngine(Interface):
+    """A SQLAlchemy :class:`sqlalchemy.ext.asyncio.AsyncEngine`.
+
+    The engine factory builds one for a DSN that names an asyncio driver
+    (``postgresql+asyncpg``, ``postgresql+psycopg_async``,
+    ``sqlite+aiosqlite``, ``mysql+asyncmy``, ``mysql+aiomysql``). It needs
+    the greenlet library: ``pip install 'sparc.sa[async]'``.
+
+    .. versionadded:: 2.0
+    """
+
+
+class ISAAsyncScopedTransaction(Interface):
+    """Commit-or-roll-back ``async with`` blocks, one session per asyncio task.
+
+    Obtained by adapting an async engine and a declarative base::
+
+        tx = getMultiAdapter((async_engine, Base), ISAAsyncScopedTransaction)
+        async with tx() as session:
+            session.add(obj)
+
+    Every lookup for the same engine and base returns the same object.
+
+    .. versionadded:: 2.0
+    """
+
+    Base = Attribute("The ISADeclarativeMeta provider this transaction serves.")
+    engine = Attribute("The ISAAsyncEngine provider sessions are bound to.")
+    session = Attribute(
+        "The current task's AsyncSession: the one of its innermost open block. "
+        "Outside any block of the task it raises CrossScopeSessionError."
+    )
+
+    def __call__(savepoint: bool = True) -> Any:
+        """Return an asynchronous context manager for one block of work.
+
+        ``__aenter__()`` returns the task's ``AsyncSession`` (created with
+        ``expire_on_commit=False``). On normal exit the block commits; on any
+        exception, cancellation included, it rolls back and the exception
+        propagates. Either way the session is closed and its connection
+        returned to the pool, even when the task is cancelled meanwhile.
+
+        Nested blocks run in a SAVEPOINT, or join the outer transaction with
+        ``savepoint=False`` (a failure there dooms the outer block).
+        """
+
+    def run(fn: Any, *args: Any, attempts: int = 3, **kwargs: Any) -> Any:
+        """Await ``fn(session, *args, **kwargs)`` in a block; return its result.
+
+        Retries serialization failures and deadlocks as
+        ``ISAScopedTransaction.run()`` does, at most ``attempts`` times in all.
         """
 
 
@@ -273,6 +330,7 @@ class IORMRelatedModelsAdder(IORMRelatedModels):
 # SQLAlchemy's classes are declared to implement the markers, so the instances
 # users already have can be looked up in the registry without wrapping.
 classImplements(Engine, ISAEngine)
+classImplements(AsyncEngine, ISAAsyncEngine)
 # Declared on the metaclasses of declarative_base() (DeclarativeMeta) and of
 # DeclarativeBase and MappedAsDataclass (DeclarativeAttributeIntercept and its
 # subclass DCTransformDeclarative). In early 2.0 releases (2.0.0 among them)

@@ -482,6 +482,14 @@ def _dialect_defaults(url: URL) -> dict[str, Any]:
 # -- defaults -----------------------------------------------------------------
 
 
+def is_async_url(url: URL) -> bool:
+    """True when the URL names an asyncio driver (postgresql+asyncpg, ...)."""
+    try:
+        return bool(getattr(url.get_dialect(), "is_async", False))
+    except Exception:  # an unknown dialect is reported by create_engine()
+        return False
+
+
 def is_memory_sqlite(url: URL) -> bool:
     """True for a SQLite URL whose database lives only in memory."""
     if url.get_backend_name() != "sqlite":

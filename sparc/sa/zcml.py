@@ -37,7 +37,13 @@ from zope.schema import TextLine
 
 from sparc.sa import options
 from sparc.sa.engine import FACTORY_NAME, SAEngineFromConfigFactory
-from sparc.sa.interfaces import ISADeclarativeMeta, ISAEngine, ISAScopedTransaction
+from sparc.sa.interfaces import (
+    ISAAsyncEngine,
+    ISAAsyncScopedTransaction,
+    ISADeclarativeMeta,
+    ISAEngine,
+    ISAScopedTransaction,
+)
 from sparc.sa.orm import (
     JOIN_MODES,
     ThreadLocalSASessionTransaction,
@@ -200,18 +206,21 @@ def engine(
     try:
         # Convert now, so a bad value is reported at this directive; options
         # that create_engine() rejects are reported when the engine is built.
-        options.normalize(engine_config)
+        url, _ = options.normalize(engine_config)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(str(exc)) from None
+    provides = ISAAsyncEngine if options.is_async_url(url) else ISAEngine
     _context.action(
-        discriminator=("utility", ISAEngine, name),
+        discriminator=("utility", provides, name),
         callable=_register_engine,
-        args=(name, engine_config, _context.info),
+        args=(name, engine_config, _context.info, provides),
         order=_ENGINE_ORDER,
     )
 
 
-def _register_engine(name: str, config: dict[str, Any], info: Any) -> None:
+def _register_engine(
+    name: str, config: dict[str, Any], info: Any, provides: Any = ISAEngine
+) -> None:
     # The factory a site registered, so an override applies here too; without
     # sparc.sa's configure.zcml, the package's own.
     factory = queryUtility(IFactory, FACTORY_NAME) or SAEngineFromConfigFactory
@@ -220,7 +229,7 @@ def _register_engine(name: str, config: dict[str, Any], info: Any) -> None:
     except (TypeError, ValueError, ImportError) as exc:
         label = f"<sa:engine name={name!r}>" if name else "<sa:engine>"
         raise ConfigurationError(f"{label}: {exc}") from None
-    handler("registerUtility", built, ISAEngine, name, info)
+    handler("registerUtility", built, provides, name, info)
 
 
 def transaction(
@@ -277,7 +286,13 @@ def _register_transaction(
 ) -> None:
     found = queryUtility(ISAEngine, engine_name)
     if found is None:
-        known = sorted(repr(n) for n, _ in getUtilitiesFor(ISAEngine))
+        found_async = queryUtility(ISAAsyncEngine, engine_name)
+        if found_async is not None:
+            _register_async_transaction(name, engine_name, found_async, base, info, mode, twophase)
+            return
+        known = sorted(
+            repr(n) for iface in (ISAEngine, ISAAsyncEngine) for n, _ in getUtilitiesFor(iface)
+        )
         raise ConfigurationError(
             f"attribute 'engine': no <sa:engine> named {engine_name!r} is registered"
             + (f"; registered engines: {', '.join(known)}" if known else "")
@@ -291,3 +306,26 @@ def _register_transaction(
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"<sa:transaction>: {exc}") from None
     handler("registerUtility", manager, ISAScopedTransaction, name, info)
+
+
+def _register_async_transaction(
+    name: str,
+    engine_name: str,
+    engine: Any,
+    base: type[Any],
+    info: Any,
+    mode: str | None,
+    twophase: bool | None,
+) -> None:
+    from sparc.sa.aio import async_scoped_transaction
+
+    if mode not in (None, "never") or twophase:
+        raise ConfigurationError(
+            "<sa:transaction>: 'join' and 'twophase' apply to synchronous engines; "
+            f"engine {engine_name or '(unnamed)'!r} is an AsyncEngine, whose blocks "
+            "commit by themselves"
+        )
+    manager = queryMultiAdapter((engine, base), ISAAsyncScopedTransaction)
+    if manager is None:  # sparc.sa's adapter is not registered in this site
+        manager = async_scoped_transaction(engine, base)
+    handler("registerUtility", manager, ISAAsyncScopedTransaction, name, info)

@@ -1,0 +1,523 @@
+"""The asyncio transaction manager.
+
+(ISAAsyncEngine, ISADeclarativeMeta) -> ISAAsyncScopedTransaction
+
+::
+
+    tx = getMultiAdapter((async_engine, Base), ISAAsyncScopedTransaction)
+    async with tx() as session:
+        session.add(obj)
+
+Scopes
+    The scope is the current asyncio task. Each task that opens a block gets
+    its own ``AsyncSession`` for that block; two tasks never share one, even
+    when their blocks interleave, and a child task started inside a block
+    does not see its parent's block. ``tx.session`` is the current task's
+    innermost open block's session, and an error outside any block.
+
+Blocks
+    ``async with tx():`` commits on success, and on any exception rolls back
+    and re-raises it. A block opened inside another runs in a SAVEPOINT (on
+    aiosqlite too), or joins the outer transaction with ``savepoint=False``.
+    Sessions use ``expire_on_commit=False``, so the block's objects can be
+    read after it without lazy loads (no ``MissingGreenlet``).
+
+Cancellation
+    A task cancelled inside a block rolls the block back; cancelled while the
+    block commits, the COMMIT is completed first. Either way the cancellation
+    propagates and the connection is back in the pool. The work that ends a
+    block (COMMIT, ROLLBACK, closing the session) runs in a task of its own
+    that a cancellation cannot interrupt, so a cancelled task never leaves a
+    connection checked out or half-reset. If the task is cancelled before the
+    COMMIT is sent, nothing is committed. A task that ends with a block still
+    open gives its connection back at once.
+
+Event loops
+    An ``AsyncEngine``'s connections belong to the event loop that opened
+    them. A block on a second, still running loop raises
+    :class:`~sparc.sa.exceptions.ForeignEventLoopError` instead of hanging;
+    after the first loop is closed, the next loop takes the engine over (its
+    dead connections are discarded first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from types import TracebackType
+from typing import Any, TypeVar
+
+from sqlalchemy import event as sa_event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
+from zope.component import adapter
+from zope.interface import implementer
+
+from sparc.sa.exceptions import (
+    BlockOrderError,
+    CrossScopeSessionError,
+    DoomedTransactionError,
+    ForeignEventLoopError,
+    InterleavedTransactionError,
+)
+from sparc.sa.interfaces import (
+    ISAAsyncEngine,
+    ISAAsyncScopedTransaction,
+    ISADeclarativeMeta,
+)
+from sparc.sa.orm import _check_base, is_retryable
+
+__all__ = ["AsyncScopedTransaction", "async_scoped_transaction"]
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# Tasks that finish blocks for tasks that ended or were cancelled: held here
+# so that they are not garbage collected before they are done.
+_finishers: set[asyncio.Task[Any]] = set()
+
+
+async def _finish(work: Awaitable[_T]) -> _T:
+    """Await ``work`` to its end, even when the calling task is cancelled.
+
+    ``work`` runs in a task of its own. If the caller is cancelled meanwhile,
+    the wait goes on until ``work`` is done, and then the cancellation is
+    re-raised, so it still reaches the caller.
+    """
+    task = asyncio.ensure_future(work)
+    _finishers.add(task)
+    task.add_done_callback(_finishers.discard)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if not task.done():
+                cancelled = True
+                continue
+            if task.cancelled():
+                raise
+            try:
+                result = task.result()
+            except BaseException as exc:
+                if cancelled:  # the cancellation still wins, with the error attached
+                    raise asyncio.CancelledError from exc
+                raise
+            break
+        except BaseException as exc:
+            if cancelled:
+                raise asyncio.CancelledError from exc
+            raise
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+def _cancel_requested(task: asyncio.Task[Any] | None) -> bool:
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return bool(cancelling and cancelling())
+
+
+class _EngineState:
+    """The event loop an engine's connections belong to, and its gate."""
+
+    __slots__ = ("gate", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, shared: bool) -> None:
+        self.loop = weakref.ref(loop)
+        # One connection for every task (StaticPool): blocks take turns.
+        self.gate = asyncio.Lock() if shared else None
+
+
+_engine_states: weakref.WeakKeyDictionary[Any, _EngineState] = weakref.WeakKeyDictionary()
+
+
+async def _engine_state(engine: AsyncEngine) -> _EngineState:
+    loop = asyncio.get_running_loop()
+    sync_engine = engine.sync_engine
+    state = _engine_states.get(sync_engine)
+    if state is not None:
+        owner = state.loop()
+        if owner is loop:
+            return state
+        if owner is not None and not owner.is_closed():
+            raise ForeignEventLoopError(
+                f"{engine!r} belongs to another, still open event loop: an AsyncEngine's "
+                "connections serve the loop that opened them. Build one engine per event "
+                "loop, or dispose of the engine on its loop first"
+            )
+        # Its loop is gone, and its connections with it: discard them unclosed.
+        await engine.dispose(close=False)
+    shared = isinstance(sync_engine.pool, (StaticPool, SingletonThreadPool))
+    state = _engine_states[sync_engine] = _EngineState(loop, shared)
+    return state
+
+
+class _AioSqliteSession(Session):
+    """The sync session under an AsyncSession on aiosqlite; see _begin_on_aiosqlite."""
+
+
+def _begin_on_aiosqlite(session: Session, transaction: Any, connection: Any) -> None:
+    """aiosqlite inherits pysqlite's legacy transaction control, which begins a
+    transaction only before DML: reads would run outside the block's
+    transaction, and a SAVEPOINT outside one starts a transaction of its own
+    whose RELEASE commits. Begin as soon as the session takes its connection."""
+    if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return
+    driver = connection.connection.driver_connection
+    if driver is not None and not driver.in_transaction:
+        connection.exec_driver_sql("BEGIN")
+
+
+sa_event.listen(_AioSqliteSession, "after_begin", _begin_on_aiosqlite)
+
+_NEW, _OPEN, _DONE = "new", "open", "done"
+
+
+class _Scope:
+    """The open blocks of one task for one manager, innermost last."""
+
+    __slots__ = ("blocks", "broken", "doomed", "gate", "session", "task")
+
+    def __init__(self, task: asyncio.Task[Any], session: AsyncSession) -> None:
+        self.task = task
+        self.session = session
+        self.blocks: list[_AsyncBlock] = []
+        self.doomed = False
+        self.broken = False  # blocks ended out of order
+        self.gate: asyncio.Lock | None = None
+
+
+# The scope of the outermost block the current context is inside of; a child
+# task inherits it, which is how it knows it was started inside a block.
+_inside: ContextVar[_Scope | None] = ContextVar("sparc_sa_async_block", default=None)
+
+
+class _AsyncBlock:
+    """One ``async with tx():`` block."""
+
+    __slots__ = ("_manager", "_nested", "_savepoint", "_scope", "_state")
+
+    def __init__(self, manager: AsyncScopedTransaction, savepoint: bool) -> None:
+        self._manager = manager
+        self._savepoint = savepoint
+        self._scope: _Scope | None = None
+        self._nested: Any = None
+        self._state = _NEW
+
+    async def __aenter__(self) -> AsyncSession:
+        if self._state is not _NEW:
+            raise RuntimeError("a block can be entered once; call tx() again for another")
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("async with tx() needs a running asyncio task")
+        manager = self._manager
+        scope = manager._scopes.get(task)
+        if scope is None:
+            return await self._enter_outermost(task)
+        if scope.broken:
+            raise BlockOrderError("blocks of this task ended out of order; end them all first")
+        if self._savepoint:
+            self._nested = await scope.session.begin_nested()
+        scope.blocks.append(self)
+        self._scope = scope
+        self._state = _OPEN
+        return scope.session
+
+    async def _enter_outermost(self, task: asyncio.Task[Any]) -> AsyncSession:
+        manager = self._manager
+        state = await _engine_state(manager._engine)
+        gate = state.gate
+        if gate is not None:
+            holder = _inside.get()
+            if holder is not None and holder.gate is gate and holder.task is not task:
+                raise InterleavedTransactionError(
+                    "this task was started inside another task's block, and the engine "
+                    "has one connection for all tasks (StaticPool): waiting for that "
+                    "block would wait for itself if the other task awaits this one. Run "
+                    "this work in the other task's block, or use an engine with a pool"
+                )
+            await gate.acquire()
+        try:
+            scope = _Scope(task, manager._factory())
+            scope.gate = gate
+            scope.blocks.append(self)
+            _inside.set(scope)
+            manager._scopes[task] = scope
+            if task not in manager._watched:
+                manager._watched.add(task)
+                task.add_done_callback(manager._task_done)
+        except BaseException:
+            if gate is not None:
+                gate.release()
+            raise
+        self._scope = scope
+        self._state = _OPEN
+        return scope.session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        scope = self._scope
+        if self._state is not _OPEN or scope is None:
+            if self._state is _DONE and scope is not None and scope.broken:
+                raise BlockOrderError(
+                    "this block's task ended, or its blocks ended out of order, before "
+                    "it closed; its transaction was rolled back"
+                )
+            raise RuntimeError("this block is not open")
+        self._state = _DONE
+        blocks = scope.blocks
+        if not blocks or blocks[-1] is not self:
+            # Ended while blocks opened inside it are still open: nothing of
+            # the transaction can be trusted to commit at the right close.
+            scope.broken = True
+            outermost = bool(blocks) and blocks[0] is self
+            if self in blocks:
+                blocks.remove(self)
+            if outermost:
+                for block in blocks:
+                    block._state = _DONE
+                await self._manager._end_scope(scope, commit=False)
+            raise BlockOrderError(
+                "a block ended while blocks opened inside it were open; the task's "
+                "transaction was rolled back"
+            )
+        blocks.pop()
+        if blocks:
+            await self._exit_inner(scope, exc_type)
+            return False
+        if scope.broken:
+            await self._manager._end_scope(scope, commit=False)
+            raise BlockOrderError("blocks of this task ended out of order; rolled back")
+        await self._exit_outermost(scope, exc_type)
+        return False
+
+    async def _exit_inner(self, scope: _Scope, exc_type: type[BaseException] | None) -> None:
+        nested = self._nested
+        if nested is None:  # savepoint=False: joined the outer transaction
+            if exc_type is not None:
+                scope.doomed = True
+            return
+        if exc_type is None and not _cancel_requested(scope.task):
+            try:
+                await nested.commit()  # RELEASE SAVEPOINT
+            except BaseException:
+                await _finish(_quietly(nested.rollback()))
+                raise
+        else:
+            await _finish(_quietly(nested.rollback()))
+
+    async def _exit_outermost(self, scope: _Scope, exc_type: type[BaseException] | None) -> None:
+        manager = self._manager
+        session = scope.session
+        if exc_type is not None or scope.doomed:
+            await manager._end_scope(scope, commit=False)
+            if exc_type is None:
+                raise DoomedTransactionError(
+                    "an inner block joined with savepoint=False failed; "
+                    "the transaction was rolled back"
+                )
+            return
+        try:
+            await session.flush()  # cancellable: nothing is committed yet
+        except BaseException:
+            await manager._end_scope(scope, commit=False)
+            raise
+        if _cancel_requested(scope.task):
+            await manager._end_scope(scope, commit=False)
+            raise asyncio.CancelledError
+        await manager._end_scope(scope, commit=True)
+
+
+async def _quietly(work: Awaitable[Any]) -> None:
+    """Await cleanup work; log its failure instead of raising it."""
+    try:
+        await work
+    except Exception:
+        logger.warning("sparc.sa: cleanup failed", exc_info=True)
+
+
+@implementer(ISAAsyncScopedTransaction)
+@adapter(ISAAsyncEngine, ISADeclarativeMeta)
+class AsyncScopedTransaction:
+    """Commit-or-roll-back ``async with`` blocks, one session per task.
+
+    ``session_options`` go to :class:`~sqlalchemy.ext.asyncio.async_sessionmaker`;
+    ``expire_on_commit`` is False unless given.
+    """
+
+    def __init__(self, engine: AsyncEngine, base: type[Any], **session_options: Any) -> None:
+        if not isinstance(engine, AsyncEngine):
+            raise TypeError(
+                f"expected an AsyncEngine (a DSN with an asyncio driver, such as "
+                f"postgresql+asyncpg://), got {engine!r}; for a synchronous engine "
+                "use ThreadLocalSASessionTransaction"
+            )
+        _check_base(base)
+        self._engine = engine
+        self._Base = base
+        session_options.setdefault("expire_on_commit", False)
+        if engine.dialect.driver == "aiosqlite":
+            session_options.setdefault("sync_session_class", _AioSqliteSession)
+        self._factory = async_sessionmaker(engine, **session_options)
+        self._scopes: weakref.WeakKeyDictionary[asyncio.Task[Any], _Scope] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._watched: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+
+    def __repr__(self) -> str:
+        return f"<AsyncScopedTransaction {self._engine!r} {self._Base.__name__}>"
+
+    @property
+    def Base(self) -> type[Any]:
+        return self._Base
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    @property
+    def session(self) -> AsyncSession:
+        """The current task's session: the one of its innermost open block."""
+        task = asyncio.current_task()
+        scope = self._scopes.get(task) if task is not None else None
+        if scope is None or not scope.blocks:
+            raise CrossScopeSessionError(
+                "no block of this transaction manager is open in the current task "
+                "(a task started inside another task's block has none of its own): "
+                "use `async with tx() as session:`"
+            )
+        return scope.session
+
+    def __call__(self, savepoint: bool = True) -> _AsyncBlock:
+        if type(savepoint) is not bool:
+            raise TypeError(f"savepoint must be True or False, got {savepoint!r}")
+        return _AsyncBlock(self, savepoint)
+
+    def __enter__(self) -> None:
+        raise TypeError("an AsyncScopedTransaction is used with `async with tx():`, not `with`")
+
+    def __exit__(self, *exc: object) -> None:  # pragma: no cover - __enter__ raises
+        return None
+
+    async def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        attempts: int = 3,
+        **kwargs: Any,
+    ) -> Any:
+        """Await ``fn(session, *args, **kwargs)`` in a block and return its result.
+
+        Serialization failures and deadlocks (the codes of
+        :func:`sparc.sa.orm.is_retryable`, asyncpg's ``sqlstate`` included)
+        rerun the whole block in a fresh transaction after a jittered
+        backoff, at most ``attempts`` times in all. Inside an open block of the
+        same task, ``fn`` runs once, in a SAVEPOINT.
+        """
+        if type(attempts) is not int or attempts < 1:
+            raise ValueError(f"attempts must be a positive integer, got {attempts!r}")
+        task = asyncio.current_task()
+        scope = self._scopes.get(task) if task is not None else None
+        if scope is not None and scope.blocks:
+            attempts = 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self() as session:
+                    result = fn(session, *args, **kwargs)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    return result
+            except Exception as exc:
+                if attempt == attempts or not is_retryable(exc):
+                    raise
+                delay = min(0.5, 0.01 * 2**attempt) * (0.5 + random.random())
+                logger.info("sparc.sa: retrying after %s (attempt %d)", type(exc).__name__, attempt)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _end_scope(self, scope: _Scope, commit: bool) -> None:
+        """COMMIT or ROLLBACK, then close the session and open the gate: all of
+        it to the end, whatever cancellation arrives meanwhile."""
+        if self._scopes.get(scope.task) is scope:
+            del self._scopes[scope.task]
+        session = scope.session
+        gate, scope.gate = scope.gate, None
+
+        async def end() -> None:
+            try:
+                if commit:
+                    try:
+                        await session.commit()
+                    except BaseException:
+                        await _quietly(session.rollback())
+                        raise
+                else:
+                    await _quietly(session.rollback())
+            finally:
+                await _quietly(session.close())
+                if gate is not None:
+                    gate.release()
+
+        await _finish(end())
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A task ended: roll back and close a block it left open."""
+        scope = self._scopes.pop(task, None)
+        if scope is None:
+            return
+        scope.broken = True
+        for block in scope.blocks:
+            block._state = _DONE
+        logger.warning("sparc.sa: a task ended inside a block; its transaction was rolled back")
+        finisher = asyncio.ensure_future(self._end_scope(scope, commit=False))
+        _finishers.add(finisher)
+        finisher.add_done_callback(_finishers.discard)
+
+
+_CACHE_ATTR = "_sparc_sa_async_managers"
+_cache_lock = threading.Lock()
+
+
+def async_scoped_transaction(engine: AsyncEngine, base: type[Any]) -> AsyncScopedTransaction:
+    """The adapter factory: the one shared manager for ``engine`` and ``base``.
+
+    Cached on the engine, keyed by the base and holding it weakly, as
+    :func:`sparc.sa.orm.scoped_transaction` does.
+    """
+    holder = engine.sync_engine.__dict__
+    cache = holder.get(_CACHE_ATTR)
+    if cache is not None:
+        entry = cache.get(id(base))
+        if entry is not None and entry[0]() is base:
+            return entry[1]  # type: ignore[no-any-return]
+    with _cache_lock:
+        cache = holder.setdefault(_CACHE_ATTR, {})
+        key = id(base)
+        entry = cache.get(key)
+        if entry is not None and entry[0]() is base:
+            return entry[1]  # type: ignore[no-any-return]
+        manager = AsyncScopedTransaction(engine, base)
+
+        def forget(ref: weakref.ref[Any], cache: dict[int, Any] = cache) -> None:
+            if cache.get(key, (None,))[0] is ref:
+                del cache[key]
+
+        cache[key] = (weakref.ref(base, forget), manager)
+        return manager
+
+
+implementer(ISAAsyncScopedTransaction)(async_scoped_transaction)
+adapter(ISAAsyncEngine, ISADeclarativeMeta)(async_scoped_transaction)

@@ -1,0 +1,537 @@
+"""The asyncio manager: ``async with tx()`` on aiosqlite, asyncpg, psycopg async and asyncmy.
+
+Each test runs its own event loop with ``asyncio.run()``. Server cases read
+the same DSN variables as the threaded tests, with the driver swapped for its
+asyncio sibling; without the variable they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import random
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from zope.component import getMultiAdapter, getUtility
+from zope.configuration import xmlconfig
+
+from sparc.sa import aio
+from sparc.sa.engine import engine_from_config
+from sparc.sa.exceptions import (
+    BlockOrderError,
+    CrossScopeSessionError,
+    DoomedTransactionError,
+    ForeignEventLoopError,
+    InterleavedTransactionError,
+)
+from sparc.sa.interfaces import ISAAsyncEngine, ISAAsyncScopedTransaction, ISAEngine
+
+from .conftest import CheckoutCounter
+
+ASYNC_BACKENDS = ("aiosqlite", "aiosqlite-file", "asyncpg", "psycopg_async", "asyncmy")
+SERVER = {
+    "asyncpg": ("TEST_PG_DSN", "postgresql+asyncpg"),
+    "psycopg_async": ("TEST_PG_DSN", "postgresql+psycopg_async"),
+    "asyncmy": ("TEST_MYSQL_DSN", "mysql+asyncmy"),
+}
+
+
+def async_dsn(name: str, tmp_path: pathlib.Path) -> str:
+    if name == "aiosqlite":
+        return "sqlite+aiosqlite://"
+    if name == "aiosqlite-file":
+        return f"sqlite+aiosqlite:///{tmp_path / 'async.db'}"
+    var, driver = SERVER[name]
+    dsn = os.environ.get(var)
+    if not dsn:
+        pytest.skip(f"{var} is not set, so there is no server for {name} to test against")
+    return str(sa.make_url(dsn).set(drivername=driver).render_as_string(hide_password=False))
+
+
+def checked_out(engine: AsyncEngine) -> int:
+    """The pool's ``checkedout()``; counted through pool events for StaticPool."""
+    pool = engine.sync_engine.pool
+    if hasattr(pool, "checkedout"):
+        return pool.checkedout()  # type: ignore[no-any-return]
+    return engine.sync_engine.__dict__["_test_counter"].out  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=ASYNC_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def db(backend: str, tmp_path: pathlib.Path) -> Iterator[SimpleNamespace]:
+    """An async engine from the factory, a fresh Base with an Item table, and
+    the shared manager; the test must leave nothing checked out."""
+    engine = engine_from_config({"dsn": async_dsn(backend, tmp_path)})
+    assert isinstance(engine, AsyncEngine)
+    engine.sync_engine.__dict__["_test_counter"] = CheckoutCounter(engine.sync_engine)
+    token = uuid.uuid4().hex[:10]
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Item(Base):
+        __tablename__ = f"sparc_async_item_{token}"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        name: Mapped[str] = mapped_column(sa.String(50), default="")
+
+    ns = SimpleNamespace(engine=engine, Base=Base, Item=Item, backend=backend, left=[])
+    ns.tx = aio.async_scoped_transaction(engine, Base)
+
+    async def around(main: Callable[[], Awaitable[Any]]) -> Any:
+        # One event loop for the whole test: an in-memory database lives in
+        # its one connection, which belongs to the loop that opened it.
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        try:
+            return await main()
+        finally:
+            ns.left.append(checked_out(engine))
+            async with engine.begin() as conn:
+                await conn.run_sync(Base.metadata.drop_all)
+
+    ns.run = lambda main: _run(engine, lambda: around(main))
+    yield ns
+    assert ns.left, "the test never ran its main coroutine"
+    assert ns.left == [0], f"{ns.left} connection(s) still checked out after the test"
+
+
+def _run(engine: AsyncEngine, main: Callable[[], Awaitable[Any]]) -> Any:
+    """asyncio.run(main()), then close the engine's connections on that loop."""
+
+    async def wrapper() -> Any:
+        try:
+            return await main()
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(wrapper())
+
+
+async def ids(db: SimpleNamespace) -> list[int]:
+    async with db.engine.connect() as conn:
+        found = await conn.execute(sa.select(db.Item.id).order_by(db.Item.id))
+        return list(found.scalars())
+
+
+# -- blocks -----------------------------------------------------------------------
+
+
+def test_a_block_commits_or_rolls_back_and_reraises(db: SimpleNamespace) -> None:
+    async def main() -> list[int]:
+        async with db.tx() as session:
+            session.add(db.Item(id=1, name="kept"))
+        with pytest.raises(ValueError, match="no"):
+            async with db.tx() as session:
+                session.add(db.Item(id=2))
+                await session.flush()
+                raise ValueError("no")
+        assert checked_out(db.engine) == 0
+        return await ids(db)
+
+    assert db.run(main) == [1]
+
+
+def test_nested_blocks_are_savepoints_and_savepoint_false_dooms(db: SimpleNamespace) -> None:
+    async def main() -> list[int]:
+        async with db.tx() as session:
+            session.add(db.Item(id=1))
+            with pytest.raises(KeyError):
+                async with db.tx() as inner:
+                    assert inner is session is db.tx.session
+                    inner.add(db.Item(id=2))
+                    await inner.flush()
+                    raise KeyError("inner only")
+            async with db.tx():
+                session.add(db.Item(id=3))
+        with pytest.raises(DoomedTransactionError):
+            async with db.tx() as session:
+                session.add(db.Item(id=4))
+                with pytest.raises(KeyError):
+                    async with db.tx(savepoint=False):
+                        raise KeyError("dooms the outer block")
+        with pytest.raises(TypeError, match="True or False"):
+            db.tx(savepoint="no")
+        return await ids(db)
+
+    assert db.run(main) == [1, 3]
+
+
+def test_two_tasks_interleaving_never_share_a_session(db: SimpleNamespace) -> None:
+    async def worker(n: int, seen: dict[int, AsyncSession], turn: asyncio.Event) -> None:
+        async with db.tx() as session:
+            seen[n] = session
+            session.add(db.Item(id=n))
+            await session.flush()
+            turn.set()
+            await asyncio.sleep(0.01)
+            assert db.tx.session is session
+            if n == 2:
+                raise RuntimeError("task 2 fails")
+
+    async def main() -> list[int]:
+        seen: dict[int, AsyncSession] = {}
+        events = [asyncio.Event(), asyncio.Event()]
+        results = await asyncio.gather(
+            worker(1, seen, events[0]), worker(2, seen, events[1]), return_exceptions=True
+        )
+        assert seen[1] is not seen[2]
+        assert isinstance(results[1], RuntimeError)
+        return await ids(db)
+
+    assert db.run(main) == [1]
+
+
+def test_a_child_task_does_not_use_its_parents_session(db: SimpleNamespace) -> None:
+    async def child() -> str:
+        with pytest.raises(CrossScopeSessionError):
+            db.tx.session  # noqa: B018 - the lookup itself must fail
+        if db.backend == "aiosqlite":  # one connection for all tasks
+            with pytest.raises(InterleavedTransactionError):
+                async with db.tx():
+                    pass
+            return "refused"
+        async with db.tx() as session:
+            session.add(db.Item(id=2))
+            return "own block"
+
+    async def main() -> tuple[str, list[int]]:
+        async with db.tx() as session:
+            session.add(db.Item(id=1))
+            outcome = await asyncio.create_task(child())
+        return outcome, await ids(db)
+
+    outcome, found = db.run(main)
+    assert found == ([1] if outcome == "refused" else [1, 2])
+
+
+def test_objects_are_readable_after_the_block(db: SimpleNamespace) -> None:
+    async def main() -> str:
+        async with db.tx() as session:
+            item = db.Item(id=1, name="still here")
+            session.add(item)
+        async with db.tx() as session:
+            loaded = await session.get(db.Item, 1)
+        assert loaded is not None
+        return f"{item.name}/{loaded.name}/{loaded.id}"  # no MissingGreenlet
+
+    assert db.run(main) == "still here/still here/1"
+
+
+def test_the_session_outside_a_block_is_an_error(db: SimpleNamespace) -> None:
+    async def main() -> None:
+        with pytest.raises(CrossScopeSessionError, match="async with tx"):
+            db.tx.session  # noqa: B018
+        with pytest.raises(TypeError, match="async with"), db.tx:
+            pass
+
+    db.run(main)
+
+
+def test_blocks_ended_out_of_order_roll_back(db: SimpleNamespace) -> None:
+    async def main() -> list[int]:
+        outer, inner = db.tx(), db.tx()
+        session = await outer.__aenter__()
+        session.add(db.Item(id=1))
+        await inner.__aenter__()
+        with pytest.raises(BlockOrderError):
+            await outer.__aexit__(None, None, None)
+        with pytest.raises(BlockOrderError):
+            await inner.__aexit__(None, None, None)
+        return await ids(db)
+
+    assert db.run(main) == []
+
+
+# -- retries ------------------------------------------------------------------------
+
+
+class _Serialization(Exception):
+    sqlstate = "40001"
+
+
+def test_run_retries_serialization_failures_only(db: SimpleNamespace) -> None:
+    calls: list[int] = []
+
+    async def flaky(session: AsyncSession, n: int) -> str:
+        calls.append(n)
+        session.add(db.Item(id=len(calls)))
+        await session.flush()
+        if len(calls) < 3:
+            raise sa.exc.OperationalError("UPDATE", {}, _Serialization())
+        return "done"
+
+    async def main() -> list[int]:
+        assert await db.tx.run(flaky, 7, attempts=3) == "done"
+        with pytest.raises(ZeroDivisionError):
+            await db.tx.run(lambda session: 1 / 0)
+        return await ids(db)
+
+    assert db.run(main) == [3]
+    assert calls == [7, 7, 7]
+
+
+def test_concurrent_increments_lose_no_update(backend: str, tmp_path: pathlib.Path) -> None:
+    """8 tasks x 5 read-modify-write increments at SERIALIZABLE (SQLite: a
+    file, whose writers lock) end at exactly 40, retried by run()."""
+    if backend == "aiosqlite":
+        pytest.skip("one shared in-memory connection: blocks take turns, nothing conflicts")
+    kwargs = {} if backend.startswith("aiosqlite") else {"isolation_level": "SERIALIZABLE"}
+    engine = engine_from_config({"dsn": async_dsn(backend, tmp_path), "kwargs": kwargs})
+    token = uuid.uuid4().hex[:10]
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Counter(Base):
+        __tablename__ = f"sparc_async_counter_{token}"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        value: Mapped[int]
+
+    tx = aio.async_scoped_transaction(engine, Base)
+
+    async def bump(session: AsyncSession) -> None:
+        counter = await session.get(Counter, 1, with_for_update=backend.startswith("aiosqlite"))
+        assert counter is not None
+        await asyncio.sleep(random.random() / 1000)
+        counter.value += 1
+
+    async def worker() -> None:
+        for _ in range(5):
+            await tx.run(bump, attempts=50)
+
+    async def main() -> int:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        try:
+            async with tx() as session:
+                session.add(Counter(id=1, value=0))
+            await asyncio.gather(*(worker() for _ in range(8)))
+            async with tx() as session:
+                found = await session.get(Counter, 1)
+                return found.value if found else -1
+        finally:
+            async with engine.begin() as conn:
+                await conn.run_sync(Base.metadata.drop_all)
+
+    assert _run(engine, main) == 40
+
+
+# -- cancellation and task death --------------------------------------------------
+
+
+def test_a_task_cancelled_inside_a_block_commits_nothing(db: SimpleNamespace) -> None:
+    async def victim(started: asyncio.Event) -> None:
+        async with db.tx() as session:
+            session.add(db.Item(id=1))
+            await session.flush()
+            started.set()
+            await asyncio.sleep(10)
+
+    async def main() -> list[int]:
+        started = asyncio.Event()
+        task = asyncio.create_task(victim(started))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert checked_out(db.engine) == 0
+        return await ids(db)
+
+    assert db.run(main) == []
+
+
+class _SlowCommit(AsyncSession):
+    async def commit(self) -> None:
+        await asyncio.sleep(0.2)  # the task is cancelled during this
+        await super().commit()
+
+
+def test_a_task_cancelled_while_its_block_commits_leaves_no_connection(
+    db: SimpleNamespace,
+) -> None:
+    tx = aio.AsyncScopedTransaction(db.engine, db.Base)
+    tx._factory = async_sessionmaker(db.engine, class_=_SlowCommit, expire_on_commit=False)
+
+    async def victim(exiting: asyncio.Event) -> None:
+        async with tx() as session:
+            session.add(db.Item(id=1))
+            await session.flush()
+            exiting.set()
+
+    async def main() -> list[int]:
+        exiting = asyncio.Event()
+        task = asyncio.create_task(victim(exiting))
+        await exiting.wait()
+        await asyncio.sleep(0.05)  # inside the commit now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert checked_out(db.engine) == 0
+        return await ids(db)
+
+    assert db.run(main) == [1]  # the COMMIT was under way: it completed
+
+
+def test_a_task_that_ends_with_its_block_open_gives_the_connection_back(
+    db: SimpleNamespace,
+) -> None:
+    async def careless() -> None:
+        session = await db.tx().__aenter__()
+        session.add(db.Item(id=1))
+        await session.flush()
+
+    async def main() -> list[int]:
+        await asyncio.create_task(careless())
+        for _ in range(50):
+            if checked_out(db.engine) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert checked_out(db.engine) == 0
+        return await ids(db)
+
+    assert db.run(main) == []
+
+
+def test_a_thousand_tasks_a_tenth_cancelled(db: SimpleNamespace) -> None:
+    """Cancelled at random points, before, inside or while ending their blocks:
+    nothing stays checked out, and the table holds exactly the rows whose
+    COMMIT succeeded."""
+    committed: set[int] = set()
+
+    def note(session: Any) -> None:
+        committed.update(session.info.get("ids", ()))
+
+    sa.event.listen(
+        db.tx._factory.kw.get("sync_session_class", sa.orm.Session), "after_commit", note
+    )
+    rng = random.Random(1000)
+
+    async def work(n: int) -> None:
+        await asyncio.sleep(rng.random() / 100)
+        async with db.tx() as session:
+            session.info["ids"] = [n]
+            session.add(db.Item(id=n))
+            await asyncio.sleep(rng.random() / 200)
+            await session.flush()
+            await asyncio.sleep(rng.random() / 200)
+
+    async def main() -> tuple[list[int], set[int]]:
+        tasks = [asyncio.create_task(work(n)) for n in range(1, 1001)]
+        victims = rng.sample(tasks, 100)
+        for task in victims:
+            await asyncio.sleep(rng.random() / 500)
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        succeeded = {n for n, r in enumerate(results, 1) if r is None}
+        assert all(r is None or isinstance(r, asyncio.CancelledError) for r in results)
+        assert checked_out(db.engine) == 0
+        return await ids(db), succeeded
+
+    try:
+        found, succeeded = db.run(main)
+    finally:
+        sa.event.remove(
+            db.tx._factory.kw.get("sync_session_class", sa.orm.Session), "after_commit", note
+        )
+    assert set(found) == committed
+    assert succeeded <= committed
+    assert len(succeeded) >= 900 - 100  # most tasks were never cancelled
+
+
+# -- event loops --------------------------------------------------------------------
+
+
+def test_a_second_event_loop_gets_a_clear_error(tmp_path: pathlib.Path) -> None:
+    engine = engine_from_config({"dsn": f"sqlite+aiosqlite:///{tmp_path / 'loops.db'}"})
+
+    class Base(DeclarativeBase):
+        pass
+
+    tx = aio.async_scoped_transaction(engine, Base)
+
+    async def block() -> int:
+        async with tx() as session:
+            return int((await session.execute(sa.text("select 1"))).scalar_one())
+
+    first = asyncio.new_event_loop()
+    try:
+        assert first.run_until_complete(block()) == 1
+        result: list[BaseException] = []
+
+        def second_loop() -> None:
+            with pytest.raises(ForeignEventLoopError) as caught:
+                asyncio.run(block())
+            result.append(caught.value)
+
+        thread = threading.Thread(target=second_loop)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive() and "another, still open event loop" in str(result[0])
+        first.run_until_complete(engine.dispose())
+    finally:
+        first.close()
+    assert _run(engine, block) == 1  # the first loop is closed: a new one takes over
+
+
+# -- configuration ------------------------------------------------------------------
+
+
+def test_async_dsns_build_async_engines(zcml: None) -> None:
+    from zope.component import createObject
+
+    engine = createObject("sparc.sa.engine.engine_from_config", {"dsn": "sqlite+aiosqlite://"})
+    assert ISAAsyncEngine.providedBy(engine) and not ISAEngine.providedBy(engine)
+
+    class Base(DeclarativeBase):
+        pass
+
+    manager = getMultiAdapter((engine, Base), ISAAsyncScopedTransaction)
+    assert manager is getMultiAdapter((engine, Base), ISAAsyncScopedTransaction)
+    assert isinstance(manager, aio.AsyncScopedTransaction)
+    pg = engine_from_config(
+        {"dsn": "postgresql+asyncpg://app:s3cret@db.invalid/app", "kwargs": {"pool_size": "7"}}
+    )
+    assert pg.sync_engine.pool.size() == 7
+    with pytest.raises(ValueError, match="pool_size") as caught:
+        engine_from_config(
+            {"dsn": "postgresql+asyncpg://app:s3cret@db.invalid/app", "kwargs": {"pool_size": "x"}}
+        )
+    assert "s3cret" not in str(caught.value)
+
+
+def test_zcml_registers_the_async_engine_and_manager() -> None:
+    xmlconfig.string(
+        """<configure xmlns="http://namespaces.zope.org/zope"
+                      xmlns:sa="http://namespaces.zope.org/sparc.sa">
+             <include package="sparc.sa" />
+             <sa:engine name="aio" dsn="sqlite+aiosqlite://" />
+             <sa:transaction name="aio" engine="aio" base="sparc.sa.testing.Base" />
+           </configure>"""
+    )
+    engine = getUtility(ISAAsyncEngine, "aio")
+    manager = getUtility(ISAAsyncScopedTransaction, "aio")
+    assert manager.engine is engine
+
+
+def test_missing_greenlet_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "greenlet" else real(name, *a)
+    )
+    with pytest.raises(ImportError, match=r"sparc\.sa\[async\]"):
+        engine_from_config({"dsn": "sqlite+aiosqlite://"})
