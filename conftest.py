@@ -60,7 +60,10 @@ def clean_component_registry(request: pytest.FixtureRequest) -> Iterator[None]:
         # so nothing is left for a later test's garbage collection to find.
         gc.collect()
         for engine in engines:
-            engine.dispose()
+            if hasattr(engine, "sync_engine"):  # an AsyncEngine: its loop is gone
+                engine.sync_engine.dispose(close=False)
+            else:
+                engine.dispose()
     reset_component_registry()
 
 

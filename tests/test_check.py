@@ -188,3 +188,38 @@ def test_bad_zcml_names_the_file_line_and_problem(
         assert word in lines[0]
     for junk in ("TextIOWrapper", "('", "<_io"):
         assert junk not in lines[0]
+
+
+ASYNC_CHECKS = {
+    "aiosqlite": ("", "sqlite+aiosqlite://"),
+    "asyncpg": ("TEST_PG_DSN", "postgresql+asyncpg"),
+    "psycopg_async": ("TEST_PG_DSN", "postgresql+psycopg_async"),
+    "asyncmy": ("TEST_MYSQL_DSN", "mysql+asyncmy"),
+    "aiomysql": ("TEST_MYSQL_DSN", "mysql+aiomysql"),
+}
+
+
+@pytest.mark.parametrize("driver", sorted(ASYNC_CHECKS))
+def test_check_works_on_async_dsns(driver: str) -> None:
+    var, name = ASYNC_CHECKS[driver]
+    if var:
+        dsn = os.environ.get(var)
+        if not dsn:
+            pytest.skip(f"{var} is not set, so there is no server for {driver}")
+        target = sa.make_url(dsn).set(drivername=name).render_as_string(hide_password=False)
+    else:
+        target = name
+    done = run("check", target)
+    assert done.returncode == 0, done.stderr
+    assert "engine: OK" in done.stdout
+    assert f"driver {sa.make_url(target).get_driver_name().replace('_async', '')}, asyncio" in (
+        done.stdout
+    )
+    assert "committed 1 row, rolled back 1 row" in done.stdout
+
+
+def test_check_on_an_unreachable_async_server_hides_the_password() -> None:
+    done = run("check", "postgresql+asyncpg://app:s3cret@127.0.0.1:1/app")
+    assert done.returncode == 1
+    assert "s3cret" not in done.stderr and "FAILED" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -12,6 +12,7 @@ reported in one line, and the password is never printed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import pathlib
 import re
 import statistics
@@ -25,6 +26,7 @@ from xml.sax import SAXParseException
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sparc.sa import liveness, options
@@ -161,22 +163,118 @@ def check_engine(engine: Engine, name: str = "") -> Report:
     )
 
 
+async def check_async_engine(engine: AsyncEngine, name: str = "") -> Report:
+    """:func:`check_engine` for an AsyncEngine, through ISAAsyncScopedTransaction."""
+    from zope.component import getMultiAdapter
+
+    from sparc.sa.interfaces import ISAAsyncScopedTransaction
+
+    shown = options.hide_dsn(engine.url)
+    try:
+        try:
+            async with engine.connect() as conn:
+                isolation = str(await conn.get_isolation_level())
+                timings = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    (await conn.exec_driver_sql("SELECT 1")).scalar()
+                    timings.append((time.perf_counter() - start) * 1000)
+                server_version = await conn.run_sync(_server_version)
+            Base, Probe = _probe_models()
+            async with engine.begin() as conn:
+                await conn.run_sync(Base.metadata.create_all)
+            try:
+                transaction = getMultiAdapter((engine, Base), ISAAsyncScopedTransaction)
+                async with transaction() as session:
+                    session.add(Probe(id=1, note="committed"))
+                try:
+                    async with transaction() as session:
+                        session.add(Probe(id=2, note="rolled back"))
+                        await session.flush()
+                        raise _RollMeBack
+                except _RollMeBack:
+                    pass
+                async with transaction() as session:
+                    notes = list((await session.scalars(sa.select(Probe.note))).all())
+                if notes != ["committed"]:
+                    raise CheckFailed(f"{shown}: expected only the committed row, found {notes!r}")
+            finally:
+                async with engine.begin() as conn:
+                    await conn.run_sync(Base.metadata.drop_all)
+            async with engine.connect() as conn:
+                prepared = await conn.run_sync(_prepared_on)
+        except sa.exc.SQLAlchemyError as exc:
+            raise CheckFailed(f"{shown}: {_one_line(exc, engine.sync_engine)}") from None
+        except OSError as exc:  # some asyncio drivers raise these unwrapped
+            raise CheckFailed(f"{shown}: {type(exc).__name__}: {exc}") from None
+    finally:
+        await engine.dispose()
+    sync_engine = engine.sync_engine
+    return Report(
+        name=name,
+        url=shown,
+        dialect=sync_engine.dialect.name
+        + (", MariaDB server" if getattr(sync_engine.dialect, "is_mariadb", False) else ""),
+        driver=f"{sync_engine.driver}, asyncio",
+        server_version=server_version,
+        pool=_pool_text(sync_engine.pool),
+        pre_ping=bool(sync_engine.pool._pre_ping),
+        isolation_level=isolation,
+        round_trip_ms=statistics.median(timings),
+        prepared=prepared,
+    )
+
+
+def _server_version(conn: sa.Connection) -> str:
+    if conn.dialect.name == "sqlite":
+        import sqlite3
+
+        return sqlite3.sqlite_version
+    version = conn.dialect.server_version_info
+    return ".".join(str(p) for p in version or ()) or "unknown"
+
+
+def _probe_models() -> tuple[Any, Any]:
+    class Base(DeclarativeBase):
+        pass
+
+    class Probe(Base):
+        __tablename__ = f"sparc_sa_check_{uuid.uuid4().hex[:12]}"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        note: Mapped[str] = mapped_column(sa.String(40))
+
+    return Base, Probe
+
+
+def _pool_text(pool: Any) -> str:
+    size = getattr(pool, "size", None)
+    text = type(pool).__name__
+    if callable(size):
+        text += f", size {size()}, max overflow {getattr(pool, '_max_overflow', '?')}"
+    elif isinstance(pool, sa.pool.StaticPool):
+        text += ", one connection shared by all threads"
+    return text
+
+
 def prepared_transactions(engine: Engine) -> list[str]:
     """The prepared (two-phase) transactions waiting on the server: a crash
     between PREPARE and COMMIT leaves them holding their locks."""
-    name = engine.dialect.name
     with engine.connect() as conn:
-        if name == "postgresql":
-            rows = conn.exec_driver_sql(
-                "SELECT gid, prepared, owner FROM pg_prepared_xacts "
-                "WHERE database = current_database() ORDER BY prepared"
-            ).all()
-            return [
-                f"{gid} (prepared {when:%Y-%m-%d %H:%M:%S}, by {owner})"
-                for gid, when, owner in rows
-            ]
-        if name in ("mysql", "mariadb"):
-            return [str(row[3]) for row in conn.exec_driver_sql("XA RECOVER").all()]
+        return _prepared_on(conn)
+
+
+def _prepared_on(conn: sa.Connection) -> list[str]:
+    name = conn.dialect.name
+    if name == "postgresql":
+        rows = conn.exec_driver_sql(
+            "SELECT gid, prepared, owner FROM pg_prepared_xacts "
+            "WHERE database = current_database() ORDER BY prepared"
+        ).all()
+        return [
+            f"{gid} (prepared {when:%Y-%m-%d %H:%M:%S}, by {owner})" for gid, when, owner in rows
+        ]
+    if name in ("mysql", "mariadb"):
+        return [str(row[3]) for row in conn.exec_driver_sql("XA RECOVER").all()]
     return []
 
 
@@ -237,12 +335,12 @@ def zcml_problem(exc: BaseException, path: pathlib.Path) -> str:
     return f"{where}, line {line}: {message}" if line is not None else f"{where}: {message}"
 
 
-def engines_for(target: str) -> list[tuple[str, Engine]]:
+def engines_for(target: str) -> list[tuple[str, Engine | AsyncEngine]]:
     """Build the engines *target* names: a DSN, a YAML file or a ZCML file."""
     from zope.component import createObject, getUtilitiesFor
 
     from sparc.sa.engine import FACTORY_NAME
-    from sparc.sa.interfaces import ISAEngine
+    from sparc.sa.interfaces import ISAAsyncEngine, ISAEngine
 
     path = pathlib.Path(target)
     looks_like_file = "://" not in target and (path.suffix or path.exists())
@@ -253,7 +351,10 @@ def engines_for(target: str) -> list[tuple[str, Engine]]:
             load_zcml(path)
         except Exception as exc:
             raise ConfigProblem(zcml_problem(exc, path)) from None
-        found = sorted(getUtilitiesFor(ISAEngine), key=lambda item: item[0])
+        found = sorted(
+            [*getUtilitiesFor(ISAEngine), *getUtilitiesFor(ISAAsyncEngine)],
+            key=lambda item: item[0],
+        )
         if not found:
             raise ConfigProblem(f"{target!r} declares no <sa:engine>")
         return [(name or "(unnamed)", engine) for name, engine in found]
@@ -302,7 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     for name, engine in engines:
         try:
-            report = check_engine(engine, name)
+            if isinstance(engine, AsyncEngine):
+                report = asyncio.run(check_async_engine(engine, name))
+            else:
+                report = check_engine(engine, name)
         except CheckFailed as exc:
             label = f" {name!r}" if name else ""
             print(f"sparc-sa check: engine{label} FAILED: {exc}", file=sys.stderr)
@@ -310,5 +414,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print("\n".join(report.lines()))
         finally:
-            engine.dispose()
+            if not isinstance(engine, AsyncEngine):
+                engine.dispose()
     return status

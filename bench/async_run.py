@@ -1,0 +1,209 @@
+"""asyncio benchmark: ``async with tx()`` against plain ``async_sessionmaker.begin()``.
+
+    pip install -e '.[bench]'
+    TEST_PG_DSN=postgresql+psycopg://postgres@127.0.0.1:5432/test \\
+        python bench/async_run.py [--rounds 30] [--batch 200]
+
+Both contenders run in one event loop on the *same* AsyncEngine, built by
+sparc.sa's factory. Each round times a batch of one-row transactions of each
+contender, in a shuffled order, and the ratio is taken within the round:
+the reported figure is the median over rounds of sparc.sa / plain, with the
+range of the middle half. Two workloads: ``insert`` (add one row) and
+``get`` (read one row by primary key). The statements each contender sends
+per transaction are counted from the engine's events and printed beside the
+times. Backends: aiosqlite on a file, and asyncpg when TEST_PG_DSN is set.
+Nothing is asserted: this measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import pathlib
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+HERE = pathlib.Path(__file__).resolve().parent
+DEFAULT_JSON = HERE / "results" / "async-latest.json"
+
+Txn = Callable[[], Awaitable[Any]]
+
+
+def build(engine: AsyncEngine) -> tuple[Any, Any, dict[str, dict[str, Txn]]]:
+    from sparc.sa.aio import async_scoped_transaction
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Item(Base):
+        __tablename__ = f"sparc_abench_{uuid.uuid4().hex[:10]}"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        name: Mapped[str] = mapped_column(sa.String(40))
+
+    plain = async_sessionmaker(engine, expire_on_commit=False)
+    tx = async_scoped_transaction(engine, Base)
+    rng = random.Random(7)
+
+    async def plain_insert() -> None:
+        async with plain.begin() as session:
+            session.add(Item(name="x"))
+
+    async def sparc_insert() -> None:
+        async with tx() as session:
+            session.add(Item(name="x"))
+
+    async def plain_get() -> None:
+        async with plain.begin() as session:
+            await session.get(Item, rng.randint(1, 100))
+
+    async def sparc_get() -> None:
+        async with tx() as session:
+            await session.get(Item, rng.randint(1, 100))
+
+    contenders = {
+        "plain": {"insert": plain_insert, "get": plain_get},
+        "sparc.sa": {"insert": sparc_insert, "get": sparc_get},
+    }
+    return Base, Item, contenders
+
+
+async def count_statements(engine: AsyncEngine, txn: Txn, n: int = 20) -> dict[str, float]:
+    counts: Counter[str] = Counter()
+
+    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        counts[statement.split(None, 1)[0].upper()] += 1
+
+    def on_commit(conn: Any) -> None:
+        counts["COMMIT"] += 1
+
+    def on_rollback(conn: Any) -> None:
+        counts["ROLLBACK"] += 1
+
+    sync = engine.sync_engine
+    listeners = [("before_cursor_execute", on_execute), ("commit", on_commit)]
+    listeners.append(("rollback", on_rollback))
+    for name, fn in listeners:
+        sa.event.listen(sync, name, fn)
+    try:
+        for _ in range(n):
+            await txn()
+    finally:
+        for name, fn in listeners:
+            sa.event.remove(sync, name, fn)
+    return {k: v / n for k, v in sorted(counts.items())}
+
+
+async def measure(
+    engine: AsyncEngine, contenders: dict[str, dict[str, Txn]], kind: str, rounds: int, batch: int
+) -> dict[str, Any]:
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for txns in contenders.values():  # warm up
+        for _ in range(max(20, batch // 5)):
+            await txns[kind]()
+    order = list(contenders)
+    shuffle = random.Random(42).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for name in order:
+            txn = contenders[name][kind]
+            gc.collect()
+            start = time.perf_counter()
+            for _ in range(batch):
+                await txn()
+            times[name].append((time.perf_counter() - start) / batch * 1e6)
+    ratios = [s / p for s, p in zip(times["sparc.sa"], times["plain"], strict=True)]
+    quartiles = statistics.quantiles(ratios, n=4)
+    return {
+        "per_txn_us": {name: statistics.median(v) for name, v in times.items()},
+        "ratio": statistics.median(ratios),
+        "ratio_iqr": [quartiles[0], quartiles[2]],
+        "statements": {
+            name: await count_statements(engine, txns[kind]) for name, txns in contenders.items()
+        },
+    }
+
+
+async def run_backend(dsn: str, rounds: int, batch: int) -> dict[str, Any]:
+    from sparc.sa.engine import engine_from_config
+
+    engine = engine_from_config({"dsn": dsn})
+    assert isinstance(engine, AsyncEngine)
+    Base, Item, contenders = build(engine)
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.insert(Item), [{"name": "seed"} for _ in range(100)])
+        return {
+            kind: await measure(engine, contenders, kind, rounds, batch)
+            for kind in ("insert", "get")
+        }
+    finally:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.drop_all)
+        await engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument("--json", type=pathlib.Path, default=DEFAULT_JSON)
+    args = parser.parse_args(argv)
+    backends: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        backends["aiosqlite (file)"] = f"sqlite+aiosqlite:///{tmp}/bench.db"
+        pg = os.environ.get("TEST_PG_DSN")
+        if pg:
+            url = sa.make_url(pg).set(drivername="postgresql+asyncpg")
+            backends["asyncpg"] = url.render_as_string(hide_password=False)
+        else:
+            print("TEST_PG_DSN is not set: asyncpg is skipped", file=sys.stderr)
+        results = {
+            name: asyncio.run(run_backend(dsn, args.rounds, args.batch))
+            for name, dsn in backends.items()
+        }
+    print(f"sparc.sa / plain async_sessionmaker.begin(), median of {args.rounds} paired rounds")
+    print(
+        f"{'backend':18} {'workload':8} {'plain us':>9} {'sparc us':>9} {'ratio':>6}  middle half"
+    )
+    for name, kinds in results.items():
+        for kind, found in kinds.items():
+            us = found["per_txn_us"]
+            low, high = found["ratio_iqr"]
+            print(
+                f"{name:18} {kind:8} {us['plain']:9.1f} {us['sparc.sa']:9.1f} "
+                f"{found['ratio']:6.3f}  [{low:.3f}, {high:.3f}]"
+            )
+            for contender, counts in found["statements"].items():
+                print(f"{'':28}{contender:9} sends {counts}")
+    meta = {
+        "python": platform.python_version(),
+        "sqlalchemy": sa.__version__,
+        "rounds": args.rounds,
+        "batch": args.batch,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
