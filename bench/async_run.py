@@ -11,7 +11,8 @@ the reported figure is the median over rounds of sparc.sa / plain, with the
 range of the middle half. Two workloads: ``insert`` (add one row) and
 ``get`` (read one row by primary key). The statements each contender sends
 per transaction are counted from the engine's events and printed beside the
-times. Backends: aiosqlite on a file, and asyncpg when TEST_PG_DSN is set.
+times (on SQLite, as SQLite's own trace callback saw them, the driver's
+implicit BEGIN included). Backends: aiosqlite on a file, and asyncpg when TEST_PG_DSN is set.
 Nothing is asserted: this measures.
 """
 
@@ -37,6 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.util import await_only
 
 HERE = pathlib.Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "async-latest.json"
@@ -82,6 +84,21 @@ def build(engine: AsyncEngine) -> tuple[Any, Any, dict[str, dict[str, Txn]]]:
     return Base, Item, contenders
 
 
+# What SQLite itself executed, from its trace callback: this includes the
+# BEGIN the driver sends on its own before DML, and any a contender sends
+# straight through the cursor, neither of which SQLAlchemy's events show.
+SQLITE_TRACE: Counter[str] = Counter()
+
+
+def trace_sqlite(engine: AsyncEngine) -> None:
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        driver = dbapi_connection.driver_connection  # aiosqlite.Connection
+        callback = lambda sql: SQLITE_TRACE.update([sql.split(None, 1)[0].upper()])  # noqa: E731
+        await_only(driver.set_trace_callback(callback))
+
+    sa.event.listen(engine.sync_engine, "connect", on_connect)
+
+
 async def count_statements(engine: AsyncEngine, txn: Txn, n: int = 20) -> dict[str, float]:
     counts: Counter[str] = Counter()
 
@@ -95,17 +112,23 @@ async def count_statements(engine: AsyncEngine, txn: Txn, n: int = 20) -> dict[s
         counts["ROLLBACK"] += 1
 
     sync = engine.sync_engine
+    is_sqlite = sync.dialect.name == "sqlite"
     listeners = [("before_cursor_execute", on_execute), ("commit", on_commit)]
     listeners.append(("rollback", on_rollback))
-    for name, fn in listeners:
-        sa.event.listen(sync, name, fn)
+    if not is_sqlite:
+        for name, fn in listeners:
+            sa.event.listen(sync, name, fn)
+    SQLITE_TRACE.clear()
     try:
         for _ in range(n):
             await txn()
+        await asyncio.sleep(0.05)  # the trace callback runs in aiosqlite's thread
     finally:
-        for name, fn in listeners:
-            sa.event.remove(sync, name, fn)
-    return {k: v / n for k, v in sorted(counts.items())}
+        if not is_sqlite:
+            for name, fn in listeners:
+                sa.event.remove(sync, name, fn)
+    found = SQLITE_TRACE if is_sqlite else counts
+    return {k: v / n for k, v in sorted(found.items())}
 
 
 async def measure(
@@ -143,6 +166,8 @@ async def run_backend(dsn: str, rounds: int, batch: int) -> dict[str, Any]:
 
     engine = engine_from_config({"dsn": dsn})
     assert isinstance(engine, AsyncEngine)
+    if engine.dialect.name == "sqlite":
+        trace_sqlite(engine)
     Base, Item, contenders = build(engine)
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
