@@ -279,17 +279,25 @@ class _AsyncBlock:
             await gate.acquire()
         try:
             scope = _Scope(task, manager._factory())
-            scope.gate = gate
-            scope.blocks.append(self)
-            _inside.set(scope)
-            manager._scopes[task] = scope
-            if task not in manager._watched:
-                manager._watched.add(task)
-                task.add_done_callback(manager._task_done)
         except BaseException:
             if gate is not None:
                 gate.release()
             raise
+        scope.gate = gate
+        try:
+            # Take the connection now, in a task of its own: a cancellation
+            # arriving while the driver connects must not leave a connection
+            # half made (some drivers then leak it until garbage collection).
+            await _finish(scope.session.connection())
+        except BaseException:
+            await manager._end_scope(scope, commit=False)
+            raise
+        scope.blocks.append(self)
+        _inside.set(scope)
+        manager._scopes[task] = scope
+        if task not in manager._watched:
+            manager._watched.add(task)
+            task.add_done_callback(manager._task_done)
         self._scope = scope
         self._state = _OPEN
         return scope.session
@@ -354,7 +362,14 @@ class _AsyncBlock:
         manager = self._manager
         session = scope.session
         if exc_type is not None or scope.doomed:
-            await manager._end_scope(scope, commit=False)
+            # A cancellation (or another BaseException) may have interrupted a
+            # statement half-way through the driver's protocol: such a
+            # connection is discarded, never handed out again. aiosqlite runs
+            # each call to its end in its own thread, and its in-memory
+            # database lives in its one connection: that one is rolled back.
+            interrupted = exc_type is not None and not issubclass(exc_type, Exception)
+            discard = interrupted and manager._engine.dialect.driver != "aiosqlite"
+            await manager._end_scope(scope, commit=False, discard=discard)
             if exc_type is None:
                 raise DoomedTransactionError(
                     "an inner block joined with savepoint=False failed; "
@@ -480,9 +495,10 @@ class AsyncScopedTransaction:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _end_scope(self, scope: _Scope, commit: bool) -> None:
-        """COMMIT or ROLLBACK, then close the session and open the gate: all of
-        it to the end, whatever cancellation arrives meanwhile."""
+    async def _end_scope(self, scope: _Scope, commit: bool, discard: bool = False) -> None:
+        """COMMIT or ROLLBACK (or, with ``discard``, invalidate the connection,
+        which the server rolls back), then close the session and open the
+        gate: all of it to the end, whatever cancellation arrives meanwhile."""
         if self._scopes.get(scope.task) is scope:
             del self._scopes[scope.task]
         session = scope.session
@@ -496,6 +512,8 @@ class AsyncScopedTransaction:
                     except BaseException:
                         await _quietly(session.rollback())
                         raise
+                elif discard:
+                    await _quietly(session.invalidate())
                 else:
                     await _quietly(session.rollback())
             finally:

@@ -66,7 +66,7 @@ class ModelMappingForUniqueInstrumentedAttribute:
         return default if row is None else row
 
     def __contains__(self, key: object) -> bool:
-        exists = sa.select(sa.literal(1)).where(self.attribute == key).limit(1)
+        exists = sa.select(self.attribute).where(self.attribute == key).limit(1)
         return self.session.execute(exists).first() is not None
 
     # IEnumerableMapping
@@ -83,6 +83,8 @@ class ModelMappingForUniqueInstrumentedAttribute:
         return list(self.iteritems())
 
     def __len__(self) -> int:
+        if self.session.autoflush:  # a Core count does not autoflush on every 2.0.x
+            self.session.flush()
         counted = sa.select(sa.func.count()).select_from(self.attribute_model_type)
         return int(self.session.execute(counted).scalar_one())
 
