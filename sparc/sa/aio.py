@@ -378,8 +378,11 @@ class _AsyncBlock:
             return
         try:
             await session.flush()  # cancellable: nothing is committed yet
-        except BaseException:
-            await manager._end_scope(scope, commit=False)
+        except BaseException as exc:
+            discard = not isinstance(exc, Exception) and manager._engine.dialect.driver != (
+                "aiosqlite"
+            )
+            await manager._end_scope(scope, commit=False, discard=discard)
             raise
         if _cancel_requested(scope.task):
             await manager._end_scope(scope, commit=False)
