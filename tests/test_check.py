@@ -223,3 +223,22 @@ def test_check_on_an_unreachable_async_server_hides_the_password() -> None:
     assert done.returncode == 1
     assert "s3cret" not in done.stderr and "FAILED" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_sparc_sa_works_without_greenlet() -> None:
+    """greenlet is only in the async extra: without it, everything synchronous
+    works, and an async DSN says which extra to install."""
+    script = (
+        "import sys; sys.modules['greenlet'] = None\n"
+        "from sparc.sa.check import main\n"
+        "assert main(['check']) == 0\n"
+        "from sparc.sa.engine import engine_from_config\n"
+        "try:\n"
+        "    engine_from_config({'dsn': 'sqlite+aiosqlite://'})\n"
+        "except ImportError as exc:\n"
+        "    assert 'sparc.sa[async]' in str(exc), exc\n"
+        "    print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("ok")

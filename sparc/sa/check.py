@@ -21,15 +21,17 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from xml.sax import SAXParseException
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sparc.sa import liveness, options
+
+if TYPE_CHECKING:  # needs greenlet at run time
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["CheckFailed", "Report", "check_engine", "main"]
 
@@ -403,8 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     for name, engine in engines:
         try:
-            if isinstance(engine, AsyncEngine):
-                report = asyncio.run(check_async_engine(engine, name))
+            if hasattr(engine, "sync_engine"):  # an AsyncEngine
+                report = asyncio.run(check_async_engine(cast("AsyncEngine", engine), name))
             else:
                 report = check_engine(engine, name)
         except CheckFailed as exc:
@@ -414,6 +416,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print("\n".join(report.lines()))
         finally:
-            if not isinstance(engine, AsyncEngine):
+            if not hasattr(engine, "sync_engine"):
                 engine.dispose()
     return status

@@ -14,18 +14,20 @@ import importlib.util
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy
 import zope.event
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 from zope.component.factory import Factory
 
 from sparc.sa import fork, liveness, options
 from sparc.sa.events import EngineCreatedEvent
 from sparc.sa.interfaces import ISAEngine
 from sparc.sa.legacy import package_path
+
+if TYPE_CHECKING:  # needs greenlet at run time
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "FACTORY_NAME",

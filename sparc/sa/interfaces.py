@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import InstrumentedAttribute, Mapper, Query, Session, scoped_session
 from sqlalchemy.orm.decl_api import DeclarativeAttributeIntercept, DeclarativeMeta
 from sqlalchemy.sql import Select
@@ -330,7 +329,12 @@ class IORMRelatedModelsAdder(IORMRelatedModels):
 # SQLAlchemy's classes are declared to implement the markers, so the instances
 # users already have can be looked up in the registry without wrapping.
 classImplements(Engine, ISAEngine)
-classImplements(AsyncEngine, ISAAsyncEngine)
+try:  # SQLAlchemy's asyncio module needs greenlet (the extra sparc.sa[async])
+    from sqlalchemy.ext.asyncio import AsyncEngine
+except ImportError:  # then no AsyncEngine can be built either
+    pass
+else:
+    classImplements(AsyncEngine, ISAAsyncEngine)
 # Declared on the metaclasses of declarative_base() (DeclarativeMeta) and of
 # DeclarativeBase and MappedAsDataclass (DeclarativeAttributeIntercept and its
 # subclass DCTransformDeclarative). In early 2.0 releases (2.0.0 among them)
