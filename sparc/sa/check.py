@@ -99,22 +99,8 @@ def check_engine(engine: Engine, name: str = "") -> Report:
                 start = time.perf_counter()
                 conn.exec_driver_sql("SELECT 1").scalar()
                 timings.append((time.perf_counter() - start) * 1000)
-        version = engine.dialect.server_version_info
-        if engine.dialect.name == "sqlite":
-            import sqlite3
-
-            server_version = sqlite3.sqlite_version
-        else:
-            server_version = ".".join(str(p) for p in version or ()) or "unknown"
-
-        class Base(DeclarativeBase):
-            pass
-
-        class Probe(Base):
-            __tablename__ = f"sparc_sa_check_{uuid.uuid4().hex[:12]}"
-            id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-            note: Mapped[str] = mapped_column(sa.String(40))
-
+            server_version = _server_version(conn)
+        Base, Probe = _probe_models()
         Base.metadata.create_all(engine)
         try:
             transaction = getMultiAdapter((engine, Base), ISAScopedTransaction)
@@ -141,23 +127,13 @@ def check_engine(engine: Engine, name: str = "") -> Report:
         raise CheckFailed(
             f"{shown}: listing prepared transactions: {_one_line(exc, engine)}"
         ) from None
-    pool = engine.pool
-    size = getattr(pool, "size", None)
-    pool_text = type(pool).__name__
-    if callable(size):
-        pool_text += f", size {size()}, max overflow {getattr(pool, '_max_overflow', '?')}"
-    elif isinstance(pool, sa.pool.StaticPool):
-        pool_text += ", one connection shared by all threads"
-    dialect = engine.dialect.name
-    if getattr(engine.dialect, "is_mariadb", False):
-        dialect += ", MariaDB server"
     return Report(
         name=name,
         url=shown,
-        dialect=dialect,
+        dialect=_dialect_text(engine),
         driver=engine.driver,
         server_version=server_version,
-        pool=pool_text,
+        pool=_pool_text(engine.pool),
         pre_ping=liveness.is_checked(engine),
         isolation_level=isolation,
         round_trip_ms=statistics.median(timings),
@@ -215,8 +191,7 @@ async def check_async_engine(engine: AsyncEngine, name: str = "") -> Report:
     return Report(
         name=name,
         url=shown,
-        dialect=sync_engine.dialect.name
-        + (", MariaDB server" if getattr(sync_engine.dialect, "is_mariadb", False) else ""),
+        dialect=_dialect_text(sync_engine),
         driver=f"{sync_engine.driver}, asyncio",
         server_version=server_version,
         pool=_pool_text(sync_engine.pool),
@@ -234,6 +209,11 @@ def _server_version(conn: sa.Connection) -> str:
         return sqlite3.sqlite_version
     version = conn.dialect.server_version_info
     return ".".join(str(p) for p in version or ()) or "unknown"
+
+
+def _dialect_text(engine: Engine) -> str:
+    mariadb = getattr(engine.dialect, "is_mariadb", False)
+    return engine.dialect.name + (", MariaDB server" if mariadb else "")
 
 
 def _probe_models() -> tuple[Any, Any]:
