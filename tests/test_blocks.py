@@ -22,7 +22,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from sparc.sa.exceptions import BlockOrderError, CrossScopeSessionError, DoomedTransactionError
-from sparc.sa.orm import ThreadLocalSASessionTransaction, _gate_for
+from sparc.sa.gate import gate_for as _gate_for
+from sparc.sa.orm import ThreadLocalSASessionTransaction
 
 from .conftest import build_models, checked_out, count_rows, make_engine, names
 

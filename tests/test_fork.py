@@ -235,13 +235,13 @@ def test_locks_held_by_another_thread_at_fork_do_not_block_the_child(
     does not exist in the child; the child must not wait for it."""
     import threading
 
-    from sparc.sa import orm
+    from sparc.sa import cache, gate
     from sparc.sa.orm import scoped_transaction
 
     holding, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with orm._cache_lock, orm._gate_lock:
+        with cache._lock, gate._gate_lock:
             holding.set()
             release.wait()
 

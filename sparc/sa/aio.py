@@ -45,8 +45,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
-import threading
 import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -60,6 +58,7 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from zope.component import adapter
 from zope.interface import implementer
 
+from sparc.sa.cache import check_base, shared
 from sparc.sa.exceptions import (
     BlockOrderError,
     CrossScopeSessionError,
@@ -72,7 +71,7 @@ from sparc.sa.interfaces import (
     ISAAsyncScopedTransaction,
     ISADeclarativeMeta,
 )
-from sparc.sa.orm import _check_base, is_retryable
+from sparc.sa.retry import backoff, check_attempts, is_retryable
 
 __all__ = ["AsyncScopedTransaction", "async_scoped_transaction"]
 
@@ -407,6 +406,11 @@ class AsyncScopedTransaction:
     ``expire_on_commit`` is False unless given.
     """
 
+    #: First backoff of :meth:`run`, in seconds; doubled after each attempt.
+    retry_delay: float = 0.02
+    #: Upper bound of one backoff of :meth:`run`, in seconds.
+    retry_max_delay: float = 1.0
+
     def __init__(self, engine: AsyncEngine, base: type[Any], **session_options: Any) -> None:
         if not isinstance(engine, AsyncEngine):
             raise TypeError(
@@ -414,7 +418,7 @@ class AsyncScopedTransaction:
                 f"postgresql+asyncpg://), got {engine!r}; for a synchronous engine "
                 "use ThreadLocalSASessionTransaction"
             )
-        _check_base(base)
+        check_base(base)
         self._engine = engine
         self._Base = base
         session_options.setdefault("expire_on_commit", False)
@@ -477,8 +481,7 @@ class AsyncScopedTransaction:
         backoff, at most ``attempts`` times in all. Inside an open block of the
         same task, ``fn`` runs once, in a SAVEPOINT.
         """
-        if type(attempts) is not int or attempts < 1:
-            raise ValueError(f"attempts must be a positive integer, got {attempts!r}")
+        check_attempts(attempts)
         task = asyncio.current_task()
         scope = self._scopes.get(task) if task is not None else None
         if scope is not None and scope.blocks:
@@ -493,7 +496,7 @@ class AsyncScopedTransaction:
             except Exception as exc:
                 if attempt == attempts or not is_retryable(exc):
                     raise
-                delay = min(0.5, 0.01 * 2**attempt) * (0.5 + random.random())
+                delay = backoff(attempt, self.retry_delay, self.retry_max_delay)
                 logger.info("sparc.sa: retrying after %s (attempt %d)", type(exc).__name__, attempt)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -541,35 +544,17 @@ class AsyncScopedTransaction:
 
 
 _CACHE_ATTR = "_sparc_sa_async_managers"
-_cache_lock = threading.Lock()
 
 
 def async_scoped_transaction(engine: AsyncEngine, base: type[Any]) -> AsyncScopedTransaction:
-    """The adapter factory: the one shared manager for ``engine`` and ``base``.
-
-    Cached on the engine, keyed by the base and holding it weakly, as
-    :func:`sparc.sa.orm.scoped_transaction` does.
-    """
-    holder = engine.sync_engine.__dict__
-    cache = holder.get(_CACHE_ATTR)
-    if cache is not None:
-        entry = cache.get(id(base))
-        if entry is not None and entry[0]() is base:
-            return entry[1]  # type: ignore[no-any-return]
-    with _cache_lock:
-        cache = holder.setdefault(_CACHE_ATTR, {})
-        key = id(base)
-        entry = cache.get(key)
-        if entry is not None and entry[0]() is base:
-            return entry[1]  # type: ignore[no-any-return]
-        manager = AsyncScopedTransaction(engine, base)
-
-        def forget(ref: weakref.ref[Any], cache: dict[int, Any] = cache) -> None:
-            if cache.get(key, (None,))[0] is ref:
-                del cache[key]
-
-        cache[key] = (weakref.ref(base, forget), manager)
-        return manager
+    """The adapter factory: the one shared manager for ``engine`` and ``base``
+    (see :mod:`sparc.sa.cache`)."""
+    return shared(
+        engine.sync_engine.__dict__,
+        _CACHE_ATTR,
+        base,
+        lambda: AsyncScopedTransaction(engine, base),
+    )
 
 
 implementer(ISAAsyncScopedTransaction)(async_scoped_transaction)

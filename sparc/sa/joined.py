@@ -41,21 +41,53 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Final, Protocol
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 from zope.interface import implementer
 
-from sparc.sa import liveness, orm
-from sparc.sa.exceptions import DoomedTransactionError, RetryableDatabaseError
+from sparc.sa import liveness, sessions
+from sparc.sa.exceptions import (
+    BlockOrderError,
+    DoomedTransactionError,
+    JoinedTransactionError,
+    RetryableDatabaseError,
+)
+from sparc.sa.gate import Gate, ThreadGate
+from sparc.sa.retry import is_retryable, retryable_in_request
+from sparc.sa.scope import Scope
 
-if TYPE_CHECKING:
-    from sparc.sa.orm import ThreadLocalSASessionTransaction, _Block, _Scope
-
-__all__ = ["SessionDataManager", "transaction_to_join"]
+__all__ = [
+    "WHOLE_TRANSACTION",
+    "Joiner",
+    "SessionDataManager",
+    "finish_block",
+    "join_scope",
+    "transaction_to_join",
+]
 
 logger = logging.getLogger(__name__)
+
+#: The "savepoint" of a joined block that is alone in its SQL transaction:
+#: rolling back the whole SQL transaction undoes exactly that block.
+WHOLE_TRANSACTION: Final = object()
+
+
+class Joiner(Protocol):
+    """What joined mode needs of a transaction manager."""
+
+    @property
+    def gate_timeout(self) -> float: ...
+    @property
+    def twophase(self) -> bool: ...
+    @property
+    def sqlite_begin(self) -> bool: ...
+    @property
+    def switches_class(self) -> bool: ...
+    def new_session(self) -> Session: ...
+    def current_gate(self) -> Gate | ThreadGate | None: ...
+
 
 try:
     from transaction.interfaces import IDataManager, IDataManagerSavepoint, ISavepointDataManager
@@ -95,23 +127,21 @@ def transaction_to_join(mode: str) -> Any:
     return None
 
 
-def join_scope(
-    manager: ThreadLocalSASessionTransaction, scope: _Scope, txn: Any
-) -> SessionDataManager:
+def join_scope(manager: Joiner, scope: Scope, txn: Any) -> SessionDataManager:
     """Join *scope*'s session to *txn* and return its data manager."""
-    gate = manager._current_gate()
+    gate = manager.current_gate()
     if gate is not None:
         gate.acquire(scope, manager)
     session = None
     try:
         session = scope.session
         if session is None:
-            session = scope.session = manager._session_factory()
-        elif session.in_transaction() or orm._IN_BLOCK in session.info:
-            manager._freshen(session)
-        if manager._twophase:
+            session = scope.session = manager.new_session()
+        elif session.in_transaction() or sessions.IN_BLOCK in session.info:
+            sessions.freshen(session)
+        if manager.twophase:
             if session.in_transaction():
-                raise orm.JoinedTransactionError(
+                raise JoinedTransactionError(
                     "writes made through tx.session outside any block cannot join a "
                     "two-phase transaction; make them inside a block"
                 )
@@ -121,10 +151,10 @@ def join_scope(
         # _freshen: a failing block must not roll them back whole.
         dm.fresh = not session.in_transaction()
         scope.joined = dm
-        session.info[orm._JOINED] = True
-        if manager._switch_class:
-            session.__class__ = orm.JoinedSession
-        session.info[orm._IN_BLOCK] = True  # a BEGIN first on pysqlite
+        session.info[sessions.JOINED] = True
+        if manager.switches_class:
+            session.__class__ = sessions.JoinedSession
+        session.info[sessions.IN_BLOCK] = True  # a BEGIN first on pysqlite
         txn.join(dm)
         # Take the connection now, trusting one returned a moment ago: if it
         # died meanwhile, the request is retried (see sparc.sa.liveness).
@@ -133,9 +163,9 @@ def join_scope(
     except BaseException:
         scope.joined = None
         if session is not None:
-            session.info.pop(orm._JOINED, None)
+            session.info.pop(sessions.JOINED, None)
             session.twophase = False
-            if session.__class__ is orm.JoinedSession:
+            if session.__class__ is sessions.JoinedSession:
                 session.__class__ = Session  # type: ignore[assignment]
         if gate is not None:
             gate.release(scope)
@@ -145,35 +175,17 @@ def join_scope(
     return dm
 
 
-def retryable_in_request(error: BaseException) -> bool:
-    """Whether the owner of a joined transaction may publish the request
-    again: a serialization failure or deadlock, or a lost connection. A lost
-    connection before the COMMIT leaves nothing committed (the COMMIT itself
-    is never judged here: its outcome would be unknown)."""
-    if orm.is_retryable(error):
-        return True
-    seen: BaseException | None = error
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, sa_exc.DBAPIError) and seen.connection_invalidated:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def finish_joined_block(
-    block: _Block,
-    scope: _Scope,
+def finish_block(
+    dm: SessionDataManager,
+    savepoint: Any,
     exc_type: type[BaseException] | None,
     exc: BaseException | None,
     doomed: bool,
 ) -> None:
-    """End the outermost block of a scope inside a joined transaction."""
-    savepoint = block._sp
-    session = block._session
-    dm = block._dm
-    assert dm is not None
+    """End the outermost block of a scope inside a joined transaction: release
+    its *savepoint* (None for none, or :data:`WHOLE_TRANSACTION`), or roll
+    back to it."""
+    session = dm.session
     if exc_type is None:
         if doomed:
             dm.undo(savepoint, "an inner block joined with savepoint=False failed")
@@ -181,8 +193,8 @@ def finish_joined_block(
                 "an inner block joined with savepoint=False failed; the block was rolled back"
             )
         try:
-            if savepoint is not None and savepoint is not orm.WHOLE_TRANSACTION:
-                orm._release(savepoint, session)  # flush, then RELEASE SAVEPOINT
+            if savepoint is not None and savepoint is not WHOLE_TRANSACTION:
+                sessions.release(savepoint, session)  # flush, then RELEASE SAVEPOINT
             else:
                 session.flush()
         except BaseException as error:
@@ -194,7 +206,7 @@ def finish_joined_block(
                 ) from error
             raise
         dm.fresh = False
-        if block._debug:
+        if logger.isEnabledFor(logging.DEBUG):
             logger.debug("joined block released: %r", session)
         return
     dm.undo(savepoint, f"the block raised {exc_type.__name__}")
@@ -216,7 +228,7 @@ def _transient(what: str, lost_connection: bool = True) -> Iterator[None]:
     try:
         yield
     except sa_exc.DBAPIError as error:
-        if orm.is_retryable(error) or (lost_connection and retryable_in_request(error)):
+        if is_retryable(error) or (lost_connection and retryable_in_request(error)):
             raise RetryableDatabaseError(
                 f"the database aborted the transaction at {what} "
                 f"({type(error.orig).__name__}); the request can be retried"
@@ -231,18 +243,18 @@ class SessionDataManager:
 
     def __init__(
         self,
-        manager: ThreadLocalSASessionTransaction,
-        scope: _Scope,
+        manager: Joiner,
+        scope: Scope,
         session: Session,
         txn: Any,
-        gate: Any,
+        gate: Gate | ThreadGate | None,
     ) -> None:
         self._manager = manager
         self._scope = scope
         self.session = session
         self.txn = txn
         self._gate = gate
-        self._twophase = manager._twophase
+        self._twophase = manager.twophase
         self._committed = False
         self._ended = False
         #: Nothing has been written in this transaction by a finished block:
@@ -268,7 +280,7 @@ class SessionDataManager:
             self.doom(reason)
             return
         try:
-            if savepoint is orm.WHOLE_TRANSACTION:
+            if savepoint is WHOLE_TRANSACTION:
                 self.session.rollback()
             else:
                 savepoint.rollback()
@@ -288,7 +300,7 @@ class SessionDataManager:
 
     def tpc_begin(self, txn: Any) -> None:
         if self._scope.blocks:
-            raise orm.BlockOrderError(
+            raise BlockOrderError(
                 "the transaction is committing while a sparc.sa block is still open; "
                 "end the block before transaction.commit()"
             )
@@ -300,7 +312,7 @@ class SessionDataManager:
 
     def tpc_vote(self, txn: Any) -> None:
         info = self.session.info
-        info[orm._COMMITTING] = True
+        info[sessions.COMMITTING] = True
         try:
             with _transient("commit", lost_connection=False):
                 if self._twophase:
@@ -309,17 +321,17 @@ class SessionDataManager:
                     self.session.commit()
                     self._committed = True
         finally:
-            info.pop(orm._COMMITTING, None)
+            info.pop(sessions.COMMITTING, None)
 
     def tpc_finish(self, txn: Any) -> None:
         try:
             if self._twophase:
                 info = self.session.info
-                info[orm._COMMITTING] = True
+                info[sessions.COMMITTING] = True
                 try:
                     self.session.commit()  # COMMIT PREPARED / XA COMMIT
                 finally:
-                    info.pop(orm._COMMITTING, None)
+                    info.pop(sessions.COMMITTING, None)
                 self._committed = True
         finally:
             self._end()
@@ -346,26 +358,21 @@ class SessionDataManager:
         self._ended = True
         scope = self._scope
         session = self.session
-        for ref in scope.blocks:
-            block = ref()
-            if block is not None:
-                block._state = orm._CANCELLED
-        scope.blocks.clear()
-        scope.doomed = False
+        scope.cancel_open_blocks()
         try:
             if not self._committed:
-                orm._rollback(session, None)
+                sessions.rollback(session, None)
         finally:
             info = session.info
-            info.pop(orm._JOINED, None)
-            info.pop(orm._IN_BLOCK, None)
+            info.pop(sessions.JOINED, None)
+            info.pop(sessions.IN_BLOCK, None)
             session.twophase = False
-            if session.__class__ is orm.JoinedSession:
+            if session.__class__ is sessions.JoinedSession:
                 session.__class__ = Session  # type: ignore[assignment]
             try:
                 session.close()
             except Exception:
-                orm._close_failed(scope, session)
+                sessions.close_failed(scope, session)
             finally:
                 if scope.joined is self:
                     scope.joined = None
@@ -383,11 +390,11 @@ class _Savepoint:
     def __init__(self, dm: SessionDataManager) -> None:
         self._dm = dm
         session = dm.session
-        session.info[orm._IN_BLOCK] = True  # a BEGIN first on pysqlite
-        self._nested = dm._manager._begin_nested(session)
+        session.info[sessions.IN_BLOCK] = True  # a BEGIN first on pysqlite
+        self._nested = sessions.begin_nested(session, dm._manager.sqlite_begin)
 
     def rollback(self) -> None:
         if self._nested.is_active:
             self._nested.rollback()
         # The transaction package lets a savepoint be rolled back again.
-        self._nested = self._dm._manager._begin_nested(self._dm.session)
+        self._nested = sessions.begin_nested(self._dm.session, self._dm._manager.sqlite_begin)

@@ -1,0 +1,106 @@
+"""The retry policy: which database errors a fresh transaction may not meet
+again, and how long to wait before trying.
+
+Used by ``tx.run()`` on both managers, and by joined mode, which hands such
+errors to the transaction's owner (Zope's publisher, pyramid_tm) as a
+``TransientError`` so that it retries the whole request.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Final
+
+from sqlalchemy import exc as sa_exc
+
+from sparc.sa.exceptions import RetryableDatabaseError
+
+__all__ = [
+    "RETRY_MYSQL_ERRORS",
+    "RETRY_SQLITE_CODES",
+    "RETRY_SQLSTATES",
+    "backoff",
+    "is_retryable",
+    "retryable_in_request",
+]
+
+#: SQLSTATEs of a transaction the server aborted so that it can be retried.
+RETRY_SQLSTATES: Final = frozenset({"40001", "40P01"})
+#: MySQL/MariaDB error numbers of the same: deadlock, lock wait timeout,
+#: and "record has changed since last read" (MariaDB snapshot isolation).
+RETRY_MYSQL_ERRORS: Final = frozenset({1213, 1205, 1020})
+#: SQLite's result codes for a lock another connection holds: SQLITE_BUSY
+#: and its extended forms (SQLITE_BUSY_RECOVERY, _SNAPSHOT, _TIMEOUT).
+RETRY_SQLITE_CODES: Final = frozenset({5, 261, 517, 773})
+
+# How far down the chain of causes and contexts to look: an error raised
+# while handling another carries it, but the chain is not walked unbounded.
+_CHAIN_DEPTH: Final = 8
+
+
+def is_retryable(error: BaseException) -> bool:
+    """True if *error* is a serialization failure, deadlock or lock conflict
+    that a fresh transaction may not meet again, or was caused by one.
+
+    A server that aborts the whole transaction for a deadlock (MySQL/MariaDB)
+    also drops its savepoints, so rolling back to one then fails: that
+    failure, whose context is the deadlock, is retryable too.
+    """
+    seen: BaseException | None = error
+    for _ in range(_CHAIN_DEPTH):
+        if seen is None:
+            return False
+        if _retryable_itself(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _retryable_itself(error: BaseException) -> bool:
+    if isinstance(error, RetryableDatabaseError):
+        return True
+    if not isinstance(error, sa_exc.DBAPIError) or error.connection_invalidated:
+        return False
+    orig = error.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code in RETRY_SQLSTATES:
+        return True
+    sqlite_code = getattr(orig, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        return sqlite_code in RETRY_SQLITE_CODES
+    if type(orig).__module__ == "sqlite3" and str(orig) == "database is locked":
+        return True  # Python 3.10's sqlite3 has no error codes
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return bool(args) and type(args[0]) is int and args[0] in RETRY_MYSQL_ERRORS
+
+
+def retryable_in_request(error: BaseException) -> bool:
+    """Whether the owner of a joined transaction may run the request again:
+    a serialization failure or deadlock, or a lost connection. A lost
+    connection before the COMMIT leaves nothing committed (the COMMIT itself
+    is never judged here: its outcome would be unknown)."""
+    if is_retryable(error):
+        return True
+    seen: BaseException | None = error
+    for _ in range(_CHAIN_DEPTH):
+        if seen is None:
+            return False
+        if isinstance(seen, sa_exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def backoff(attempt: int, first: float, most: float) -> float:
+    """Seconds to wait after failed *attempt* (1, 2, ...): exponential from
+    *first*, capped at *most*, with jitter in the upper half so that
+    transactions that collided do not collide again in step."""
+    cap = min(most, first * 2.0 ** (attempt - 1))
+    return cap / 2 + random.uniform(0, cap / 2)
+
+
+def check_attempts(attempts: object) -> int:
+    """*attempts* of ``run()``, or a ValueError naming what was expected."""
+    if type(attempts) is not int or attempts < 1:
+        raise ValueError(f"'attempts' must be a positive integer, got {attempts!r}")
+    return attempts

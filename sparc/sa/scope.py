@@ -1,0 +1,271 @@
+"""The scope registry: one session per thread or asyncio task.
+
+A *scope* is the running asyncio task when there is one, otherwise the
+current thread (a greenlet under gevent's monkey-patching). Each scope has
+its own session, made on first use and kept for the scope's lifetime, and
+its stack of open blocks. When a thread, task or greenlet ends, its session
+is closed at once and its connection goes back to the pool, without waiting
+for the garbage collector.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+import threading
+import weakref
+from asyncio import current_task as _current_task
+from asyncio.events import _get_running_loop
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sparc.sa import fork
+from sparc.sa.gate import gate_for
+
+if TYPE_CHECKING:
+    from asyncio import Task
+
+    from sparc.sa.joined import SessionDataManager
+
+__all__ = [
+    "OpenBlock",
+    "Scope",
+    "ScopeRegistry",
+    "ThreadScope",
+    "after_interruption",
+    "close_abandoned",
+    "note_interruption",
+]
+
+logger = logging.getLogger(__name__)
+_get_ident = threading.get_ident
+
+
+class OpenBlock(Protocol):
+    """What the scope needs of a block on its stack."""
+
+    def cancel(self) -> None:
+        """Mark the block rolled back by someone else: its end raises."""
+
+
+class Scope:
+    """One thread's or task's session and its stack of open blocks."""
+
+    __slots__ = (
+        "__weakref__",
+        "blocks",
+        "doomed",
+        "engine",
+        "forgotten",
+        "interrupted",
+        "joined",
+        "pid",
+        "session",
+        "thread",
+    )
+
+    def __init__(self, engine: Engine) -> None:
+        self.session: Session | None = None
+        # The open blocks, outermost first. Held weakly: a block whose `with`
+        # statement is gone without its __exit__ having run (interrupted before
+        # it began) dies, and its __del__ rolls it back instead of wedging us.
+        self.blocks: list[weakref.ref[Any]] = []
+        self.doomed = False  # a joined inner block failed; the outer must roll back
+        self.forgotten = False  # inherited across os.fork(): never touch again
+        # A block of this scope was interrupted (KeyboardInterrupt and the like):
+        # 0 no, 1 yes, 2 yes and inside the engine's pool.
+        self.interrupted = 0
+        self.joined: SessionDataManager | None = None  # the transaction we are in
+        self.pid = os.getpid()
+        self.thread = _get_ident()
+        self.engine = engine
+
+    def cancel_open_blocks(self) -> None:
+        """Empty the stack; every block still open on it raises when it ends."""
+        for ref in self.blocks:
+            block = ref()
+            if block is not None:
+                block.cancel()
+        self.blocks.clear()
+        self.doomed = False
+
+
+class ThreadScope(Scope):
+    """A thread's scope. It lives in a ``threading.local``, which CPython
+    empties as soon as the thread ends, so ``__del__`` runs then, in that
+    thread, rather than whenever the garbage collector gets to the session."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        close_abandoned(self)
+
+
+class ScopeRegistry:
+    """The scopes of one transaction manager: a ``threading.local`` for
+    threads, a dict for asyncio tasks (emptied as each task finishes)."""
+
+    __slots__ = ("engine", "local", "tasks")
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.local = threading.local()
+        self.tasks: dict[Task[Any], Scope] = {}
+
+    def current(self) -> Scope:
+        """The current task's or thread's scope, made on first use."""
+        scope = self.existing()
+        if scope is not None:
+            return scope
+        task = _current_task() if _get_running_loop() is not None else None
+        if task is not None:
+            scope = self.tasks[task] = Scope(self.engine)
+            task.add_done_callback(self._task_done)
+        else:
+            scope = self.local.scope = ThreadScope(self.engine)
+            if "gevent" in sys.modules:
+                _link_greenlet(scope)
+        return scope
+
+    def existing(self) -> Scope | None:
+        """The current scope if it was made already, else None."""
+        if _get_running_loop() is not None:
+            task = _current_task()
+            if task is not None:
+                return self.tasks.get(task)
+        scope: Scope | None = getattr(self.local, "scope", None)
+        return scope
+
+    def _task_done(self, task: Task[Any]) -> None:
+        scope = self.tasks.pop(task, None)
+        if scope is not None:
+            close_abandoned(scope)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: never touch the parent's scopes again."""
+        scopes = [*self.tasks.values(), getattr(self.local, "scope", None)]
+        for scope in scopes:
+            if scope is not None:
+                scope.forgotten = True
+                fork.orphan(scope.session)
+        self.tasks = {}
+        self.local = threading.local()
+
+
+def close_abandoned(scope: Scope) -> None:
+    """Close the session of a scope whose thread or task has ended."""
+    session = scope.session
+    if session is None or scope.forgotten:
+        return
+    if os.getpid() != scope.pid:
+        # Inherited across fork (threads other than the forking one vanish in
+        # the child, and their thread-locals with them): the session belongs
+        # to the parent. Checked first: even at shutdown it must stay pinned.
+        scope.session = None
+        fork.orphan(session)
+        return
+    if scope.blocks or scope.joined is not None:
+        # A block of this scope is still open, handed to another thread or
+        # task to close, or the session belongs to a Zope transaction that is
+        # still running: whoever ends those finishes and resets the session.
+        return
+    scope.session = None
+    if sys.is_finalizing():
+        # The interpreter is exiting: the server rolls back what the dying
+        # connection held, and modules may already be half torn down.
+        return
+    gevent = sys.modules.get("gevent")
+    if gevent is not None and _in_gevent_hub(gevent):
+        # gevent ends a greenlet's locals from its event loop, which must not
+        # block; closing may talk to the server (ROLLBACK).
+        gevent.spawn(_close_session, scope.engine, session)
+        return
+    _close_session(scope.engine, session)
+
+
+def _close_session(engine: Engine, session: Session) -> None:
+    try:
+        gate = gate_for(engine.pool)
+        if gate is None or not session.in_transaction():
+            session.close()
+        else:
+            gate.close_when_free(session)
+    except Exception:
+        logger.warning("closing the session of an ended thread or task failed", exc_info=True)
+
+
+def _in_gevent_hub(gevent: Any) -> bool:
+    try:
+        return bool(gevent.getcurrent() is gevent.get_hub())
+    except Exception:  # pragma: no cover - a half-initialised gevent
+        return False
+
+
+def _link_greenlet(scope: Scope) -> None:
+    """Under gevent's monkey-patching a "thread" is a greenlet, and its
+    thread-local lives as long as the Greenlet object does (often held by
+    whoever spawned it). Close the scope's session as soon as it ends instead."""
+    gevent = sys.modules["gevent"]
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return
+    current = gevent.getcurrent()
+    rawlink = getattr(current, "rawlink", None)
+    if rawlink is None:  # the hub, or a raw greenlet: nothing to watch
+        return
+    ref = weakref.ref(scope)
+
+    def ended(greenlet: Any) -> None:
+        found = ref()
+        if found is not None:
+            close_abandoned(found)  # from the hub: it spawns the close
+
+    rawlink(ended)
+
+
+# -- interruptions --------------------------------------------------------------
+
+
+def note_interruption(scope: Scope, tb: TracebackType | None) -> None:
+    """Remember that a block of *scope* was interrupted (KeyboardInterrupt,
+    SystemExit...), and whether inside the connection pool."""
+    in_pool = False
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if "/sqlalchemy/pool/" in name or name.endswith("/sqlalchemy/util/queue.py"):
+            in_pool = True
+            break
+        tb = tb.tb_next
+    scope.interrupted = max(scope.interrupted, 2 if in_pool else 1)
+
+
+def after_interruption(scope: Scope) -> None:
+    """The first outermost block after an interruption of this scope.
+
+    An interruption that lands inside SQLAlchemy's connection handling can
+    leave a connection that nothing refers to but a reference cycle, holding
+    its locks until the garbage collector runs SQLAlchemy's finaliser, which
+    rolls it back and returns it; by now the interrupted code's exception is
+    gone, so collect. One that lands inside the pool itself can lose a
+    connection from the pool's bookkeeping for good: replace the pool. Other
+    threads' checked-out connections go on working and are discarded when
+    returned."""
+    where = "inside the connection pool" if scope.interrupted == 2 else "during a block"
+    scope.interrupted = 0
+    gc.collect()
+    if gate_for(scope.engine.pool) is not None:
+        return  # one shared connection: it is the database (in-memory SQLite), keep it
+    # Where an interruption lands is not always known (one inside a
+    # finaliser is swallowed by Python), so the pool is replaced after any.
+    logger.warning(
+        "a block was interrupted %s; replacing the pool of %r so that no "
+        "connection is lost from its count",
+        where,
+        scope.engine,
+    )
+    scope.engine.dispose()

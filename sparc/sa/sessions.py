@@ -1,0 +1,205 @@
+"""What sparc.sa notes on a session, and the steps that begin, release,
+roll back and reset it for a block.
+
+A session carries its state in ``Session.info`` under the keys below, so that
+blocks, joined mode and the asyncio manager agree on it without holding a
+reference to each other. None of these steps raises past what it reports:
+a failed rollback is logged, and the error that caused it propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import event as sa_event
+from sqlalchemy.orm import Session
+
+from sparc.sa.exceptions import JoinedTransactionError
+
+if TYPE_CHECKING:
+    from sparc.sa.scope import Scope
+
+__all__ = [
+    "COMMITTING",
+    "IN_BLOCK",
+    "JOINED",
+    "WROTE",
+    "JoinedSession",
+    "begin_nested",
+    "begin_on_sqlite",
+    "close_failed",
+    "freshen",
+    "refuse_commit_when_joined",
+    "release",
+    "rollback",
+    "rollback_savepoint",
+    "watch",
+    "wrote",
+]
+
+logger = logging.getLogger(__name__)
+_DEBUG: Final = logging.DEBUG
+
+# Keys of Session.info. IN_BLOCK: a block of ours is open on the session.
+# WROTE: the session wrote since its transaction began (flushes, DML).
+# JOINED: the session belongs to a transaction of the `transaction` package.
+# COMMITTING: our data manager is committing it (session.commit() allowed).
+IN_BLOCK: Final = "sparc.sa.in_block"
+WROTE: Final = "sparc.sa.wrote"
+JOINED: Final = "sparc.sa.joined"
+COMMITTING: Final = "sparc.sa.committing"
+# Writes are noted only on sessions used outside blocks, whose next block
+# must know whether to end their transaction or carry it on (the manager
+# installs these on such a session once); blocks need no notes.
+WATCHED: Final = "sparc.sa.watched"
+
+_REFUSED_COMMIT: Final = (
+    "this session belongs to a transaction of the `transaction` package "
+    "(a Zope request), which commits it: do not call session.commit(); "
+    "end the `with tx():` block, and its work commits when the request "
+    "(or transaction.commit()) does"
+)
+
+
+def wrote(session: Session) -> bool:
+    """Whether *session* wrote (flushed, or executed anything but a SELECT)
+    in the transaction it is in now. Writes are noted with the transaction
+    they happened in, so a transaction that ended takes its note along."""
+    noted = session.info.get(WROTE)
+    return noted is not None and noted is session.get_transaction()
+
+
+class JoinedSession(Session):
+    """What a session becomes while it belongs to a transaction of the
+    ``transaction`` package: its ``commit()`` is refused, except from our data
+    manager. Sessions of sparc.sa's managers switch to this class when they
+    join and back when the transaction ends, so other sessions pay nothing."""
+
+    def commit(self) -> None:
+        if not self.info.get(COMMITTING):
+            raise JoinedTransactionError(_REFUSED_COMMIT)
+        super().commit()
+
+
+def _note_flush(session: Session, flush_context: Any) -> None:
+    session.info[WROTE] = session.get_transaction()
+
+
+def _note_execute(state: Any) -> None:
+    if not state.is_select:
+        state.session.info[WROTE] = state.session.get_transaction()
+
+
+def watch(session: Session) -> None:
+    """Note the writes of *session*, used outside any block."""
+    session.info[WATCHED] = True
+    sa_event.listen(session, "after_flush", _note_flush)
+    sa_event.listen(session, "do_orm_execute", _note_execute)
+
+
+def refuse_commit_when_joined(session: Session) -> None:
+    """``before_commit`` listener for a Session class of the application's
+    own, which cannot switch to :class:`JoinedSession`."""
+    info = session.info
+    if info.get(JOINED) and not info.get(COMMITTING):
+        raise JoinedTransactionError(_REFUSED_COMMIT)
+
+
+def begin_on_sqlite(session: Session, transaction: Any, connection: Any) -> None:
+    """pysqlite (legacy transaction control) begins a transaction only before
+    DML, so a block's reads would run outside its transaction: a
+    read-modify-write could not be isolated, and a SAVEPOINT outside a
+    transaction starts one of its own, whose RELEASE commits. Inside our
+    blocks, begin explicitly as soon as the session takes its connection."""
+    if not session.info.get(IN_BLOCK):
+        return
+    dbapi = connection.connection.dbapi_connection
+    if (
+        dbapi is not None
+        and not dbapi.in_transaction
+        and dbapi.isolation_level is not None
+        and getattr(dbapi, "autocommit", -1) is not True
+    ):
+        connection.exec_driver_sql("BEGIN")
+
+
+def begin_nested(session: Session, sqlite_begin: bool) -> Any:
+    """``session.begin_nested()``, on pysqlite (*sqlite_begin*) inside a
+    transaction: a SAVEPOINT outside one starts a transaction of its own,
+    whose RELEASE commits, so the outer block could no longer roll it back."""
+    if sqlite_begin:
+        begin_on_sqlite(session, None, session.connection())
+    return session.begin_nested()
+
+
+def freshen(session: Session) -> None:
+    """Give an outermost block a view no older than its start.
+
+    A scope used outside any block may hold a transaction: a snapshot and
+    loaded objects. Only reads: end it, and every object reloads on next
+    access. Writes (pending objects, flushes, DML): they keep their 1.x
+    fate and are committed by this block, in their own transaction; the
+    loaded objects are still refreshed.
+    """
+    if session.info.pop(IN_BLOCK, None):
+        # A block's exit was interrupted before it reset the session: what
+        # it holds is that block's, which raised, so it is discarded.
+        session.rollback()
+        return
+    if not session.in_transaction():
+        return
+    if wrote(session) or session.new or session.deleted or session.dirty:
+        session.flush()
+        session.expire_all()
+        if logger.isEnabledFor(_DEBUG):
+            logger.debug("block continues writes made outside any block: %r", session)
+        return
+    session.rollback()
+
+
+def release(savepoint: Any, session: Session) -> None:
+    """Flush and RELEASE a SAVEPOINT; our own doing, so not refused inside a
+    joined transaction as a user's session.commit() is."""
+    info = session.info
+    info[COMMITTING] = True
+    try:
+        savepoint.commit()
+    finally:
+        info.pop(COMMITTING, None)
+
+
+def rollback(session: Session, cause: BaseException | None) -> None:
+    """Roll *session* back; a failure is logged, never raised, so that the
+    error that caused the rollback is the one that propagates."""
+    try:
+        session.rollback()
+        if logger.isEnabledFor(_DEBUG):
+            logger.debug("block rolled back after %r: %r", type(cause).__name__, session)
+    except Exception:
+        logger.error(
+            "rolling back after %s failed; the original error propagates",
+            type(cause).__name__,
+            exc_info=True,
+        )
+
+
+def rollback_savepoint(scope: Scope, savepoint: Any) -> None:
+    """Roll back to *savepoint*; if that fails the inner work may still be
+    there, so the scope is doomed: its outer block will roll back."""
+    try:
+        savepoint.rollback()
+    except Exception:
+        scope.doomed = True
+        logger.error(
+            "rolling back to a savepoint failed; the outer block will roll back",
+            exc_info=True,
+        )
+
+
+def close_failed(scope: Scope, session: Session) -> None:
+    """Closing *session* failed: the scope must not stay wedged on it, so it
+    is dropped, and the scope gets a fresh one on next use."""
+    logger.error("closing the session after a block failed", exc_info=True)
+    if scope.session is session:
+        scope.session = None
