@@ -14,6 +14,7 @@ from sparc.sa import legacy
 from sparc.sa.engine import SAEngineFromConfigFactory, engine_from_config
 from sparc.sa.events import EngineCreatedEvent
 from sparc.sa.exceptions import (
+    AbortedTransactionError,
     DoomedTransactionError,
     ForkedTransactionError,
     InterleavedTransactionError,
@@ -26,9 +27,15 @@ from sparc.sa.interfaces import (
     ISAScopedTransaction,
     ISASession,
 )
-from sparc.sa.orm import ThreadLocalSASessionTransaction, is_retryable, scoped_transaction
+from sparc.sa.orm import (
+    ThreadLocalSASessionTransaction,
+    configure_transaction,
+    is_retryable,
+    scoped_transaction,
+)
 
 __all__ = [
+    "AbortedTransactionError",
     "DoomedTransactionError",
     "EngineCreatedEvent",
     "ForkedTransactionError",
@@ -41,6 +48,7 @@ __all__ = [
     "InterleavedTransactionError",
     "SAEngineFromConfigFactory",
     "ThreadLocalSASessionTransaction",
+    "configure_transaction",
     "engine_from_config",
     "is_retryable",
     "scoped_transaction",

@@ -30,11 +30,18 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session
 
 from sparc.sa import joined
-from sparc.sa.exceptions import BlockOrderError, DoomedTransactionError, ForkedTransactionError
+from sparc.sa.exceptions import (
+    AbortedTransactionError,
+    BlockOrderError,
+    DoomedTransactionError,
+    ForkedTransactionError,
+    JoinedTransactionError,
+)
 from sparc.sa.gate import Gate, GateCache, ThreadGate
 from sparc.sa.scope import Scope, ScopeRegistry, after_interruption, note_interruption
 from sparc.sa.sessions import (
     IN_BLOCK,
+    aborted,
     begin_nested,
     close_failed,
     freshen,
@@ -64,6 +71,8 @@ class BlockHost(joined.Joiner, Protocol):
     def gates(self) -> GateCache: ...
     @property
     def open_block(self) -> contextvars.ContextVar[weakref.ref[Block] | None]: ...
+    @property
+    def checks_aborted(self) -> bool: ...
 
 
 _ABANDONED: Final = (
@@ -77,6 +86,12 @@ _ABANDONED: Final = (
 class _Abandoned(BaseException):
     """The exit of a block whose `with` statement is gone."""
 
+
+_ABORTED: Final = (
+    "a statement failed inside this block and its error was caught; PostgreSQL "
+    "aborted the transaction, so the block was rolled back, not committed (run "
+    "the statement in a nested block to let it fail alone)"
+)
 
 # The states of a block.
 _NEW: Final = 0
@@ -102,12 +117,14 @@ class Block:
         "_session",
         "_sp",
         "_state",
+        "_tm",
         "_token",
     )
 
-    def __init__(self, manager: BlockHost, savepoint: bool) -> None:
+    def __init__(self, manager: BlockHost, savepoint: bool, tm: Any = None) -> None:
         self._manager = manager
         self._savepoint = savepoint
+        self._tm = tm  # a transaction manager whose transaction to join
         self._state = _NEW
         self._scope: Scope | None = None
         self._token: contextvars.Token[weakref.ref[Block] | None] | None = None
@@ -138,6 +155,8 @@ class Block:
             scope = manager.scopes.current()
         blocks = scope.blocks
         if blocks:
+            if self._tm is not None:
+                _check_same_transaction(self, scope)
             _enter_nested(self, scope, blocks)
             return manager.scoped_session
         if scope.interrupted:
@@ -145,19 +164,22 @@ class Block:
         self._scope = scope
         dm = scope.joined
         if dm is not None:
+            if self._tm is not None:
+                _check_same_transaction(self, scope)
             _enter_joined(self, scope, dm.txn)
             return manager.scoped_session
         join = manager.join
         if join != "never":
             # Inline, as it runs for every block: is a transaction of the
-            # `transaction` package running for this thread? (sparc.sa.joined)
+            # `transaction` package running for this thread, or a Pyramid
+            # request's? (sparc.sa.joined)
             module = sys.modules.get("transaction")
             running = False
             if module is not None:
                 tm = module.manager  # the thread's TransactionManager is tm.manager
                 running = getattr(tm, "manager", tm).__dict__.get("_txn") is not None
-            if running or join == "always":
-                txn = joined.transaction_to_join(join)
+            if running or join == "always" or self._tm is not None or "pyramid_tm" in sys.modules:
+                txn = joined.transaction_to_join(join, self._tm)
                 if txn is not None:
                     _enter_joined(self, scope, txn)
                     return manager.scoped_session
@@ -254,7 +276,7 @@ class Block:
                     rollback_savepoint(scope, self._sp)
             elif self._dm is None:
                 rollback(self._session, None)
-                self._close(scope, self._session)
+                _close(self, scope, self._session)
             return
         if blocks[-1] is not self._ref:
             _prune(scope, blocks)
@@ -274,6 +296,8 @@ class Block:
                         "an inner block joined with savepoint=False failed; "
                         "the transaction was rolled back"
                     )
+                if self._manager.checks_aborted and aborted(session):
+                    raise AbortedTransactionError(_ABORTED)
                 session.commit()
                 if self._debug:
                     logger.debug("block committed: %r", session)
@@ -300,31 +324,7 @@ class Block:
                 self._state = _DONE
                 scope.doomed = False
             finally:
-                self._close(scope, session)
-
-    def _close(self, scope: Scope, session: Session) -> None:
-        """Reset the session and give the gate and context back."""
-        try:
-            try:
-                session.close()
-            except BaseException as error:
-                # Interrupted half-way (a KeyboardInterrupt, say): closing
-                # again finishes the job, so the connection goes back to the
-                # pool; then the interruption propagates.
-                if not isinstance(error, Exception):
-                    note_interruption(scope, error.__traceback__)
-                session.close()
-                raise
-            session.info.pop(IN_BLOCK, None)  # finished: nothing left to discard
-        except Exception:
-            close_failed(scope, session)
-        finally:
-            try:
-                self._leave_context()
-            finally:
-                gate = self._gate
-                if gate is not None:
-                    gate.release(scope)
+                _close(self, scope, session)
 
     @property
     def session(self) -> Session:
@@ -349,6 +349,31 @@ class Block:
                 self._manager.open_block.reset(token)
             except ValueError:
                 pass  # closed from another context than it opened in
+
+
+def _close(block: Block, scope: Scope, session: Session) -> None:
+    """Reset the session and give the gate and context back."""
+    try:
+        try:
+            session.close()
+        except BaseException as error:
+            # Interrupted half-way (a KeyboardInterrupt, say): closing
+            # again finishes the job, so the connection goes back to the
+            # pool; then the interruption propagates.
+            if not isinstance(error, Exception):
+                note_interruption(scope, error.__traceback__)
+            session.close()
+            raise
+        session.info.pop(IN_BLOCK, None)  # finished: nothing left to discard
+    except Exception:
+        close_failed(scope, session)
+    finally:
+        try:
+            block._leave_context()
+        finally:
+            gate = block._gate
+            if gate is not None:
+                gate.release(scope)
 
 
 # -- the less common paths of a block, kept out of its class ---------------------
@@ -414,6 +439,10 @@ def _enter_joined(block: Block, scope: Scope, txn: Any) -> None:
     try:
         if dm is None:
             dm = joined.join_scope(manager, scope, txn)
+        else:
+            dm.check_whole()
+            if dm.root is None:  # after our own rollback of the whole transaction
+                dm.note_root()
         block._dm = dm
         session = block._session = dm.session
         session.info[IN_BLOCK] = True
@@ -421,7 +450,7 @@ def _enter_joined(block: Block, scope: Scope, txn: Any) -> None:
         before = session.get_nested_transaction()
         try:
             if block._savepoint:
-                if dm.fresh and session._is_clean():
+                if dm.fresh and session._is_clean() and not dm.others_open(scope):
                     # Nothing written yet in this transaction: rolling it
                     # back whole undoes exactly this block, so the two
                     # round trips of a SAVEPOINT and its RELEASE are saved.
@@ -445,6 +474,19 @@ def _enter_joined(block: Block, scope: Scope, txn: Any) -> None:
         raise
     if block._debug:
         logger.debug("joined block entered: %r in %r", session, manager)
+
+
+def _check_same_transaction(block: Block, scope: Scope) -> None:
+    """A block given a transaction manager, in a scope already inside another
+    transaction (joined, or an open block of its own)."""
+    dm = scope.joined
+    wanted = joined.transaction_to_join("always", block._tm)
+    if dm is None or dm.txn is not wanted:
+        raise JoinedTransactionError(
+            "this block was given a transaction_manager, but its thread or task is "
+            "already inside another transaction (an open block, or another manager's "
+            "transaction); end that first"
+        )
 
 
 def _exit_closed(block: Block, exc_type: type[BaseException] | None) -> None:
@@ -484,12 +526,28 @@ def _exit_nested(
         elif outer is not None:
             outer._inner_done += 1
         return
+    session = block._session
+    if not savepoint.is_active:
+        # Rolled back by transaction.savepoint()'s rollback of a savepoint
+        # taken before this block: what it did since lives in the outer
+        # transaction; its earlier work cannot be told apart to undo it.
+        if exc_type is not None:
+            scope.doomed = True
+        return
     if exc_type is None:
         try:
-            release(savepoint, block._session)
+            if block._manager.checks_aborted and aborted(session):
+                raise AbortedTransactionError(_ABORTED)
+            if session.get_nested_transaction() is savepoint:
+                release(savepoint, session)
+            else:
+                # A savepoint taken inside this block (transaction.savepoint())
+                # is still open: keep ours open too, so that it stays valid.
+                session.flush()
         except BaseException:
-            # RELEASE (or the flush before it) failed: undo the inner work
-            # and let the error reach the outer block's code.
+            # The flush or RELEASE failed, or the server aborted the
+            # transaction: undo the inner work and let the error reach the
+            # outer block's code.
             rollback_savepoint(scope, savepoint)
             raise
         if outer is not None:
@@ -540,7 +598,7 @@ def _exit_out_of_order(block: Block, scope: Scope, refs: list[weakref.ref[Block]
         dm.doom("blocks of one scope ended out of order")
     else:
         rollback(session, None)
-        outermost._close(scope, session)
+        _close(outermost, scope, session)
     raise BlockOrderError(
         f"a block ended while {inner} block(s) opened inside it were still open; "
         "the transaction was rolled back, not committed (blocks of one thread or "

@@ -11,6 +11,7 @@ except ImportError:  # pragma: no cover - exercised in environments without it
 
 
 __all__ = [
+    "AbortedTransactionError",
     "BlockOrderError",
     "CrossScopeSessionError",
     "DoomedTransactionError",
@@ -28,6 +29,20 @@ class DoomedTransactionError(RuntimeError):
 
     Its work could not be undone on its own; the whole transaction was rolled
     back instead of committing half of it.
+    """
+
+
+class AbortedTransactionError(RuntimeError):
+    """A statement failed inside a block, its error was caught, and the
+    database aborted the transaction (PostgreSQL does, until it is rolled
+    back).
+
+    A COMMIT would silently roll everything back, so the block is rolled back
+    instead and this error says so: nothing of the block was committed. To
+    let a statement fail and carry on, run it in a nested block (a SAVEPOINT)
+    and catch the error outside that block.
+
+    .. versionadded:: 2.0
     """
 
 

@@ -7,15 +7,29 @@ transaction: ZODB's, and now the database's. A transaction manager's
 ``"never"``
     Every outermost block commits by itself (sparc.sa 1.x's behaviour).
 ``"always"``
-    Every block joins the current transaction of the thread's
+    Every block joins the current transaction: the request's during a
+    Pyramid request that pyramid_tm manages, else that of the thread's
     ``transaction.manager`` (beginning one in implicit mode); nothing is
     committed until that transaction commits.
 ``"auto"`` (the default)
     Blocks join when a transaction is known to be running for this thread:
     while Zope's publisher publishes a request (a request is set in
-    ``zope.globalrequest`` and a transaction is begun), and inside a
-    transaction begun on an explicit-mode ``transaction.manager``
-    (pyramid_tm's way). Otherwise as ``"never"``.
+    ``zope.globalrequest`` and a transaction is begun), during a Pyramid
+    request that pyramid_tm manages (``request.tm``, whichever manager its
+    ``tm.manager_hook`` makes), and inside a transaction begun on an
+    explicit-mode ``transaction.manager``. Otherwise as ``"never"``.
+
+``with tx(transaction_manager=tm):`` joins *tm*'s current transaction
+whatever the mode (except ``"never"``), and leaves the thread's own
+manager alone, as ``zope.sqlalchemy.register(session, transaction_manager=tm)``
+does.
+
+Blocks opened after a transaction has ended (in its after-commit and
+after-abort hooks) do not join it: they commit by themselves. Blocks in
+before-commit and before-abort hooks still belong to it.
+
+All managers of one engine share one SQL transaction per joined
+transaction, on one connection (see :mod:`sparc.sa.datamanager`).
 
 In a joined transaction the outermost block of a scope runs in a SAVEPOINT:
 on normal exit it flushes and releases it, on an exception it rolls back to
@@ -24,7 +38,10 @@ on. The SQL COMMIT happens when the transaction commits, voting after ZODB
 (sort key), so a ZODB conflict at vote rolls the SQL back; any abort rolls
 back everything the request wrote. Every write commits, whoever issued it:
 there is no ``mark_changed()``. After the transaction ends, committed or
-aborted, the session is reset and its connection is back in the pool.
+aborted, the session is reset and its connection is back in the pool. A
+session reset meanwhile (``tx.session.rollback()``, ``close()``, the 1.x
+``Session.remove()``) dooms the transaction with a JoinedTransactionError,
+rather than letting it commit only the work done after the reset.
 
 A serialization failure or deadlock reaches the transaction's owner as a
 :class:`~sparc.sa.exceptions.RetryableDatabaseError`, a ``TransientError``,
@@ -39,23 +56,21 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import FrameType
 from typing import Any, Final, Protocol
 
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
-from zope.interface import implementer
 
 from sparc.sa import liveness, sessions
+from sparc.sa.datamanager import WHOLE_TRANSACTION, SessionDataManager
 from sparc.sa.exceptions import (
-    BlockOrderError,
+    AbortedTransactionError,
     DoomedTransactionError,
     JoinedTransactionError,
     RetryableDatabaseError,
 )
 from sparc.sa.gate import Gate, ThreadGate
-from sparc.sa.retry import is_retryable, retryable_in_request
+from sparc.sa.retry import retryable_in_request
 from sparc.sa.scope import Scope
 
 __all__ = [
@@ -68,10 +83,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: The "savepoint" of a joined block that is alone in its SQL transaction:
-#: rolling back the whole SQL transaction undoes exactly that block.
-WHOLE_TRANSACTION: Final = object()
 
 
 class Joiner(Protocol):
@@ -89,37 +100,45 @@ class Joiner(Protocol):
     def current_gate(self) -> Gate | ThreadGate | None: ...
 
 
-try:
-    from transaction.interfaces import IDataManager, IDataManagerSavepoint, ISavepointDataManager
-except ImportError:  # pragma: no cover - joined mode is never entered without it
-    _DM_INTERFACES: tuple[Any, ...] = ()
-    _SP_INTERFACES: tuple[Any, ...] = ()
-else:
-    _DM_INTERFACES = (IDataManager, ISavepointDataManager)
-    _SP_INTERFACES = (IDataManagerSavepoint,)
+# -- which transaction ---------------------------------------------------------------
 
 
-def transaction_to_join(mode: str) -> Any:
-    """The transaction that a block opened now joins under *mode*, or None."""
-    module: Any = sys.modules.get("transaction")
-    if module is None:
-        if mode != "always":
-            return None  # nobody imported it, so no transaction is running
-        module = importlib.import_module("transaction")
-    tm = module.manager
-    if mode == "always":
-        return tm.get()
+def transaction_to_join(mode: str, tm: Any = None) -> Any:
+    """The transaction that a block opened now joins under *mode*, or None
+    (the block commits by itself). *tm*: a transaction manager the block
+    was given, whose current transaction it joins."""
+    if tm is not None:
+        txn = tm.get()  # begins one in implicit mode, as zope.sqlalchemy does
+    else:
+        txn = _request_transaction()
+        if txn is None:
+            module: Any = sys.modules.get("transaction")
+            if module is None:
+                if mode != "always":
+                    return None  # nobody imported it, so no transaction is running
+                module = importlib.import_module("transaction")
+            txn = _thread_transaction(module.manager, mode)
+    if txn is None or not _joinable(txn):
+        return None
+    return txn
+
+
+def _running(tm: Any) -> Any:
+    """*tm*'s transaction if one is running; never begins one."""
     # transaction.manager is a ThreadTransactionManager: the thread's own
     # TransactionManager is its `manager`. Its `_txn` is the running
     # transaction, which get() would create in implicit mode.
-    try:
-        inner = tm.manager
-        txn = inner._txn
-    except AttributeError:  # not a ThreadTransactionManager of transaction 3+
-        inner, txn = tm, getattr(tm, "_txn", None)
+    inner = getattr(tm, "manager", tm)
+    return getattr(inner, "_txn", None), inner
+
+
+def _thread_transaction(tm: Any, mode: str) -> Any:
+    if mode == "always":
+        return tm.get()
+    txn, inner = _running(tm)
     if txn is None:
         return None
-    if inner.explicit:
+    if getattr(inner, "explicit", False):
         return txn
     globalrequest = sys.modules.get("zope.globalrequest")
     if globalrequest is not None and globalrequest.getRequest() is not None:
@@ -127,17 +146,63 @@ def transaction_to_join(mode: str) -> Any:
     return None
 
 
+def _request_transaction() -> Any:
+    """The transaction of the Pyramid request being handled, when pyramid_tm
+    manages it: ``request.tm`` is a manager of its own (``explicit_manager``
+    makes one per request), which the thread's global manager knows nothing
+    of."""
+    threadlocal = sys.modules.get("pyramid.threadlocal")
+    if threadlocal is None:
+        return None
+    request = threadlocal.get_current_request()
+    environ = getattr(request, "environ", None)
+    if not environ or not environ.get("tm.active"):
+        return None
+    tm = environ.get("tm.manager")
+    return None if tm is None else _running(tm)[0]
+
+
+# The methods of transaction's Transaction that run its ending hooks.
+_ENDING_HOOKS: Final = frozenset({"_callAfterCommitHooks", "_callAfterAbortHooks"})
+
+
+def _joinable(txn: Any) -> bool:
+    """Whether *txn* can still take a block's work: active (or doomed, which
+    aborts it), and not in the hooks that run while it ends. A block in an
+    after-commit or abort hook that joined would never commit."""
+    status = str(getattr(txn, "status", "Active"))
+    if status not in ("Active", "Doomed"):
+        return False
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name in _ENDING_HOOKS and frame.f_locals.get("self") is txn:
+            return False
+        frame = frame.f_back
+    return True
+
+
+# -- joining -----------------------------------------------------------------------------
+
+
 def join_scope(manager: Joiner, scope: Scope, txn: Any) -> SessionDataManager:
-    """Join *scope*'s session to *txn* and return its data manager."""
+    """Join *scope* to *txn* and return the data manager of its engine there.
+    The first scope of an engine in *txn* brings its session; later ones
+    (other managers of the engine) work with that same session."""
+    session = scope.session
+    if session is None:
+        session = scope.session = manager.new_session()
+    engine = session.get_bind()
+    dm = _data_manager(txn, engine)
+    if dm is not None:
+        _set_aside(session)
+        dm.attach(scope)
+        dm.check_whole()
+        return dm
     gate = manager.current_gate()
     if gate is not None:
         gate.acquire(scope, manager)
-    session = None
     try:
-        session = scope.session
-        if session is None:
-            session = scope.session = manager.new_session()
-        elif session.in_transaction() or sessions.IN_BLOCK in session.info:
+        if session.in_transaction() or sessions.IN_BLOCK in session.info:
             sessions.freshen(session)
         if manager.twophase:
             if session.in_transaction():
@@ -148,7 +213,7 @@ def join_scope(manager: Joiner, scope: Scope, txn: Any) -> SessionDataManager:
             session.twophase = True
         dm = SessionDataManager(manager, scope, session, txn, gate)
         # Writes made outside any block, carried into this transaction by
-        # _freshen: a failing block must not roll them back whole.
+        # freshen(): a failing block must not roll them back whole.
         dm.fresh = not session.in_transaction()
         scope.joined = dm
         session.info[sessions.JOINED] = True
@@ -156,23 +221,49 @@ def join_scope(manager: Joiner, scope: Scope, txn: Any) -> SessionDataManager:
             session.__class__ = sessions.JoinedSession
         session.info[sessions.IN_BLOCK] = True  # a BEGIN first on pysqlite
         txn.join(dm)
+        txn.set_data(engine, dm)
         # Take the connection now, trusting one returned a moment ago: if it
         # died meanwhile, the request is retried (see sparc.sa.liveness).
         with liveness.trusting_recent_connections():
-            session.connection()
+            dm.note_root()
     except BaseException:
         scope.joined = None
-        if session is not None:
-            session.info.pop(sessions.JOINED, None)
-            session.twophase = False
-            if session.__class__ is sessions.JoinedSession:
-                session.__class__ = Session  # type: ignore[assignment]
+        session.info.pop(sessions.JOINED, None)
+        session.twophase = False
+        if session.__class__ is sessions.JoinedSession:
+            session.__class__ = Session  # type: ignore[assignment]
         if gate is not None:
             gate.release(scope)
         raise
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("joined %r to %r", session, txn)
     return dm
+
+
+def _data_manager(txn: Any, engine: Any) -> SessionDataManager | None:
+    """The data manager of *engine* in *txn*, if one joined and is not done."""
+    try:
+        dm: SessionDataManager = txn.data(engine)
+    except (KeyError, AttributeError):
+        return None
+    return None if dm.ended else dm
+
+
+def _set_aside(session: Session) -> None:
+    """A scope's own session, about to give way to the shared one: what it
+    only read is dropped; writes made outside any block cannot move over."""
+    if not session.in_transaction():
+        return
+    if sessions.wrote(session) or session.new or session.dirty or session.deleted:
+        raise JoinedTransactionError(
+            "writes made through tx.session outside any block cannot join a "
+            "transaction that another manager of the same engine already works in; "
+            "make them inside a block"
+        )
+    session.rollback()
+
+
+# -- ending a block ------------------------------------------------------------------------
 
 
 def finish_block(
@@ -192,11 +283,27 @@ def finish_block(
             raise DoomedTransactionError(
                 "an inner block joined with savepoint=False failed; the block was rolled back"
             )
+        if dm.aborted():
+            dm.undo(savepoint, "a statement failed inside the block")
+            raise AbortedTransactionError(
+                "a statement failed inside this block and its error was caught; "
+                "PostgreSQL aborted the transaction, so the block was rolled back "
+                "(run the statement in a nested block to let it fail alone)"
+            )
         try:
-            if savepoint is not None and savepoint is not WHOLE_TRANSACTION:
-                sessions.release(savepoint, session)  # flush, then RELEASE SAVEPOINT
-            else:
+            if savepoint is None or savepoint is WHOLE_TRANSACTION:
                 session.flush()
+            elif not savepoint.is_active:
+                # Rolled back by transaction.savepoint()'s rollback of a
+                # savepoint taken before the block: what the block did since
+                # lives in the transaction already.
+                session.flush()
+            elif session.get_nested_transaction() is not savepoint:
+                # A savepoint taken inside the block (transaction.savepoint())
+                # is still open: keep ours open too, so that it stays valid.
+                session.flush()
+            else:
+                sessions.release(savepoint, session)  # flush, then RELEASE SAVEPOINT
         except BaseException as error:
             dm.undo(savepoint, "the block's flush failed")
             if retryable_in_request(error):
@@ -219,182 +326,3 @@ def finish_block(
             f"the database aborted the transaction ({type(exc).__name__}); "
             "the request can be retried"
         ) from exc
-
-
-@contextmanager
-def _transient(what: str, lost_connection: bool = True) -> Iterator[None]:
-    """Turn a serialization failure or deadlock (and, unless at the COMMIT,
-    a lost connection) into a TransientError."""
-    try:
-        yield
-    except sa_exc.DBAPIError as error:
-        if is_retryable(error) or (lost_connection and retryable_in_request(error)):
-            raise RetryableDatabaseError(
-                f"the database aborted the transaction at {what} "
-                f"({type(error.orig).__name__}); the request can be retried"
-            ) from error
-        raise
-
-
-@implementer(*_DM_INTERFACES)
-class SessionDataManager:
-    """Takes part in a transaction of the ``transaction`` package for one
-    scope's session. Created by the first block of a scope that joins it."""
-
-    def __init__(
-        self,
-        manager: Joiner,
-        scope: Scope,
-        session: Session,
-        txn: Any,
-        gate: Gate | ThreadGate | None,
-    ) -> None:
-        self._manager = manager
-        self._scope = scope
-        self.session = session
-        self.txn = txn
-        self._gate = gate
-        self._twophase = manager.twophase
-        self._committed = False
-        self._ended = False
-        #: Nothing has been written in this transaction by a finished block:
-        #: a failing block may roll back the whole SQL transaction.
-        self.fresh = True
-        self.transaction_manager = sys.modules["transaction"].manager
-
-    def __repr__(self) -> str:
-        return f"<SessionDataManager for {self._manager!r}>"
-
-    # -- helpers for blocks -----------------------------------------------------------
-
-    def doom(self, reason: str) -> None:
-        """Make sure the transaction cannot commit."""
-        logger.warning("dooming the transaction: %s", reason)
-        if not self.txn.isDoomed():
-            self.txn.doom()
-
-    def undo(self, savepoint: Any, reason: str) -> None:
-        """Roll a block's work back: to its savepoint, the whole SQL
-        transaction if it held nothing else, or doom the transaction."""
-        if savepoint is None:
-            self.doom(reason)
-            return
-        try:
-            if savepoint is WHOLE_TRANSACTION:
-                self.session.rollback()
-            else:
-                savepoint.rollback()
-        except Exception:
-            logger.error("rolling back to a savepoint failed", exc_info=True)
-            self.doom(reason + ", and rolling back to its savepoint failed")
-
-    # -- IDataManager ---------------------------------------------------------------------
-
-    def sortKey(self) -> str:
-        # After ZODB's connections (their keys start with a storage name), so
-        # that ZODB votes first: a conflict there rolls the SQL back.
-        return f"~sparc.sa:{id(self):016x}"
-
-    def abort(self, txn: Any) -> None:
-        self._end()
-
-    def tpc_begin(self, txn: Any) -> None:
-        if self._scope.blocks:
-            raise BlockOrderError(
-                "the transaction is committing while a sparc.sa block is still open; "
-                "end the block before transaction.commit()"
-            )
-        with _transient("flush"):
-            self.session.flush()
-
-    def commit(self, txn: Any) -> None:
-        pass
-
-    def tpc_vote(self, txn: Any) -> None:
-        info = self.session.info
-        info[sessions.COMMITTING] = True
-        try:
-            with _transient("commit", lost_connection=False):
-                if self._twophase:
-                    self.session.prepare()
-                else:
-                    self.session.commit()
-                    self._committed = True
-        finally:
-            info.pop(sessions.COMMITTING, None)
-
-    def tpc_finish(self, txn: Any) -> None:
-        try:
-            if self._twophase:
-                info = self.session.info
-                info[sessions.COMMITTING] = True
-                try:
-                    self.session.commit()  # COMMIT PREPARED / XA COMMIT
-                finally:
-                    info.pop(sessions.COMMITTING, None)
-                self._committed = True
-        finally:
-            self._end()
-
-    def tpc_abort(self, txn: Any) -> None:
-        self._end()
-
-    def should_retry(self, error: BaseException) -> bool:
-        return retryable_in_request(error)
-
-    # -- ISavepointDataManager ------------------------------------------------------------
-
-    def savepoint(self) -> _Savepoint:
-        return _Savepoint(self)
-
-    # -- the end ------------------------------------------------------------------------------
-
-    def _end(self) -> None:
-        """Roll back what was not committed, reset the session, free the scope.
-        Runs once, after commit or abort; resetting comes last so that a
-        failure in it cannot leave the scope attached to a dead transaction."""
-        if self._ended:
-            return
-        self._ended = True
-        scope = self._scope
-        session = self.session
-        scope.cancel_open_blocks()
-        try:
-            if not self._committed:
-                sessions.rollback(session, None)
-        finally:
-            info = session.info
-            info.pop(sessions.JOINED, None)
-            info.pop(sessions.IN_BLOCK, None)
-            session.twophase = False
-            if session.__class__ is sessions.JoinedSession:
-                session.__class__ = Session  # type: ignore[assignment]
-            try:
-                session.close()
-            except Exception:
-                sessions.close_failed(scope, session)
-            finally:
-                if scope.joined is self:
-                    scope.joined = None
-                if self._gate is not None:
-                    self._gate.release(scope)
-                if logger.isEnabledFor(logging.DEBUG):
-                    state = "committed" if self._committed else "rolled back"
-                    logger.debug("joined transaction %s: %r", state, session)
-
-
-@implementer(*_SP_INTERFACES)
-class _Savepoint:
-    """``transaction.savepoint()`` for our session: a SAVEPOINT, on SQLite too."""
-
-    def __init__(self, dm: SessionDataManager) -> None:
-        self._dm = dm
-        session = dm.session
-        session.info[sessions.IN_BLOCK] = True  # a BEGIN first on pysqlite
-        self._nested = sessions.begin_nested(session, dm._manager.sqlite_begin)
-
-    def rollback(self) -> None:
-        if self._nested.is_active:
-            self._nested.rollback()
-        # The transaction package lets a savepoint be rolled back again.
-        self._nested = sessions.begin_nested(self._dm.session, self._dm._manager.sqlite_begin)

@@ -102,6 +102,7 @@ __all__ = [
     "RetryableDatabaseError",
     "ThreadLocalSASessionTransaction",
     "configure_shared",
+    "configure_transaction",
     "is_retryable",
     "scoped_transaction",
 ]
@@ -209,6 +210,9 @@ class ThreadLocalSASessionTransaction:
         # A Session class of the application's own cannot switch to
         # JoinedSession; it gets a listener instead.
         self.switches_class = own_class is Session
+        #: PostgreSQL via psycopg: a transaction the server aborted is never
+        #: COMMITted (which would silently roll it back).
+        self.checks_aborted = sessions.checks_aborted(engine)
         if not self.switches_class:
             sa_event.listen(factory, "before_commit", sessions.refuse_commit_when_joined)
         if self.sqlite_begin and not isinstance(engine.pool, StaticPool):
@@ -278,15 +282,26 @@ class ThreadLocalSASessionTransaction:
         """The ISAScopedSession provider that blocks yield."""
         return self._Session
 
-    def __call__(self, savepoint: bool = True) -> Block:
+    def __call__(self, savepoint: bool = True, *, transaction_manager: Any = None) -> Block:
         """A block: ``with tx():`` commits on success, rolls back on any
         exception; nested, a SAVEPOINT (or, with ``savepoint=False``, a part
-        of the outer transaction)."""
+        of the outer transaction).
+
+        *transaction_manager*: a manager of the ``transaction`` package whose
+        current transaction the block joins (``tm.get()``), instead of the
+        thread's ``transaction.manager``, as
+        ``zope.sqlalchemy.register(session, transaction_manager=tm)`` does.
+
+        .. versionchanged:: 2.0
+           *transaction_manager*.
+        """
         if savepoint is not True and savepoint is not False:
             raise TypeError(
                 f"'savepoint' must be True or False, got {savepoint!r} ({type(savepoint).__name__})"
             )
-        return Block(self, savepoint)
+        if transaction_manager is not None:
+            _check_manager(transaction_manager, self._join)
+        return Block(self, savepoint, transaction_manager)
 
     def run(self, fn: Callable[..., _T], /, *args: Any, attempts: int = 3, **kwargs: Any) -> _T:
         """Call ``fn(session, *args, **kwargs)`` in a block and return its result,
@@ -404,6 +419,19 @@ def _check_join(engine: Engine, join: object, twophase: object) -> tuple[str, bo
     return str(join), bool(twophase)
 
 
+def _check_manager(tm: object, join: str) -> None:
+    if not callable(getattr(tm, "get", None)) or not callable(getattr(tm, "begin", None)):
+        raise TypeError(
+            "'transaction_manager' must be a transaction manager of the `transaction` "
+            f"package (transaction.TransactionManager, request.tm), got {type(tm).__name__}"
+        )
+    if join == "never":
+        raise ValueError(
+            "this manager's join mode is 'never', so its blocks never join a "
+            "transaction; a transaction_manager needs join 'auto' or 'always'"
+        )
+
+
 def _no_coroutine(result: _T, fn: Any) -> _T:
     if inspect.isawaitable(result):
         close = getattr(result, "close", None)
@@ -458,3 +486,27 @@ def configure_shared(
     manager._join, manager._twophase = _check_join(manager._engine, wanted_join, wanted_two)
     if first is None:
         manager.__dict__["_configured_at"] = " ".join(where.split())
+
+
+def configure_transaction(
+    engine: Engine,
+    base: type[Any],
+    *,
+    join: str | None = None,
+    twophase: bool | None = None,
+) -> ThreadLocalSASessionTransaction:
+    """Set the join mode and two-phase commit of the shared manager of
+    *engine* and *base* (the one every ``getMultiAdapter((engine, Base),
+    ISAScopedTransaction)`` returns), as ``<sa:transaction>`` does in ZCML,
+    and return it. Options left None keep their value.
+
+    A second configuration that disagrees with the first raises ValueError
+    naming where the first was made.
+
+    .. versionadded:: 2.0
+    """
+    caller = sys._getframe(1)
+    where = f"{caller.f_code.co_filename}, line {caller.f_lineno}"
+    manager = scoped_transaction(engine, base)
+    configure_shared(manager, join, twophase, where)
+    return manager

@@ -12,6 +12,7 @@ import random
 from typing import Any, Final
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm.exc import StaleDataError
 
 from sparc.sa.exceptions import RetryableDatabaseError
 
@@ -76,9 +77,11 @@ def _retryable_itself(error: BaseException) -> bool:
 
 def retryable_in_request(error: BaseException) -> bool:
     """Whether the owner of a joined transaction may run the request again:
-    a serialization failure or deadlock, or a lost connection. A lost
-    connection before the COMMIT leaves nothing committed (the COMMIT itself
-    is never judged here: its outcome would be unknown)."""
+    a serialization failure or deadlock, a lost connection, or an ORM
+    ``StaleDataError`` (a versioned row changed under the request, as
+    zope.sqlalchemy retries too). A lost connection before the COMMIT leaves
+    nothing committed (the COMMIT itself is never judged here: its outcome
+    would be unknown)."""
     if is_retryable(error):
         return True
     seen: BaseException | None = error
@@ -86,6 +89,8 @@ def retryable_in_request(error: BaseException) -> bool:
         if seen is None:
             return False
         if isinstance(seen, sa_exc.DBAPIError) and seen.connection_invalidated:
+            return True
+        if isinstance(seen, StaleDataError):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -26,8 +26,10 @@ __all__ = [
     "JOINED",
     "WROTE",
     "JoinedSession",
+    "aborted",
     "begin_nested",
     "begin_on_sqlite",
+    "checks_aborted",
     "close_failed",
     "freshen",
     "refuse_commit_when_joined",
@@ -103,6 +105,8 @@ def refuse_commit_when_joined(session: Session) -> None:
     own, which cannot switch to :class:`JoinedSession`."""
     info = session.info
     if info.get(JOINED) and not info.get(COMMITTING):
+        if session.get_nested_transaction() is not None:
+            return  # releasing the application's own SAVEPOINT (begin_nested())
         raise JoinedTransactionError(_REFUSED_COMMIT)
 
 
@@ -160,13 +164,68 @@ def freshen(session: Session) -> None:
 
 def release(savepoint: Any, session: Session) -> None:
     """Flush and RELEASE a SAVEPOINT; our own doing, so not refused inside a
-    joined transaction as a user's session.commit() is."""
+    joined transaction as a user's session.commit() is.
+
+    If the RELEASE itself fails, the savepoint is rolled back before the
+    error propagates: SQLAlchemy marks a savepoint whose RELEASE failed as
+    inactive without undoing it, and on PostgreSQL the transaction would stay
+    aborted, so that a later COMMIT silently rolls back everything."""
     info = session.info
     info[COMMITTING] = True
     try:
         savepoint.commit()
+    except BaseException:
+        _undo_failed_release(savepoint)
+        raise
     finally:
         info.pop(COMMITTING, None)
+
+
+def _undo_failed_release(savepoint: Any) -> None:
+    for connection, transaction, *_ in list(getattr(savepoint, "_connections", {}).values()):
+        name = getattr(transaction, "_savepoint", None)
+        if name is None or transaction.is_active or connection.closed:
+            continue  # not a SAVEPOINT, or SQLAlchemy still owns its rollback
+        if connection._nested_transaction is not transaction:
+            continue  # released after all (the failure came later)
+        # SQLAlchemy refuses statements on a connection whose savepoint is
+        # inactive, so this one goes to the driver directly.
+        quoted = connection.dialect.identifier_preparer.quote(name)
+        try:
+            cursor = connection.connection.dbapi_connection.cursor()
+            try:
+                cursor.execute(f"ROLLBACK TO SAVEPOINT {quoted}")
+            finally:
+                cursor.close()
+        except Exception:
+            logger.error("rolling back to a savepoint whose RELEASE failed failed", exc_info=True)
+            raise
+
+
+#: The driver's "transaction aborted, commands ignored until end of
+#: transaction block" status: psycopg 3's and psycopg2's TransactionStatus.INERROR.
+_PG_INERROR: Final = 3
+
+
+def aborted(session: Session) -> bool:
+    """Whether the server aborted *session*'s transaction after a statement
+    failed (PostgreSQL). A COMMIT then silently rolls everything back, so a
+    block that ends normally must not commit it."""
+    transaction = session.get_transaction()
+    if transaction is None:
+        return False
+    for connection, *_ in getattr(transaction, "_connections", {}).values():
+        if connection.closed or connection.invalidated:
+            continue
+        info = getattr(connection.connection.dbapi_connection, "info", None)
+        if getattr(info, "transaction_status", None) == _PG_INERROR:
+            return True
+    return False
+
+
+def checks_aborted(engine: Any) -> bool:
+    """Whether :func:`aborted` can tell for *engine*'s driver."""
+    return bool(engine.dialect.name == "postgresql" and engine.driver in ("psycopg", "psycopg2"))
 
 
 def rollback(session: Session, cause: BaseException | None) -> None:
