@@ -120,9 +120,9 @@ class SessionDataManager:
         #: a different one means somebody reset the session meanwhile.
         self.root: Any = None
         #: IDataManager: the transaction manager of the joined transaction.
-        self.transaction_manager = getattr(txn, "_manager", None) or sys.modules[
-            "transaction"
-        ].manager
+        self.transaction_manager = (
+            getattr(txn, "_manager", None) or sys.modules["transaction"].manager
+        )
 
     @property
     def ended(self) -> bool:
