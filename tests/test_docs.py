@@ -52,12 +52,12 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says() -> None:
     assert re.search(r"^\s*\S*pytest\b", ci, re.M), "CI does not run pytest"
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["README.rst", "CHANGES.rst", "docs/zcml.rst", "docs/zope.rst", "docs/benchmarks.rst"],
-)
+@pytest.mark.parametrize("name", ["README.rst", "CHANGES.rst"])
 def test_rst_is_valid(name: str) -> None:
-    """PyPI shows README.rst as plain text if it has an error; catch it here."""
+    """PyPI shows README.rst as plain text if it has an error; catch it here.
+
+    The pages under docs/ use Sphinx's roles, which plain docutils does not
+    know: CI builds them with ``sphinx-build -W``, which fails on any error."""
     import io
 
     import docutils.core
@@ -76,3 +76,18 @@ def test_benchmarks_page_shows_the_plot() -> None:
     assert ".. image:: benchmarks/threads.png" in page
     assert (ROOT / "docs" / "benchmarks" / "threads.png").is_file()
     assert "python bench/run.py" in page
+
+
+def test_every_engine_option_is_documented() -> None:
+    from sparc.sa import options
+
+    page = (ROOT / "docs" / "engines.rst").read_text()
+    missing = sorted(name for name in options.KNOWN_OPTIONS if f"``{name}``" not in page)
+    assert missing == []
+
+
+def test_every_page_is_in_the_site() -> None:
+    index = (ROOT / "docs" / "index.rst").read_text()
+    pages = {path.stem for path in (ROOT / "docs").glob("*.rst")} - {"index"}
+    listed = set(re.findall(r"^   ([\w-]+)$", index, re.M))
+    assert pages - listed == set()
