@@ -15,6 +15,10 @@ missing.
 
 from __future__ import annotations
 
+import ast
+import copy
+import importlib
+import inspect
 import re
 from importlib.metadata import version as _version
 from typing import Any
@@ -83,6 +87,41 @@ def repository_links(app: Sphinx, doctree: nodes.document) -> None:
         ref.replace_self(xref)
 
 
+#: Modules whose interfaces the API page documents.
+INTERFACE_MODULES = ("sparc.sa.interfaces", "sparc.sa.zcml")
+
+
+def interface_signatures(app: Sphinx) -> None:
+    """Give interface methods the signatures their source declares.
+
+    zope.interface records a method's signature from its code object and
+    takes the first keyword-only argument for the name of ``*args``
+    (``run(fn, *args, attempts=3, **kwargs)`` would read
+    ``run(fn, *attempts, **args)``); repoze.sphinx.autointerface prints what
+    it recorded. The source says what was meant, without the annotations, as
+    Zope projects show interface methods.
+    """
+    from zope.interface.interface import InterfaceClass
+
+    for name in INTERFACE_MODULES:
+        module = importlib.import_module(name)
+        for node in ast.parse(inspect.getsource(module)).body:
+            iface = getattr(module, getattr(node, "name", ""), None)
+            if not isinstance(node, ast.ClassDef) or not isinstance(iface, InterfaceClass):
+                continue
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef):
+                    args = copy.deepcopy(item.args)
+                    for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
+                        arg.annotation = None
+                    for arg in (args.vararg, args.kwarg):
+                        if arg is not None:
+                            arg.annotation = None
+                    signature = f"({ast.unparse(args)})"
+                    iface[item.name].getSignatureString = lambda s=signature: s
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
+    app.connect("builder-inited", interface_signatures)
     app.connect("doctree-read", repository_links)
     return {"parallel_read_safe": True}
