@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gc
 import pathlib
+import re
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,3 +81,41 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             # The seed is kept verbatim, and it imports declarative_base from
             # its pre-2.0 location; that one warning is expected there only.
             item.add_marker(pytest.mark.filterwarnings("ignore::sqlalchemy.exc.MovedIn20Warning"))
+
+
+#: The variables that name the servers the skipped cases would run against.
+SERVER_VARIABLES = {"TEST_PG_DSN": "PostgreSQL", "TEST_MYSQL_DSN": "MariaDB/MySQL"}
+_UNSET_SERVER = re.compile(r"\b(TEST_\w+_DSN) is not set\b")
+
+
+def skip_reason(report: pytest.TestReport) -> str:
+    """The reason a test was skipped, as ``pytest -rs`` would show it."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def skip_summary(reports: list[pytest.TestReport]) -> list[str]:
+    """One line per reason, the most frequent first; the server cases one line
+    per unset variable, saying what setting it runs."""
+    counts: Counter[str] = Counter()
+    for report in reports:
+        reason = skip_reason(report)
+        server = _UNSET_SERVER.search(reason)
+        if server is not None:
+            variable = server.group(1)
+            what = SERVER_VARIABLES.get(variable, "server")
+            reason = f"{variable} is not set: set it to run the {what} cases (DEVELOPERS.md)"
+        counts[reason] += 1
+    width = len(str(max(counts.values(), default=0)))
+    return [f"{count:>{width}} {reason}" for reason, count in counts.most_common()]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Skipped tests grouped by reason: without the server variables hundreds
+    of cases skip for the same two reasons, and ``-rs`` would list each one."""
+    reports = [r for r in terminalreporter.stats.get("skipped", []) if r.skipped]
+    if reports:
+        terminalreporter.write_sep("=", "skipped, by reason")
+        for line in skip_summary(reports):
+            terminalreporter.write_line(line)

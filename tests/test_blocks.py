@@ -259,7 +259,7 @@ def skip_if_shared(engine: Engine) -> None:
     if type(engine.pool).__name__ == "StaticPool":
         pytest.skip(
             "one connection shared by every thread: a session used outside any "
-            "block is not isolated from other threads there (README, Guarantees)"
+            "block is not isolated from other threads there (docs/transactions.rst)"
         )
 
 
