@@ -315,7 +315,7 @@ def test_transaction_joining_using_register(zsa: SimpleNamespace) -> None:
     returns."""
     from zope.component import getMultiAdapter, provideAdapter
 
-    from sparc.sa import configure_transaction  # type: ignore[attr-defined]
+    from sparc.sa import configure_transaction
     from sparc.sa.interfaces import ISAScopedTransaction
     from sparc.sa.orm import scoped_transaction
 
@@ -523,7 +523,7 @@ def test_bulk_update(zsa: SimpleNamespace) -> None:
 
 
 def _shared(zsa: SimpleNamespace) -> Any:
-    from sparc.sa import configure_transaction  # type: ignore[attr-defined]
+    from sparc.sa import configure_transaction
 
     return configure_transaction(zsa.engine, zsa.Base, join="always", twophase=zsa.twophase)
 
@@ -562,7 +562,9 @@ def test_failed_join(zsa: SimpleNamespace) -> None:
     assert transaction.get().status == Status.COMMITFAILED
     with pytest.raises(TransactionFailedError), zsa.tx() as Session:
         Session.scalars(sa.select(zsa.User)).all()
+        Session.add(zsa.User(id=9, firstname="not", lastname="committed"))
     transaction.abort()
+    assert users(zsa) == [], "a block of a failed transaction committed by itself"
     transaction.begin()
     with zsa.tx() as Session:
         assert Session.scalars(sa.select(zsa.User)).all() == []
@@ -626,7 +628,7 @@ def two_managers(zsa: SimpleNamespace) -> Iterator[SimpleNamespace]:
     ]
     tms = [transaction.TransactionManager(explicit=True) for _ in engines]
     tms[0].begin()
-    with txs[0](transaction_manager=tms[0]) as Session:  # type: ignore[call-arg]
+    with txs[0](transaction_manager=tms[0]) as Session:
         Session.add(zsa.User(id=1, firstname="udo", lastname="juergens"))
     tms[0].commit()
     yield SimpleNamespace(tm1=tms[0], tm2=tms[1], tx1=txs[0], tx2=txs[1])
@@ -642,25 +644,27 @@ def two_managers(zsa: SimpleNamespace) -> Iterator[SimpleNamespace]:
 def test_retry(zsa: SimpleNamespace, two_managers: SimpleNamespace) -> None:
     """A row deleted by a concurrent transaction makes the ORM's UPDATE of it
     fail with StaleDataError, which zope.sqlalchemy declares retryable.
-    sparc.sa does not (docs/migrating.rst, "Retries"): the error reaches the
-    owner as it is, and the owner does not retry it."""
+    sparc.sa too: the block raises RetryableDatabaseError (a TransientError)
+    caused by it, and the owner of the transaction retries."""
     t = two_managers
     t.tm1.begin()
-    with t.tx1(transaction_manager=t.tm1) as S1:  # type: ignore[call-arg]
+    with t.tx1(transaction_manager=t.tm1) as S1:
         assert len(S1.scalars(sa.select(zsa.User)).all()) == 1
     t.tm2.begin()
-    with t.tx2(transaction_manager=t.tm2) as S2:  # type: ignore[call-arg]
-        assert len(S2.scalars(sa.select(zsa.User)).all()) == 1
-    with t.tx1(transaction_manager=t.tm1) as S1:  # type: ignore[call-arg]
-        S1.execute(sa.delete(zsa.User))
-    t.tm1.commit()
     with (
-        pytest.raises(sa.orm.exc.StaleDataError) as caught,
-        t.tx2(transaction_manager=t.tm2) as S2,  # type: ignore[call-arg]
+        pytest.raises(RetryableDatabaseError) as caught,
+        t.tx2(transaction_manager=t.tm2) as S2,
     ):
-        S2.get(zsa.User, 1).lastname = "smith"
+        user = S2.get(zsa.User, 1)
+        assert user is not None
+        # meanwhile, the other transaction deletes the row and commits
+        with t.tx1(transaction_manager=t.tm1) as S1:
+            S1.execute(sa.delete(zsa.User))
+        t.tm1.commit()
+        user.lastname = "smith"
         S2.flush()
-    assert not t.tm2._retryable(type(caught.value), caught.value)
+    assert isinstance(caught.value.__cause__, sa.orm.exc.StaleDataError)
+    assert t.tm2._retryable(type(caught.value), caught.value)
 
 
 def test_retry_thread(zsa: SimpleNamespace, two_managers: SimpleNamespace) -> None:
@@ -671,20 +675,20 @@ def test_retry_thread(zsa: SimpleNamespace, two_managers: SimpleNamespace) -> No
         pytest.skip("MariaDB answers a locking read of a deleted row with no row, not an error")
     t = two_managers
     t.tm1.begin()
-    with t.tx1(transaction_manager=t.tm1) as S1:  # type: ignore[call-arg]
+    with t.tx1(transaction_manager=t.tm1) as S1:
         assert len(S1.scalars(sa.select(zsa.User)).all()) == 1
     t.tm2.begin()
-    with t.tx2(transaction_manager=t.tm2) as S2:  # type: ignore[call-arg]
+    with t.tx2(transaction_manager=t.tm2) as S2:
         S2.execute(sa.text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
         assert len(S2.scalars(sa.select(zsa.User)).all()) == 1
-    with t.tx1(transaction_manager=t.tm1) as S1:  # type: ignore[call-arg]
+    with t.tx1(transaction_manager=t.tm1) as S1:
         S1.execute(sa.delete(zsa.User))
     committer = threading.Timer(0.2, t.tm1.commit)
     committer.start()
     try:
         with (
             pytest.raises(RetryableDatabaseError) as caught,
-            t.tx2(transaction_manager=t.tm2) as S2,  # type: ignore[call-arg]
+            t.tx2(transaction_manager=t.tm2) as S2,
         ):
             S2.scalars(sa.select(zsa.User).where(zsa.User.id == 1).with_for_update()).one()
     finally:
@@ -1000,7 +1004,7 @@ def test_two_phase_and_transaction_savepoints(zsa: SimpleNamespace) -> None:
 def test_configure_transaction_disagreeing_twice_names_the_first(zsa: SimpleNamespace) -> None:
     """configure_transaction() follows <sa:transaction>'s rule: a second,
     disagreeing configuration raises ValueError naming where the first was."""
-    from sparc.sa import configure_transaction  # type: ignore[attr-defined]
+    from sparc.sa import configure_transaction
 
     first = configure_transaction(zsa.engine, zsa.Base, join="always")
     assert configure_transaction(zsa.engine, zsa.Base, join="always") is first
