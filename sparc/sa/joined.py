@@ -167,12 +167,15 @@ _ENDING_HOOKS: Final = frozenset({"_callAfterCommitHooks", "_callAfterAbortHooks
 
 
 def _joinable(txn: Any) -> bool:
-    """Whether *txn* can still take a block's work: active (or doomed, which
-    aborts it), and not in the hooks that run while it ends. A block in an
-    after-commit or abort hook that joined would never commit."""
+    """Whether a block should join *txn*: not once it is committing or has
+    committed, and not in the hooks that run after it ended. A block in an
+    after-commit or after-abort hook that joined would never commit."""
     status = str(getattr(txn, "status", "Active"))
-    if status not in ("Active", "Doomed"):
+    if status in ("Committing", "Committed"):
         return False
+    # A transaction whose commit failed is still "joined", so that join()
+    # raises TransactionFailedError rather than the block committing alone
+    # (a retried request would write twice).
     frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         if frame.f_code.co_name in _ENDING_HOOKS and frame.f_locals.get("self") is txn:
