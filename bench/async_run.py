@@ -46,6 +46,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.util import await_only
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import counting_pings  # noqa: E402
+
 DEFAULT_JSON = HERE / "results" / "async-latest.json"
 
 Txn = Callable[[], Awaitable[Any]]
@@ -116,12 +119,6 @@ def trace_sqlite(engine: AsyncEngine) -> None:
 
 async def count_statements(engine: AsyncEngine, txn: Txn, n: int = 20) -> dict[str, float]:
     counts: Counter[str] = Counter()
-    own_ping = engine.sync_engine.dialect.__dict__.get("do_ping")
-    inner_ping = engine.sync_engine.dialect.do_ping
-
-    def counting_ping(dbapi_connection: Any) -> Any:
-        counts["ping"] += 1
-        return inner_ping(dbapi_connection)
 
     def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         counts[statement.split(None, 1)[0].upper()] += 1
@@ -143,19 +140,15 @@ async def count_statements(engine: AsyncEngine, txn: Txn, n: int = 20) -> dict[s
     await asyncio.sleep(0.05)
     SQLITE_TRACE.clear()
     counts.clear()
-    sync.dialect.do_ping = counting_ping  # type: ignore[method-assign]
     try:
-        for _ in range(n):
-            await txn()
+        with counting_pings(sync, counts):
+            for _ in range(n):
+                await txn()
         await asyncio.sleep(0.05)  # the trace callback runs in aiosqlite's thread
     finally:
         if not is_sqlite:
             for name, fn in listeners:
                 sa.event.remove(sync, name, fn)
-        if own_ping is None:
-            del sync.dialect.do_ping
-        else:
-            sync.dialect.do_ping = own_ping  # type: ignore[method-assign]
     found = Counter(SQLITE_TRACE) if is_sqlite else counts
     if is_sqlite:
         found["ping"] = counts["ping"]

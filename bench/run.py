@@ -42,6 +42,7 @@ pings of the liveness check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -55,7 +56,7 @@ import time
 import tracemalloc
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,6 +319,29 @@ def interleaved(
     return result
 
 
+@contextlib.contextmanager
+def counting_pings(engine: Engine, counts: Counter[str]) -> Iterator[None]:
+    """Count the pings *engine*'s dialect sends, as ``counts["ping"]``: at the
+    dialect class's do_ping, which SQLAlchemy's pre-ping and sparc.sa's
+    liveness check both call only when they do ping."""
+    cls = type(engine.dialect)
+    own = cls.__dict__.get("do_ping")
+    inner = cls.do_ping
+
+    def do_ping(self: Any, dbapi_connection: Any) -> bool:
+        counts["ping"] += 1
+        return inner(self, dbapi_connection)  # type: ignore[no-any-return]
+
+    cls.do_ping = do_ping  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.do_ping
+        else:
+            cls.do_ping = own  # type: ignore[method-assign]
+
+
 def statements(
     engines: Engines, contenders: list[Contender], kinds: tuple[str, ...], n: int = 50
 ) -> dict[str, dict[str, dict[str, float]]]:
@@ -361,14 +385,8 @@ def statements(
             ]
         for name, fn in listeners:
             sa.event.listen(engine, name, fn)
-        own_ping = engine.dialect.__dict__.get("do_ping")  # sparc.sa.liveness's wrapper
-        inner_ping = engine.dialect.do_ping
-
-        def counting_ping(dbapi_connection: Any, inner: Any = inner_ping) -> bool:
-            counts["ping"] += 1
-            return inner(dbapi_connection)  # type: ignore[no-any-return]
-
-        engine.dialect.do_ping = counting_ping  # type: ignore[method-assign]
+        pinging = counting_pings(engine, counts)
+        pinging.__enter__()
         try:
             for kind in kinds:
                 for contender in contenders:
@@ -383,10 +401,7 @@ def statements(
         finally:
             for name, fn in listeners:
                 sa.event.remove(engine, name, fn)
-            if own_ping is None:
-                del engine.dialect.do_ping
-            else:
-                engine.dialect.do_ping = own_ping  # type: ignore[method-assign]
+            pinging.__exit__(None, None, None)
             for dbapi_connection in traced:
                 dbapi_connection.set_trace_callback(None)
             traced.clear()

@@ -54,8 +54,10 @@ def install(engine: Engine) -> None:
     dialect = engine.dialect
     # SQLAlchemy's pre-ping calls the dialect's do_ping (2.1 through
     # _do_ping_w_event, which handles the errors): wrap it for this engine's
-    # own dialect instance, so both versions go through the check below.
-    ping = dialect.do_ping
+    # own dialect instance, so both versions go through the check below. The
+    # dialect class's own do_ping is looked up on each ping, as it is for an
+    # engine without the wrapper.
+    dialect_class = type(dialect)
     # DBAPI connection -> when a joined transaction last took it. Weak keys:
     # an entry goes with its connection. Only joined checkouts write here.
     taken_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
@@ -73,7 +75,7 @@ def install(engine: Engine) -> None:
             # Idle in the pool for less than the time since it was last taken.
             if last is not None and now - last < RECENT:
                 return True
-        return ping(dbapi_connection)
+        return dialect_class.do_ping(dialect, dbapi_connection)
 
     # An instance attribute shadows the method for this engine's dialect only.
     dialect.do_ping = checked_ping  # type: ignore[method-assign]
