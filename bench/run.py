@@ -588,6 +588,13 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="fewer rounds: a smoke run, not a measurement"
     )
     parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply batches and rounds by F (a loaded machine: 0.5 is a quarter of the work)",
+    )
     parser.add_argument("--json", type=pathlib.Path, default=DEFAULT_JSON)
     parser.add_argument("--plot", type=pathlib.Path, default=DEFAULT_PLOT)
     args = parser.parse_args(argv)
@@ -614,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "rounds: "
-        + ("5 (quick)" if quick else "41 on SQLite, 61 on servers")
+        + ("5 (quick)" if quick else f"41 on SQLite, 61 on servers, scaled by {args.scale}")
         + "; contenders interleaved; times are medians, ratios paired per round\n"
     )
     results: list[Result] = []
@@ -671,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
         }[name]
         if quick:
             batch, n_rounds = batch // 4, 5
+        elif args.scale != 1.0:
+            batch, n_rounds = max(1, int(batch * args.scale)), max(5, int(n_rounds * args.scale))
         engines, models, contenders, trim = setup(dsn, 1000, bare=name == "sqlite")
         try:
             kinds = ("insert", "get")
