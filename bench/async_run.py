@@ -4,11 +4,16 @@
     TEST_PG_DSN=postgresql+psycopg://postgres@127.0.0.1:5432/test \\
         python bench/async_run.py [--rounds 30] [--batch 200]
 
-Both contenders run in one event loop on the *same* AsyncEngine, built by
-sparc.sa's factory. Each round times a batch of one-row transactions of each
-contender, in a shuffled order, and the ratio is taken within the round:
-the reported figure is the median over rounds of sparc.sa / plain, with the
-range of the middle half. Two workloads: ``insert`` (add one row) and
+The contenders run in one event loop: ``plain`` is
+``async_sessionmaker(expire_on_commit=False).begin()`` on an AsyncEngine of
+its own from ``create_async_engine()``, with the options sparc.sa's factory
+would give it (the same pool class, ``pool_pre_ping=True`` on a server);
+``sparc.sa`` is ``async with tx()`` on the factory's engine; ``plain@sparc``
+is plain on the factory's engine, the engine's own cost. Each round times a
+batch of one-row transactions of each contender, in a shuffled order, and
+the ratio is taken within the round: the reported figure is the median over
+rounds of contender / plain, with a 95% confidence interval from the order
+statistics. Two workloads: ``insert`` (add one row) and
 ``get`` (read one row by primary key). The statements each contender sends
 per transaction are counted from the engine's events and printed beside the
 times (on SQLite, as SQLite's own trace callback saw them, the driver's
@@ -41,12 +46,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.util import await_only
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import counting_pings  # noqa: E402
+
 DEFAULT_JSON = HERE / "results" / "async-latest.json"
 
 Txn = Callable[[], Awaitable[Any]]
 
 
-def build(engine: AsyncEngine) -> tuple[Any, Any, dict[str, dict[str, Txn]]]:
+def build(engine: AsyncEngine, own: AsyncEngine) -> tuple[Any, Any, dict[str, dict[str, Txn]]]:
     from sparc.sa.aio import async_scoped_transaction
 
     class Base(DeclarativeBase):
@@ -57,7 +65,8 @@ def build(engine: AsyncEngine) -> tuple[Any, Any, dict[str, dict[str, Txn]]]:
         id: Mapped[int] = mapped_column(primary_key=True)
         name: Mapped[str] = mapped_column(sa.String(40))
 
-    plain = async_sessionmaker(engine, expire_on_commit=False)
+    plain = async_sessionmaker(own, expire_on_commit=False)
+    on_ours = async_sessionmaker(engine, expire_on_commit=False)
     tx = async_scoped_transaction(engine, Base)
     rng = random.Random(7)
 
@@ -77,9 +86,18 @@ def build(engine: AsyncEngine) -> tuple[Any, Any, dict[str, dict[str, Txn]]]:
         async with tx() as session:
             await session.get(Item, rng.randint(1, 100))
 
+    async def ours_insert() -> None:
+        async with on_ours.begin() as session:
+            session.add(Item(name="x"))
+
+    async def ours_get() -> None:
+        async with on_ours.begin() as session:
+            await session.get(Item, rng.randint(1, 100))
+
     contenders = {
         "plain": {"insert": plain_insert, "get": plain_get},
         "sparc.sa": {"insert": sparc_insert, "get": sparc_get},
+        "plain@sparc": {"insert": ours_insert, "get": ours_get},
     }
     return Base, Item, contenders
 
@@ -118,21 +136,40 @@ async def count_statements(engine: AsyncEngine, txn: Txn, n: int = 20) -> dict[s
     if not is_sqlite:
         for name, fn in listeners:
             sa.event.listen(sync, name, fn)
+    await txn()  # the first on a new connection may differ
+    await asyncio.sleep(0.05)
     SQLITE_TRACE.clear()
+    counts.clear()
     try:
-        for _ in range(n):
-            await txn()
+        with counting_pings(sync, counts):
+            for _ in range(n):
+                await txn()
         await asyncio.sleep(0.05)  # the trace callback runs in aiosqlite's thread
     finally:
         if not is_sqlite:
             for name, fn in listeners:
                 sa.event.remove(sync, name, fn)
-    found = SQLITE_TRACE if is_sqlite else counts
-    return {k: v / n for k, v in sorted(found.items())}
+    found = Counter(SQLITE_TRACE) if is_sqlite else counts
+    if is_sqlite:
+        found["ping"] = counts["ping"]
+    return {k: v / n for k, v in found.items() if v}
+
+
+def median_interval(ordered: list[float]) -> tuple[float, float]:
+    """A 95% confidence interval of the median from the order statistics."""
+    n = len(ordered)
+    half_width = 1.96 * (n**0.5) / 2
+    lo = max(0, int(n / 2 - half_width))
+    hi = min(n - 1, int(n / 2 + half_width + 1) - 1)
+    return ordered[lo], ordered[hi]
 
 
 async def measure(
-    engine: AsyncEngine, contenders: dict[str, dict[str, Txn]], kind: str, rounds: int, batch: int
+    engines: dict[str, AsyncEngine],
+    contenders: dict[str, dict[str, Txn]],
+    kind: str,
+    rounds: int,
+    batch: int,
 ) -> dict[str, Any]:
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for txns in contenders.values():  # warm up
@@ -149,39 +186,51 @@ async def measure(
             for _ in range(batch):
                 await txn()
             times[name].append((time.perf_counter() - start) / batch * 1e6)
-    ratios = [s / p for s, p in zip(times["sparc.sa"], times["plain"], strict=True)]
-    quartiles = statistics.quantiles(ratios, n=4)
+    paired = {
+        name: sorted(s / p for s, p in zip(v, times["plain"], strict=True))
+        for name, v in times.items()
+    }
     return {
         "per_txn_us": {name: statistics.median(v) for name, v in times.items()},
-        "ratio": statistics.median(ratios),
-        "ratio_iqr": [quartiles[0], quartiles[2]],
+        "ratio": {name: statistics.median(v) for name, v in paired.items()},
+        "ratio_95ci": {name: median_interval(v) for name, v in paired.items()},
         "statements": {
-            name: await count_statements(engine, txns[kind]) for name, txns in contenders.items()
+            name: await count_statements(engines[name], txns[kind])
+            for name, txns in contenders.items()
         },
+        "samples_us": times,
     }
 
 
 async def run_backend(dsn: str, rounds: int, batch: int) -> dict[str, Any]:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sparc.sa import options
     from sparc.sa.engine import engine_from_config
 
     engine = engine_from_config({"dsn": dsn})
     assert isinstance(engine, AsyncEngine)
+    url, kwargs = options.normalize({"dsn": dsn})
+    own = create_async_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         trace_sqlite(engine)
-    Base, Item, contenders = build(engine)
+        trace_sqlite(own)
+    Base, Item, contenders = build(engine, own)
+    engines = {"plain": own, "sparc.sa": engine, "plain@sparc": engine}
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
     try:
         async with engine.begin() as conn:
             await conn.execute(sa.insert(Item), [{"name": "seed"} for _ in range(100)])
         return {
-            kind: await measure(engine, contenders, kind, rounds, batch)
+            kind: await measure(engines, contenders, kind, rounds, batch)
             for kind in ("insert", "get")
         }
     finally:
         async with engine.begin() as conn:
             await conn.run_sync(Base.metadata.drop_all)
         await engine.dispose()
+        await own.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,20 +254,23 @@ def main(argv: list[str] | None = None) -> int:
             name: asyncio.run(run_backend(dsn, args.rounds, args.batch))
             for name, dsn in backends.items()
         }
-    print(f"sparc.sa / plain async_sessionmaker.begin(), median of {args.rounds} paired rounds")
     print(
-        f"{'backend':18} {'workload':8} {'plain us':>9} {'sparc us':>9} {'ratio':>6}  middle half"
+        f"Python {platform.python_version()}, SQLAlchemy {sa.__version__}: contender / plain "
+        f"async_sessionmaker.begin() on its own engine, median of {args.rounds} paired rounds"
     )
+    print(f"{'backend':18} {'workload':8} {'contender':12} {'us':>8} {'ratio':>6}  95% CI   sends")
     for name, kinds in results.items():
         for kind, found in kinds.items():
-            us = found["per_txn_us"]
-            low, high = found["ratio_iqr"]
-            print(
-                f"{name:18} {kind:8} {us['plain']:9.1f} {us['sparc.sa']:9.1f} "
-                f"{found['ratio']:6.3f}  [{low:.3f}, {high:.3f}]"
-            )
-            for contender, counts in found["statements"].items():
-                print(f"{'':28}{contender:9} sends {counts}")
+            for contender, us in found["per_txn_us"].items():
+                low, high = found["ratio_95ci"][contender]
+                sends = ", ".join(
+                    k if v == 1 else f"{k} x{v:g}"
+                    for k, v in found["statements"][contender].items()
+                )
+                print(
+                    f"{name:18} {kind:8} {contender:12} {us:8.1f} "
+                    f"{found['ratio'][contender]:6.3f}  [{low:.3f}, {high:.3f}]  {sends}"
+                )
     meta = {
         "python": platform.python_version(),
         "sqlalchemy": sa.__version__,

@@ -5,32 +5,44 @@
     TEST_MYSQL_DSN=mysql+pymysql://root@127.0.0.1:3306/test \\
         python bench/run.py [--quick] [--only WORKLOAD ...]
 
-Every contender runs in this one process on the *same* engine object, so
-engine settings are identical, and rounds of the contenders are interleaved
-in a shuffled order, so that a noisy neighbour hurts them all alike. Times
-are medians over rounds; a ratio is the median, over rounds, of the
-contender's time divided by plain SQLAlchemy's in the same round. Nothing
-here is asserted: this is a measuring tool, not a test.
+Every contender runs in this one process. The reference, ``plain``, is what a
+user who leaves sparc.sa gets: plain SQLAlchemy on an engine of its own from
+``create_engine()``, with the options sparc.sa's factory would give it (the
+same pool class, and ``pool_pre_ping=True`` where sparc.sa checks liveness).
+The Zope stack has an engine of its own built the same way. Rounds of the
+contenders are interleaved in a shuffled order, so that a noisy neighbour
+hurts them all alike. A ratio is the median, over rounds, of the contender's
+time divided by ``plain``'s in the same round, with a 95% confidence interval
+from the order statistics. Nothing here is asserted: this is a measuring
+tool, not a test (bench/guard.py is the CI's short version).
 
 Contenders, each running a one-row transaction:
 
-    plain           with sessionmaker.begin() as session: ...
-    zope            with transaction.manager: Session()...   (z3c.saconfig +
-                    zope.sqlalchemy + transaction)
-    sparc.sa        with transaction(): transaction.session... (manager held)
+    plain           with sessionmaker.begin() as session: ...   (own engine)
+    zope            with transaction.manager: Session()...       (own engine;
+                    z3c.saconfig + zope.sqlalchemy + transaction)
+    sparc.sa        with transaction(): transaction.session...   (manager held)
     sparc.sa/lookup the same, with getMultiAdapter() on every transaction
                     (the per-request pattern)
+    plain@sparc     plain SQLAlchemy on sparc.sa's engine: the engine's own
+                    cost, next to plain on its own engine
 
 and, on in-memory SQLite only, a reference that is not a contender:
 
-    bare            one reused session per thread: add, commit, close, with
-                    none of sparc.sa's guarantees. sparc.sa / bare is what
-                    the guarantees cost.
+    bare            one reused session per thread on sparc.sa's engine: add,
+                    commit, close, with none of sparc.sa's guarantees.
+                    sparc.sa / bare is what the guarantees cost.
+
+Beside each time it prints what each contender sends per transaction,
+counted from its engine's events (on SQLite from SQLite's own trace
+callback, so the BEGIN the driver sends by itself is counted too), and the
+pings of the liveness check.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -44,7 +56,7 @@ import time
 import tracemalloc
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,10 +100,40 @@ class Contender:
     get: Txn
 
 
+@dataclass
+class Engines:
+    """The engines of one workload: sparc.sa's, and one of its own for plain
+    SQLAlchemy and for the Zope stack, built with the options sparc.sa's
+    factory would give them."""
+
+    sparc: Engine
+    plain: Engine
+    zope: Engine
+    #: Those that hold a database of their own (each in-memory SQLite engine)
+    databases: list[Engine] = field(default_factory=list)
+
+    def of(self, contender: str) -> Engine:
+        if contender in ("plain", "zope"):
+            return getattr(self, contender)  # type: ignore[no-any-return]
+        return self.sparc  # sparc.sa, sparc.sa/lookup, plain@sparc, bare
+
+    def distinct(self) -> list[Engine]:
+        return [self.sparc, self.plain, self.zope]
+
+
+def own_engine(dsn: str, **kwargs: Any) -> Engine:
+    """A plain create_engine(): the options sparc.sa's factory would pass
+    (pool class, pool_pre_ping), and nothing else of sparc.sa's."""
+    from sparc.sa import options
+
+    url, options_ = options.normalize({"dsn": dsn, "kwargs": kwargs})
+    return sa.create_engine(url, **options_)
+
+
 def make_contenders(
-    engine: Engine, models: Models, n_rows: int, bare: bool = False
+    engines: Engines, models: Models, n_rows: int, bare: bool = False
 ) -> list[Contender]:
-    """Build every contender on *engine*; their get() reads random existing rows."""
+    """Build every contender; their get() reads random existing rows."""
     import transaction as zope_transaction
     from z3c.saconfig import GloballyScopedSession, named_scoped_session
     from z3c.saconfig.interfaces import IScopedSession
@@ -100,23 +142,26 @@ def make_contenders(
     from sparc.sa.interfaces import ISAScopedTransaction
 
     Item, Base = models.Item, models.Base
+    engine = engines.sparc
     ids = list(range(1, n_rows + 1))
     pick = random.Random(7).choice
 
-    # plain SQLAlchemy
-    plain_sessions = sessionmaker(engine)
+    def plain_on(bind: Engine) -> tuple[Txn, Txn]:
+        plain_sessions = sessionmaker(bind)
 
-    def plain_insert() -> None:
-        with plain_sessions.begin() as session:
-            session.add(Item(name="x"))
+        def plain_insert() -> None:
+            with plain_sessions.begin() as session:
+                session.add(Item(name="x"))
 
-    def plain_get() -> str:
-        with plain_sessions.begin() as session:
-            return session.get(Item, pick(ids)).name  # type: ignore[union-attr]
+        def plain_get() -> str:
+            with plain_sessions.begin() as session:
+                return session.get(Item, pick(ids)).name  # type: ignore[union-attr]
 
-    # the Zope stack
-    utility_name = f"bench-{id(engine)}-{Item.__tablename__}"
-    component.provideUtility(GloballyScopedSession(bind=engine), IScopedSession, utility_name)
+        return plain_insert, plain_get
+
+    # the Zope stack, on its own engine
+    utility_name = f"bench-{id(engines.zope)}-{Item.__tablename__}"
+    component.provideUtility(GloballyScopedSession(bind=engines.zope), IScopedSession, utility_name)
     zope_session = named_scoped_session(utility_name)
     manager = zope_transaction.manager
 
@@ -153,10 +198,11 @@ def make_contenders(
             return transaction.session.get(Item, pick(ids)).name  # type: ignore[no-any-return]
 
     contenders = [
-        Contender("plain", plain_insert, plain_get),
+        Contender("plain", *plain_on(engines.plain)),
         Contender("zope", zope_insert, zope_get),
         Contender("sparc.sa", sparc_insert, sparc_get),
         Contender("sparc.sa/lookup", lookup_insert, lookup_get),
+        Contender("plain@sparc", *plain_on(engine)),
     ]
     if not bare:
         return contenders
@@ -205,18 +251,40 @@ def make_contenders(
 class Result:
     workload: str
     per_txn_us: dict[str, list[float]] = field(default_factory=dict)
+    #: The same rounds timed by this process's CPU clock: what the client
+    #: itself spent, which a neighbour's load does not inflate.
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)
+    sent: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def medians(self) -> dict[str, float]:
         return {k: statistics.median(v) for k, v in self.per_txn_us.items()}
 
-    def ratios(self) -> dict[str, float]:
-        """Median over rounds of (contender / plain) within the same round:
+    def paired(self, reference: str = "plain", cpu: bool = False) -> dict[str, list[float]]:
+        """Per round, each contender's time over *reference*'s in that round:
         pairing cancels the slow drifts of a shared machine's load."""
-        plain = self.per_txn_us["plain"]
-        return {
-            k: statistics.median(x / p for x, p in zip(v, plain, strict=True))
-            for k, v in self.per_txn_us.items()
-        }
+        times = self.cpu_us if cpu else self.per_txn_us
+        ref = times[reference]
+        return {k: sorted(x / p for x, p in zip(v, ref, strict=True)) for k, v in times.items()}
+
+    def ratios(self, reference: str = "plain", cpu: bool = False) -> dict[str, float]:
+        """Median over rounds of (contender / reference) within the same round."""
+        return {k: statistics.median(v) for k, v in self.paired(reference, cpu).items()}
+
+    def intervals(
+        self, reference: str = "plain", cpu: bool = False
+    ) -> dict[str, tuple[float, float]]:
+        """95% confidence interval of each median ratio."""
+        return {k: median_interval(v) for k, v in self.paired(reference, cpu).items()}
+
+
+def median_interval(ordered: list[float]) -> tuple[float, float]:
+    """A 95% confidence interval of the median from the order statistics of
+    sorted samples (the count below the median is binomial(n, 1/2))."""
+    n = len(ordered)
+    half_width = 1.96 * (n**0.5) / 2
+    lo = max(0, int(n / 2 - half_width))
+    hi = min(n - 1, int(n / 2 + half_width + 1) - 1)
+    return ordered[lo], ordered[hi]
 
 
 def interleaved(
@@ -228,7 +296,7 @@ def interleaved(
     between: Callable[[], None] = lambda: None,
 ) -> Result:
     """Time *batch* transactions of each contender per round, in a shuffled order."""
-    result = Result(workload, {c.name: [] for c in contenders})
+    result = Result(workload, {c.name: [] for c in contenders}, {c.name: [] for c in contenders})
     order = list(contenders)
     shuffle = random.Random(42).shuffle
     for contender in contenders:  # warm up caches, pools and compiled statements
@@ -240,19 +308,46 @@ def interleaved(
         for contender in order:
             txn = pick(contender)
             gc.collect()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(batch):
                 txn()
+            cpu = time.process_time() - cpu_start
             elapsed = time.perf_counter() - start
             result.per_txn_us[contender.name].append(elapsed / batch * 1e6)
+            result.cpu_us[contender.name].append(cpu / batch * 1e6)
         between()
     return result
 
 
+@contextlib.contextmanager
+def counting_pings(engine: Engine, counts: Counter[str]) -> Iterator[None]:
+    """Count the pings *engine*'s dialect sends, as ``counts["ping"]``: at the
+    dialect class's do_ping, which SQLAlchemy's pre-ping and sparc.sa's
+    liveness check both call only when they do ping."""
+    cls = type(engine.dialect)
+    own = cls.__dict__.get("do_ping")
+    inner = cls.do_ping
+
+    def do_ping(self: Any, dbapi_connection: Any) -> bool:
+        counts["ping"] += 1
+        return inner(self, dbapi_connection)  # type: ignore[no-any-return]
+
+    cls.do_ping = do_ping  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.do_ping
+        else:
+            cls.do_ping = own  # type: ignore[method-assign]
+
+
 def statements(
-    engine: Engine, contenders: list[Contender], n: int = 50
+    engines: Engines, contenders: list[Contender], kinds: tuple[str, ...], n: int = 50
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """What each contender sends per transaction, counted from the engine's events."""
+    """What each contender sends per transaction, counted on its own engine:
+    on SQLite from SQLite's trace callback (the driver's own BEGIN included),
+    elsewhere from the engine's events; ``ping`` is the liveness check."""
     counts: Counter[str] = Counter()
 
     def on_begin(conn: Any) -> None:
@@ -267,36 +362,54 @@ def statements(
     def on_rollback(conn: Any) -> None:
         counts["ROLLBACK"] += 1
 
-    original_ping = engine.dialect.do_ping
+    traced: list[Any] = []
 
-    def counting_ping(dbapi_connection: Any) -> bool:
-        counts["ping"] += 1
-        return original_ping(dbapi_connection)
+    def trace(sql: str) -> None:
+        counts[sql.split(None, 1)[0].upper()] += 1
 
-    listeners = [
-        ("begin", on_begin),
-        ("before_cursor_execute", on_execute),
-        ("commit", on_commit),
-        ("rollback", on_rollback),
-    ]
-    for name, fn in listeners:
-        sa.event.listen(engine, name, fn)
-    engine.dialect.do_ping = counting_ping  # type: ignore[method-assign]
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    try:
-        for kind in ("insert", "get"):
-            out[kind] = {}
-            for contender in contenders:
-                txn = getattr(contender, kind)
-                counts.clear()
-                for _ in range(n):
-                    txn()
-                out[kind][contender.name] = {k: v / n for k, v in sorted(counts.items())}
-    finally:
+    def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        dbapi_connection.set_trace_callback(trace)
+        traced.append(dbapi_connection)
+
+    out: dict[str, dict[str, dict[str, float]]] = {kind: {} for kind in kinds}
+    for engine in engines.distinct():
+        sqlite = engine.dialect.name == "sqlite"
+        if sqlite:
+            listeners = [("checkout", on_checkout)]
+        else:
+            listeners = [
+                ("begin", on_begin),
+                ("before_cursor_execute", on_execute),
+                ("commit", on_commit),
+                ("rollback", on_rollback),
+            ]
         for name, fn in listeners:
-            sa.event.remove(engine, name, fn)
-        engine.dialect.do_ping = original_ping  # type: ignore[method-assign]
+            sa.event.listen(engine, name, fn)
+        pinging = counting_pings(engine, counts)
+        pinging.__enter__()
+        try:
+            for kind in kinds:
+                for contender in contenders:
+                    if engines.of(contender.name) is not engine:
+                        continue
+                    txn = getattr(contender, kind)
+                    txn()  # the first on a new connection may differ
+                    counts.clear()
+                    for _ in range(n):
+                        txn()
+                    out[kind][contender.name] = {k: v / n for k, v in counts.items()}
+        finally:
+            for name, fn in listeners:
+                sa.event.remove(engine, name, fn)
+            pinging.__exit__(None, None, None)
+            for dbapi_connection in traced:
+                dbapi_connection.set_trace_callback(None)
+            traced.clear()
     return out
+
+
+def sent(counts: dict[str, float]) -> str:
+    return ", ".join(k if v == 1 else f"{k} x{v:g}" for k, v in counts.items()) or "nothing"
 
 
 def memory(
@@ -399,6 +512,44 @@ def report_times(results: list[Result]) -> str:
     return table(rows, ["workload (median per transaction, ratio to plain)", *names])
 
 
+def report_ratios(results: list[Result]) -> str:
+    """The paired ratios with their 95% intervals, and what each contender sends."""
+    rows = []
+    for r in results:
+        rat, ci = r.ratios(), r.intervals()
+        cpu, cpu_ci = r.ratios(cpu=True), r.intervals(cpu=True)
+        against_zope, zope_ci = r.ratios("zope"), r.intervals("zope")
+        for n in r.per_txn_us:
+            if n == "plain":
+                continue
+            cells = [
+                r.workload,
+                n,
+                f"{rat[n]:.3f} [{ci[n][0]:.3f}, {ci[n][1]:.3f}]",
+                f"{cpu[n]:.3f} [{cpu_ci[n][0]:.3f}, {cpu_ci[n][1]:.3f}]",
+                "-"
+                if n == "zope"
+                else f"{against_zope[n]:.3f} [{zope_ci[n][0]:.3f}, {zope_ci[n][1]:.3f}]",
+                sent(r.sent.get(n, {})),
+            ]
+            rows.append(cells)
+        rows.insert(
+            len(rows) - len(r.per_txn_us) + 1,
+            [r.workload, "plain", "1", "1", "-", sent(r.sent.get("plain", {}))],
+        )
+    return table(
+        rows,
+        [
+            "workload",
+            "contender",
+            "/ plain, wall (95% CI)",
+            "/ plain, CPU (95% CI)",
+            "/ zope, wall (95% CI)",
+            "sent per transaction",
+        ],
+    )
+
+
 def plot(scaling: dict[str, dict[int, float]], path: pathlib.Path, title: str) -> None:
     import matplotlib
 
@@ -426,7 +577,7 @@ def plot(scaling: dict[str, dict[int, float]], path: pathlib.Path, title: str) -
 # -- main ----------------------------------------------------------------------------------
 
 
-WORKLOADS = ("sqlite", "sqlite-file", "postgresql", "mysql", "statements", "memory", "threads")
+WORKLOADS = ("sqlite", "sqlite-file", "postgresql", "mysql", "memory", "threads")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,6 +588,13 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="fewer rounds: a smoke run, not a measurement"
     )
     parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply batches and rounds by F (a loaded machine: 0.5 is a quarter of the work)",
+    )
     parser.add_argument("--json", type=pathlib.Path, default=DEFAULT_JSON)
     parser.add_argument("--plot", type=pathlib.Path, default=DEFAULT_PLOT)
     args = parser.parse_args(argv)
@@ -463,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "rounds: "
-        + ("5 (quick)" if quick else "41 on SQLite, 91 on servers")
+        + ("5 (quick)" if quick else f"41 on SQLite, 61 on servers, scaled by {args.scale}")
         + "; contenders interleaved; times are medians, ratios paired per round\n"
     )
     results: list[Result] = []
@@ -471,25 +629,35 @@ def main(argv: list[str] | None = None) -> int:
 
     def setup(
         dsn: str, n_rows: int, bare: bool = False, **kwargs: Any
-    ) -> tuple[Engine, Models, list[Contender], Callable[[], None]]:
-        engine = engine_from_config({"dsn": dsn, "kwargs": kwargs})
+    ) -> tuple[Engines, Models, list[Contender], Callable[[], None]]:
+        sparc_engine = engine_from_config({"dsn": dsn, "kwargs": kwargs})
+        assert isinstance(sparc_engine, Engine)
+        engines = Engines(sparc_engine, own_engine(dsn, **kwargs), own_engine(dsn, **kwargs))
         models = Models()
-        models.Base.metadata.create_all(engine)
-        with engine.begin() as conn:
-            conn.execute(
-                sa.insert(models.Item.__table__), [{"name": f"row-{i}"} for i in range(n_rows)]
-            )
         table_ = models.Item.__table__
+        # An in-memory SQLite database belongs to its engine: each gets the
+        # table and its rows. Elsewhere the three engines share them.
+        databases = (
+            engines.distinct() if sparc_engine.url.database in (None, "") else [sparc_engine]
+        )
+        for engine in databases:
+            models.Base.metadata.create_all(engine)
+            with engine.begin() as conn:
+                conn.execute(sa.insert(table_), [{"name": f"row-{i}"} for i in range(n_rows)])
 
         def trim() -> None:  # keep tables small between rounds; not timed
-            with engine.begin() as conn:
-                conn.execute(sa.delete(table_).where(table_.c.id > n_rows))
+            for engine in databases:
+                with engine.begin() as conn:
+                    conn.execute(sa.delete(table_).where(table_.c.id > n_rows))
 
-        return engine, models, make_contenders(engine, models, n_rows, bare), trim
+        engines.databases = databases
+        return engines, models, make_contenders(engines, models, n_rows, bare), trim
 
-    def teardown(engine: Engine, models: Models) -> None:
-        models.Base.metadata.drop_all(engine)
-        engine.dispose()
+    def teardown(engines: Engines, models: Models) -> None:
+        for engine in engines.databases:
+            models.Base.metadata.drop_all(engine)
+        for engine in engines.distinct():
+            engine.dispose()
 
     for name in ("sqlite", "sqlite-file", "postgresql", "mysql"):
         if name not in args.only:
@@ -503,16 +671,19 @@ def main(argv: list[str] | None = None) -> int:
         # pairing cancels drift best when rounds are short. Server round trips
         # and fsync are noisier than CPU work, so servers get the most rounds.
         batch, n_rounds = {
-            "sqlite": (1000, 41),
-            "sqlite-file": (60, 41),
-            "postgresql": (100, 91),
-            "mysql": (100, 91),
+            "sqlite": (500, 41),
+            "sqlite-file": (40, 41),
+            "postgresql": (60, 61),
+            "mysql": (60, 61),
         }[name]
         if quick:
             batch, n_rounds = batch // 4, 5
-        engine, models, contenders, trim = setup(dsn, 1000, bare=name == "sqlite")
+        elif args.scale != 1.0:
+            batch, n_rounds = max(1, int(batch * args.scale)), max(5, int(n_rounds * args.scale))
+        engines, models, contenders, trim = setup(dsn, 1000, bare=name == "sqlite")
         try:
-            for kind in ("insert", "get"):
+            kinds = ("insert", "get")
+            for kind in kinds:
                 label = f"{name}, one-row {kind}"
                 print(f"running {label} ...", file=sys.stderr)
                 results.append(
@@ -520,40 +691,26 @@ def main(argv: list[str] | None = None) -> int:
                         label, contenders, lambda c, k=kind: getattr(c, k), n_rounds, batch, trim
                     )
                 )
+            counted = statements(engines, contenders, kinds)
+            for result, kind in zip(results[-2:], kinds, strict=True):
+                result.sent = counted[kind]
+            trim()
         finally:
-            teardown(engine, models)
+            teardown(engines, models)
     if results:
         print(report_times(results))
         print()
-
-    if "statements" in args.only:
-        dsn = servers["postgresql"] or "sqlite://"
-        engine, models, contenders, _ = setup(dsn, 100)
-        try:
-            sent = statements(engine, contenders)
-        finally:
-            teardown(engine, models)
-        extra["statements"] = {"dsn": engine.url.render_as_string(hide_password=True), **sent}
-        rows = []
-        for kind, per in sent.items():
-            for cname, counts in per.items():
-                rows.append([kind, cname, ", ".join(f"{k} x{v:g}" for k, v in counts.items())])
-        print(f"statements per transaction ({engine.dialect.name}):")
-        print(table(rows, ["transaction", "contender", "sent"]))
-        for kind, per in sent.items():
-            shapes = {json.dumps(v, sort_keys=True) for v in per.values()}
-            verdict = "all send the same" if len(shapes) == 1 else "DIFFERENT across contenders"
-            print(f"  {kind}: {verdict}")
+        print(report_ratios(results))
         print()
 
     if "memory" in args.only:
         total = 20_000 if quick else 100_000
-        engine, models, contenders, trim = setup("sqlite://", 10)
+        engines, models, contenders, trim = setup("sqlite://", 10)
         print(f"running memory, {total} transactions per contender ...", file=sys.stderr)
         try:
             mem = memory(contenders, total, 10, trim)
         finally:
-            teardown(engine, models)
+            teardown(engines, models)
         extra["memory"] = mem
         rows = [
             [
@@ -586,14 +743,14 @@ def main(argv: list[str] | None = None) -> int:
             print("threads: skipped, TEST_PG_DSN is not set\n")
         else:
             counts = [1, 2, 4, 8, 16]
-            engine, models, contenders, trim = setup(dsn, 10, pool_size=16, max_overflow=0)
+            engines, models, contenders, trim = setup(dsn, 10, pool_size=16, max_overflow=0)
             print("running threads ...", file=sys.stderr)
             try:
                 per_round = threads(
-                    engine, contenders, counts, 0.5 if quick else 1.0, 1 if quick else 9
+                    engines.sparc, contenders, counts, 0.5 if quick else 1.0, 1 if quick else 9
                 )
             finally:
-                teardown(engine, models)
+                teardown(engines, models)
             scaling = {
                 c: {n: statistics.median(v) for n, v in per.items()} for c, per in per_round.items()
             }
@@ -632,6 +789,12 @@ def main(argv: list[str] | None = None) -> int:
                     r.workload: {
                         "median_us": r.medians(),
                         "ratio": r.ratios(),
+                        "ratio_95ci": r.intervals(),
+                        "ratio_to_zope": r.ratios("zope"),
+                        "cpu_ratio": r.ratios(cpu=True),
+                        "cpu_ratio_95ci": r.intervals(cpu=True),
+                        "cpu_samples_us": r.cpu_us,
+                        "sent_per_txn": r.sent,
                         "samples_us": r.per_txn_us,
                     }
                     for r in results

@@ -2,7 +2,7 @@
 
     pip install -e '.[test,bench]'
     TEST_PG_DSN=postgresql+psycopg://postgres@127.0.0.1:5432/test \\
-        python bench/zope_publish.py [--rounds 30] [--batch 200] [--dsn URL]
+        python bench/zope_publish.py [--rounds 30] [--batch 200] [--dsn URL] [--ping MODE]
 
 One Zope instance, in process: ZPublisher publishes two browser views that
 each insert one row, through WebTest. ``sparc`` writes in a ``with tx():``
@@ -10,9 +10,14 @@ block of the ISAScopedTransaction that ``<sa:transaction>`` registered;
 ``zope`` adds to z3c.saconfig's scoped session, which zope.sqlalchemy joins
 to the request. Each view has an engine of its own, built alike; both keep
 the guarantee that a connection the server killed while it was idle in the
-pool is never seen by a request (pool_pre_ping for the Zope stack, sparc.sa's
-liveness check, which skips the ping of a connection returned a moment ago
-and lets the publisher retry if it died meanwhile).
+pool is never seen by a request. How they check, ``--ping``:
+
+    same      both ping every checkout with SQLAlchemy's pool_pre_ping
+              (sparc.sa's engine is configured with pool_pre_ping="true")
+    default   the Zope stack pings every checkout; sparc.sa's engine has its
+              default liveness check, which skips the ping of a connection a
+              request took a moment ago and lets the publisher retry if it
+              died meanwhile (sparc.sa.liveness)
 
 Rounds alternate the two in a shuffled order; the ratio is the median over
 rounds of sparc's time per request divided by zope's in the same round, with
@@ -39,6 +44,8 @@ from typing import Any
 import sqlalchemy as sa
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import counting_pings  # noqa: E402
 
 SITE = """<configure xmlns="http://namespaces.zope.org/zope"
            xmlns:browser="http://namespaces.zope.org/browser"
@@ -47,7 +54,7 @@ SITE = """<configure xmlns="http://namespaces.zope.org/zope"
   <include package="Products.Five" file="meta.zcml" />
   <include package="Products.Five" />
   <include package="sparc.sa" />
-  <sa:engine name="bench" dsn="{dsn}" pool_size="4" />
+  <sa:engine name="bench" dsn="{dsn}" pool_size="4" {ping}/>
   <sa:transaction name="bench" engine="bench" base="benchapp.Base" />
   <browser:page for="*" name="sparc" class="benchapp.SparcInsert" permission="zope.Public" />
   <browser:page for="*" name="zope" class="benchapp.ZopeInsert" permission="zope.Public" />
@@ -97,7 +104,7 @@ class ZopeInsert:
 """
 
 
-def start_zope(dsn: str) -> tuple[Any, Any, Any]:
+def start_zope(dsn: str, ping: str) -> tuple[Any, Any, Any]:
     import webtest
     from z3c.saconfig import GloballyScopedSession
     from z3c.saconfig.interfaces import IScopedSession
@@ -110,7 +117,8 @@ def start_zope(dsn: str) -> tuple[Any, Any, Any]:
     (home / "etc").mkdir()
     (home / "benchapp.py").write_text(APP.format(token=uuid.uuid4().hex[:10]))
     sys.path.insert(0, str(home))
-    (home / "etc" / "site.zcml").write_text(SITE.format(dsn=dsn))
+    same = 'pool_pre_ping="true" ' if ping == "same" else ""
+    (home / "etc" / "site.zcml").write_text(SITE.format(dsn=dsn, ping=same))
     (home / "etc" / "zope.conf").write_text(CONF.format(home=home))
     app = make_wsgi_app({}, str(home / "etc" / "zope.conf"))
     import benchapp
@@ -142,22 +150,15 @@ def statements(app: Any, engine: sa.engine.Engine, url: str, n: int = 50) -> dic
     def on_commit(conn: Any) -> None:
         counts["COMMIT"] += 1
 
-    original_ping = engine.dialect.do_ping
-
-    def counting_ping(dbapi_connection: Any) -> bool:
-        counts["ping"] += 1
-        return original_ping(dbapi_connection)
-
     sa.event.listen(engine, "before_cursor_execute", on_execute)
     sa.event.listen(engine, "commit", on_commit)
-    engine.dialect.do_ping = counting_ping  # type: ignore[method-assign]
     try:
-        for _ in range(n):
-            app.get(url)
+        with counting_pings(engine, counts):
+            for _ in range(n):
+                app.get(url)
     finally:
         sa.event.remove(engine, "before_cursor_execute", on_execute)
         sa.event.remove(engine, "commit", on_commit)
-        engine.dialect.do_ping = original_ping  # type: ignore[method-assign]
     return {k: v / n for k, v in sorted(counts.items())}
 
 
@@ -179,6 +180,7 @@ def profile(app: Any, urls: dict[str, str], n: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dsn", default=os.environ.get("TEST_PG_DSN"))
+    parser.add_argument("--ping", choices=("same", "default"), default="same")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument(
@@ -191,7 +193,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.dsn:
         sys.exit("give --dsn, or set TEST_PG_DSN")
-    app, (ours, theirs), benchapp = start_zope(args.dsn)
+    app, (ours, theirs), benchapp = start_zope(args.dsn, args.ping)
     try:
         urls = {"sparc.sa": "/@@sparc", "zope": "/@@zope"}
         for url in urls.values():  # warm up
@@ -216,7 +218,7 @@ def main() -> None:
         print(
             f"Python {platform.python_version()}, SQLAlchemy {sa.__version__}, "
             f"{ours.dialect.name} {'.'.join(map(str, ours.dialect.server_version_info or ()))}, "
-            f"{args.rounds} rounds x {args.batch} requests"
+            f"{args.rounds} rounds x {args.batch} requests, --ping {args.ping}"
         )
         for name, samples in per_request.items():
             print(f"  {name:9} {statistics.median(samples):8.1f} us per request (median)")

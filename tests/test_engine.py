@@ -179,10 +179,14 @@ def test_server_database_gets_a_liveness_check() -> None:
     from sparc.sa.liveness import is_checked
 
     engine = build({}, SERVER_URL)
-    # ours (sparc.sa.liveness), not SQLAlchemy's pre-ping
-    assert is_checked(engine) and engine.pool._pre_ping is False
-    # a configuration that asks for pool_pre_ping gets SQLAlchemy's
-    assert build({"pool_pre_ping": True}, SERVER_URL).pool._pre_ping is True
+    # SQLAlchemy's pre-ping, with sparc.sa.liveness's shortcut for Zope
+    # requests on this engine's own dialect, and no pool event listener
+    assert is_checked(engine) and engine.pool._pre_ping is True
+    assert "do_ping" in vars(engine.dialect)
+    assert not engine.pool.dispatch.checkout and not engine.pool.dispatch.checkin
+    # a configuration that asks for pool_pre_ping gets SQLAlchemy's alone
+    own = build({"pool_pre_ping": True}, SERVER_URL)
+    assert own.pool._pre_ping is True and "do_ping" not in vars(own.dialect)
 
 
 # -- bad input --------------------------------------------------------------------

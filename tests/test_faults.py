@@ -124,3 +124,49 @@ def test_the_blocks_own_error_wins_when_the_connection_is_gone(
     with transaction():
         transaction.session.add(ns.Item(name="next"))
     assert names(engine, ns.Item) == ["next"]
+
+
+def test_a_zope_request_trusts_only_a_connection_a_request_took_moments_ago(
+    server: tuple[Engine, Engine, Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The liveness shortcut of joined transactions, on the engine alone: a
+    connection a joined checkout took under a second ago is handed over
+    unpinged (a kill in between surfaces, and Zope's publisher retries);
+    after the window, or outside a joined transaction, it is pinged."""
+    from sparc.sa import liveness
+
+    engine, admin, _, _ = server
+    one = make_engine(
+        str(engine.url.render_as_string(hide_password=False)), pool_size=1, max_overflow=0
+    )
+    try:
+
+        def take_and_kill() -> int:
+            # twice: a connection fresh from connect() is never pinged, so
+            # the first take of a new one notes nothing
+            for _ in range(2):
+                with liveness.trusting_recent_connections(), one.connect() as conn:
+                    victim = backend_id(one, conn)
+            kill(admin, victim)
+            return victim
+
+        take_and_kill()
+        with (  # taken again at once: trusted, and met dead
+            pytest.raises(sa.exc.DBAPIError) as raised,
+            liveness.trusting_recent_connections(),
+            one.connect() as conn,
+        ):
+            conn.exec_driver_sql("select 1")
+        assert raised.value.connection_invalidated
+
+        victim = take_and_kill()
+        with one.connect() as conn:  # outside a joined transaction: pinged
+            assert backend_id(one, conn) != victim
+
+        monkeypatch.setattr(liveness, "RECENT", 0.0)  # the window has passed
+        victim = take_and_kill()
+        with liveness.trusting_recent_connections(), one.connect() as conn:
+            assert backend_id(one, conn) != victim
+        assert one.pool.checkedout() == 0
+    finally:
+        one.dispose()

@@ -94,17 +94,15 @@ def engine_from_config(
     shown = options.hide_dsn(url)
     if options.is_async_url(url):
         return _async_engine(url, kwargs, shown)
-    # Our own liveness check instead of SQLAlchemy's pre-ping, unless the
-    # configuration asked for pool_pre_ping itself (see sparc.sa.liveness).
+    # SQLAlchemy's pre-ping, plus the Zope-request shortcut of
+    # sparc.sa.liveness, unless the configuration asked for pool_pre_ping
+    # itself (then SQLAlchemy's alone).
     ours = kwargs.get("pool_pre_ping") is True and "pool_pre_ping" not in (
         options.unwrap(config).get("kwargs") or {}
     )
-    if ours:
-        kwargs["pool_pre_ping"] = False
     engine = _create_engine(url, kwargs, shown)
     if ours:
         liveness.install(engine)
-        kwargs["pool_pre_ping"] = True  # as announced: connections are checked
     fork.track_engine(engine)
     logger.info(
         "created SQLAlchemy engine for %s (pool %s, liveness check %s)",
