@@ -66,6 +66,7 @@ from sparc.sa.exceptions import (
     ForeignEventLoopError,
     InterleavedTransactionError,
 )
+from sparc.sa.keep import keep_shared_connection
 from sparc.sa.interfaces import (
     ISAAsyncEngine,
     ISAAsyncScopedTransaction,
@@ -83,46 +84,71 @@ _T = TypeVar("_T")
 _finishers: set[asyncio.Task[Any]] = set()
 
 
-async def _finish(work: Awaitable[_T]) -> _T:
+async def _finish(work: Awaitable[_T], settled: bool = False) -> _T:
     """Await ``work`` to its end, even when the calling task is cancelled.
 
     ``work`` runs in a task of its own. If the caller is cancelled meanwhile,
-    the wait goes on until ``work`` is done, and then the cancellation is
-    re-raised, so it still reaches the caller.
+    the wait goes on until ``work`` is done. Then, by default, the
+    cancellation is raised, so it still reaches the caller. With ``settled``
+    (``work`` is a COMMIT whose outcome the caller must learn), ``work``'s
+    own outcome is returned or raised instead, and the cancellation is
+    requested again, so that it reaches the caller at its next await.
     """
     task = asyncio.ensure_future(work)
     _finishers.add(task)
     task.add_done_callback(_finishers.discard)
-    cancelled = False
+    cancelled: asyncio.CancelledError | None = None
     while True:
         try:
             result = await asyncio.shield(task)
             break
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            cancelled = exc  # even if work is done by now: never lose it
             if not task.done():
-                cancelled = True
                 continue
             if task.cancelled():
                 raise
             try:
                 result = task.result()
-            except BaseException as exc:
-                if cancelled:  # the cancellation still wins, with the error attached
-                    raise asyncio.CancelledError from exc
+            except BaseException as error:
+                if cancelled is not None and not settled:
+                    # the cancellation still wins, with the error attached
+                    raise asyncio.CancelledError(*cancelled.args) from error
+                if cancelled is not None:
+                    _cancel_later(cancelled)
                 raise
             break
-        except BaseException as exc:
-            if cancelled:
-                raise asyncio.CancelledError from exc
+        except BaseException as error:
+            if cancelled is not None and not settled:
+                raise asyncio.CancelledError(*cancelled.args) from error
+            if cancelled is not None:
+                _cancel_later(cancelled)
             raise
-    if cancelled:
-        raise asyncio.CancelledError
+    if cancelled is not None:
+        if not settled:
+            raise asyncio.CancelledError(*cancelled.args)
+        _cancel_later(cancelled)
     return result
 
 
-def _cancel_requested(task: asyncio.Task[Any] | None) -> bool:
-    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
-    return bool(cancelling and cancelling())
+def _cancel_later(cancelled: asyncio.CancelledError) -> None:
+    """Request the cancellation that interrupted a wait again, so that it is
+    delivered at the current task's next await instead of being lost. On
+    Python 3.11+ the request it made is withdrawn first (``uncancel``), so
+    ``cancelling()`` counts it once, as ``asyncio.timeout()`` expects."""
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - _finish runs in a task
+        return
+    uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+    if uncancel is not None and task.cancelling():
+        uncancel()
+    task.cancel(*cancelled.args[:1])
+
+
+def _cancel_pending(task: asyncio.Task[Any]) -> bool:
+    """Whether a cancellation of *task* is requested and not yet delivered
+    (the task cancelled itself, or was cancelled while it ran)."""
+    return bool(getattr(task, "_must_cancel", False))
 
 
 class _EngineState:
@@ -156,6 +182,8 @@ async def _engine_state(engine: AsyncEngine) -> _EngineState:
         # Its loop is gone, and its connections with it: discard them unclosed.
         await engine.dispose(close=False)
     shared = isinstance(sync_engine.pool, (StaticPool, SingletonThreadPool))
+    if shared:
+        keep_shared_connection(sync_engine)
     state = _engine_states[sync_engine] = _EngineState(loop, shared)
     return state
 
@@ -348,9 +376,13 @@ class _AsyncBlock:
             if exc_type is not None:
                 scope.doomed = True
             return
-        if exc_type is None and not _cancel_requested(scope.task):
+        if exc_type is None:
+            # The block exited normally, so its work stays, even while the
+            # task is being cancelled (code in the block caught the
+            # CancelledError): RELEASE runs to its end, and a cancellation
+            # arriving meanwhile is delivered at the task's next await.
             try:
-                await nested.commit()  # RELEASE SAVEPOINT
+                await _finish(nested.commit(), settled=True)  # RELEASE SAVEPOINT
             except BaseException:
                 await _finish(_quietly(nested.rollback()))
                 raise
@@ -367,7 +399,7 @@ class _AsyncBlock:
             # each call to its end in its own thread, and its in-memory
             # database lives in its one connection: that one is rolled back.
             interrupted = exc_type is not None and not issubclass(exc_type, Exception)
-            discard = interrupted and manager._engine.dialect.driver != "aiosqlite"
+            discard = interrupted and not _keeps_connection(manager, scope)
             await manager._end_scope(scope, commit=False, discard=discard)
             if exc_type is None:
                 raise DoomedTransactionError(
@@ -377,16 +409,25 @@ class _AsyncBlock:
             return
         try:
             await session.flush()  # cancellable: nothing is committed yet
+            if _cancel_pending(scope.task):
+                # Requested while the task ran, not yet delivered: deliver it
+                # now, before COMMIT is sent (the block did not exit normally).
+                await asyncio.sleep(0)
         except BaseException as exc:
-            discard = not isinstance(exc, Exception) and manager._engine.dialect.driver != (
-                "aiosqlite"
-            )
+            discard = not isinstance(exc, Exception) and not _keeps_connection(manager, scope)
             await manager._end_scope(scope, commit=False, discard=discard)
             raise
-        if _cancel_requested(scope.task):
-            await manager._end_scope(scope, commit=False)
-            raise asyncio.CancelledError
+        # From here the outcome is the COMMIT's: a cancellation arriving while
+        # it runs waits for it; if it succeeded, the block exits normally and
+        # the cancellation is delivered at the task's next await.
         await manager._end_scope(scope, commit=True)
+
+
+def _keeps_connection(manager: AsyncScopedTransaction, scope: _Scope) -> bool:
+    """Whether an interrupted block's connection is rolled back and kept
+    rather than discarded: aiosqlite runs each call to its end in its own
+    thread, and an in-memory database lives in its one shared connection."""
+    return scope.gate is not None or manager._engine.dialect.driver == "aiosqlite"
 
 
 async def _quietly(work: Awaitable[Any]) -> None:
@@ -527,7 +568,7 @@ class AsyncScopedTransaction:
                 if gate is not None:
                     gate.release()
 
-        await _finish(end())
+        await _finish(end(), settled=commit)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         """A task ended: roll back and close a block it left open."""

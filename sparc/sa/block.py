@@ -38,6 +38,7 @@ from sparc.sa.exceptions import (
     JoinedTransactionError,
 )
 from sparc.sa.gate import Gate, GateCache, ThreadGate
+from sparc.sa.keep import keep_shared_connection
 from sparc.sa.scope import Scope, ScopeRegistry, after_interruption, note_interruption
 from sparc.sa.sessions import (
     IN_BLOCK,
@@ -185,7 +186,7 @@ class Block:
                     return manager.scoped_session
         gates = manager.gates
         pool = manager.engine.pool
-        gate = gates.gate if pool is gates.pool else gates.refresh(pool)
+        gate = gates.gate if pool is gates.pool else _new_pool(manager, gates, pool)
         # From here on every step is undone if an exception (a KeyboardInterrupt
         # from a signal, say) lands before the block is fully open.
         try:
@@ -377,6 +378,15 @@ def _close(block: Block, scope: Scope, session: Session) -> None:
 
 
 # -- the less common paths of a block, kept out of its class ---------------------
+
+
+def _new_pool(manager: BlockHost, gates: GateCache, pool: Any) -> Gate | ThreadGate | None:
+    """The first block on *pool*: its gate, and on one shared SQLite connection
+    (an in-memory database) the guard that keeps it through interruptions."""
+    gate = gates.refresh(pool)
+    if gate is not None:
+        keep_shared_connection(manager.engine)
+    return gate
 
 
 def _abandon_entry(block: Block, scope: Scope, gate: Gate | ThreadGate | None) -> None:
