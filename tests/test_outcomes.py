@@ -166,22 +166,28 @@ def test_a_commit_of_unknown_outcome_raises_its_error_not_a_cancellation(
     tx = aio.AsyncScopedTransaction(db.engine, db.Base)
     tx._factory = async_sessionmaker(db.engine, class_=_LostDuringCommit, expire_on_commit=False)
 
-    async def victim() -> str:
+    seen: list[str] = []
+
+    async def victim() -> None:
         _LostDuringCommit.victim = asyncio.current_task()
         try:
             async with tx() as session:
                 session.add(db.Item(id=1))
         except sa.exc.OperationalError as exc:
-            return f"error: {exc.orig!r}"
-        return "exited"  # pragma: no cover - the failure
+            seen.append(f"error: {exc.orig!r}")
+        else:  # pragma: no cover - the failure
+            seen.append("exited")
+        await asyncio.sleep(1)
 
     async def main() -> None:
         task = asyncio.create_task(victim())
         with pytest.raises(asyncio.CancelledError):
-            await task  # the cancellation still reaches the task
+            await task  # the cancellation still reaches the task, afterwards
         assert checked_out(db.engine) == 0
 
     db.run(main)
+    # Neither success nor a clean rollback: the COMMIT's own error.
+    assert seen == ["error: ConnectionResetError('lost')"]
 
 
 def test_a_thousand_tasks_rows_are_exactly_the_blocks_that_exited(db: SimpleNamespace) -> None:
@@ -325,3 +331,32 @@ def test_a_cancellation_a_few_iterations_into_a_block_keeps_the_in_memory_databa
             await engine.dispose()
 
     assert asyncio.run(run()) == [0]
+
+
+# -- friction ----------------------------------------------------------------------
+
+
+def test_with_on_an_asyncio_block_says_async_with() -> None:
+    engine = engine_from_config({"dsn": "sqlite+aiosqlite://"})
+
+    class Base(DeclarativeBase):
+        pass
+
+    tx = aio.AsyncScopedTransaction(engine, Base)
+    with pytest.raises(TypeError, match="entered with `async with tx\\(\\):`"), tx():
+        pass  # pragma: no cover - never entered
+
+
+def test_the_wrong_managers_lookup_names_the_right_interface(zcml: None) -> None:
+    from zope.component import ComponentLookupError, getMultiAdapter
+
+    from sparc.sa.interfaces import ISAAsyncScopedTransaction, ISAScopedTransaction
+
+    ns = build_models()
+    async_engine = engine_from_config({"dsn": "sqlite+aiosqlite://"})
+    with pytest.raises(ComponentLookupError, match="look up ISAAsyncScopedTransaction"):
+        getMultiAdapter((async_engine, ns.Base), ISAScopedTransaction)
+    engine = make_engine("sqlite://")
+    with pytest.raises(ComponentLookupError, match="look up ISAScopedTransaction"):
+        getMultiAdapter((engine, ns.Base), ISAAsyncScopedTransaction)
+    engine.dispose()

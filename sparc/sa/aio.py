@@ -271,6 +271,15 @@ class _AsyncBlock:
         self._nested: Any = None
         self._state = _NEW
 
+    def __enter__(self) -> None:
+        raise TypeError(
+            "a block of the asyncio manager (ISAAsyncScopedTransaction) is "
+            "entered with `async with tx():`, not `with tx():`"
+        )
+
+    def __exit__(self, *exc: object) -> None:  # pragma: no cover - __enter__ raises
+        return None
+
     async def __aenter__(self) -> AsyncSession:
         if self._state is not _NEW:
             raise RuntimeError("a block can be entered once; call tx() again for another")
