@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pathlib
 import random
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Generator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
@@ -26,15 +28,25 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from sparc.sa import aio
 from sparc.sa.engine import engine_from_config
 from sparc.sa.orm import scoped_transaction
+from sparc.sa.suspended import SuspendedBlockError
 
 from .conftest import build_models, make_engine, names
-from .test_async import backend, checked_out, db, ids  # noqa: F401 - fixtures
+from .test_async import ASYNC_BACKENDS, async_database, checked_out, ids
+
+
+@pytest.fixture(params=ASYNC_BACKENDS)
+def db(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[SimpleNamespace]:
+    """tests/test_async.py's ``db``: each async driver, a fresh Item table."""
+    yield from async_database(request.param, tmp_path)
+
 
 # -- committed exactly when the block exited normally ------------------------------
 
 
 @types.coroutine
-def _cancel_at(coro: Coroutine[Any, Any, Any], at: int, seen: list[int]) -> Generator[Any, Any, Any]:
+def _cancel_at(
+    coro: Coroutine[Any, Any, Any], at: int, seen: list[int]
+) -> Generator[Any, Any, Any]:
     """Run *coro*, counting the times it suspends; at the *at*-th suspension,
     cancel the running task, as if ``task.cancel()`` had been called while it
     waited there. Deterministic: the same index is the same await."""
@@ -55,7 +67,7 @@ def _cancel_at(coro: Coroutine[Any, Any, Any], at: int, seen: list[int]) -> Gene
             task.cancel()
         try:
             value, failed = (yield step), False
-        except BaseException as exc:  # noqa: BLE001 - handed on to the coroutine
+        except BaseException as exc:
             value, failed = exc, True
 
 
@@ -236,13 +248,11 @@ def test_an_inner_block_that_swallowed_a_cancellation_keeps_its_work(db: SimpleN
                 scope: Any = contextlib.nullcontext()
             else:
                 scope = timeout(0.05)
-            async with scope:
-                async with db.tx() as inner:
-                    inner.add(db.Item(id=2))
-                    try:
-                        await asyncio.sleep(5)
-                    except asyncio.CancelledError:
-                        pass  # the block's code decides to carry on
+            async with scope, db.tx() as inner:
+                inner.add(db.Item(id=2))
+                # the block's code catches the cancellation and carries on
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(5)
             session.add(db.Item(id=3))
         return await ids(db)
 
@@ -360,3 +370,94 @@ def test_the_wrong_managers_lookup_names_the_right_interface(zcml: None) -> None
     with pytest.raises(ComponentLookupError, match="look up ISAScopedTransaction"):
         getMultiAdapter((engine, ns.Base), ISAAsyncScopedTransaction)
     engine.dispose()
+
+
+# -- suspended generators ----------------------------------------------------------
+
+
+def test_a_block_opened_while_a_generator_is_suspended_in_its_block_fails_at_entry(
+    engine: Engine, models: SimpleNamespace, transaction: Any
+) -> None:
+    """A streaming response suspended inside its block, while the thread runs
+    an ordinary block: that block fails at entry, naming the generator, and
+    never reports success for work that the generator's close would undo."""
+    tx = transaction
+
+    def stream() -> Iterator[str]:
+        with tx():
+            tx.session.add(models.Item(name="streamed"))
+            yield "first"
+            yield "second"  # pragma: no cover - the client hung up
+
+    response = stream()
+    assert next(response) == "first"
+    with pytest.raises(SuspendedBlockError, match=r"generator .*stream\(\) is suspended"), tx():
+        tx.session.add(models.Item(name="ordinary"))  # pragma: no cover - refused
+    response.close()  # the server's close: the stream's block rolls back
+    with tx():  # the thread carries on
+        tx.session.add(models.Item(name="after"))
+    assert names(engine, models.Item) == ["after"]
+
+
+def test_blocks_inside_a_generators_own_code_and_a_context_manager_still_nest(
+    engine: Engine, models: SimpleNamespace, transaction: Any
+) -> None:
+    tx = transaction
+
+    @contextlib.contextmanager
+    def unit() -> Iterator[None]:
+        with tx():
+            yield
+
+    def rows() -> Iterator[int]:
+        with tx():
+            for n in range(2):
+                with tx():  # the generator's own code: nests
+                    tx.session.add(models.Item(name=f"row{n}"))
+                yield n
+
+    with unit():
+        with tx():  # the body of the with-statement that entered unit()
+            tx.session.add(models.Item(name="unit-inner"))
+        with pytest.raises(ValueError), tx():
+            tx.session.add(models.Item(name="unit-failed"))
+            raise ValueError
+    assert list(rows()) == [0, 1]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(unit())
+        with tx():
+            tx.session.add(models.Item(name="exit-stack"))
+    assert names(engine, models.Item) == ["exit-stack", "row0", "row1", "unit-inner"]
+
+
+def test_an_async_generator_suspended_in_its_block_refuses_a_later_block(
+    db: SimpleNamespace,
+) -> None:
+    async def stream() -> AsyncIterator[int]:
+        async with db.tx() as session:
+            session.add(db.Item(id=1))
+            yield 1
+            yield 2  # pragma: no cover - the consumer broke out
+
+    @contextlib.asynccontextmanager
+    async def unit() -> AsyncIterator[AsyncSession]:
+        async with db.tx() as session:
+            yield session
+
+    async def main() -> list[int]:
+        rows = stream()
+        async for _ in rows:
+            break
+        with pytest.raises(SuspendedBlockError, match=r"generator .*stream\(\) is suspended"):
+            async with db.tx() as session:  # pragma: no cover - refused
+                session.add(db.Item(id=2))
+        await rows.aclose()
+        async with unit(), db.tx() as session:  # nests in unit()'s block
+            session.add(db.Item(id=3))
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(unit())
+            async with db.tx() as session:
+                session.add(db.Item(id=4))
+        return await ids(db)
+
+    assert db.run(main) == [3, 4]

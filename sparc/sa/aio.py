@@ -45,10 +45,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 from sqlalchemy import event as sa_event
@@ -66,13 +67,14 @@ from sparc.sa.exceptions import (
     ForeignEventLoopError,
     InterleavedTransactionError,
 )
-from sparc.sa.keep import keep_shared_connection
 from sparc.sa.interfaces import (
     ISAAsyncEngine,
     ISAAsyncScopedTransaction,
     ISADeclarativeMeta,
 )
+from sparc.sa.keep import keep_shared_connection
 from sparc.sa.retry import backoff, check_attempts, is_retryable
+from sparc.sa.suspended import GENERATOR, check_owner, owner_of_block
 
 __all__ = ["AsyncScopedTransaction", "async_scoped_transaction"]
 
@@ -243,7 +245,7 @@ _NEW, _OPEN, _DONE = "new", "open", "done"
 class _Scope:
     """The open blocks of one task for one manager, innermost last."""
 
-    __slots__ = ("blocks", "broken", "doomed", "gate", "session", "task")
+    __slots__ = ("blocks", "broken", "doomed", "gate", "owner", "session", "task")
 
     def __init__(self, task: asyncio.Task[Any], session: AsyncSession) -> None:
         self.task = task
@@ -252,6 +254,9 @@ class _Scope:
         self.doomed = False
         self.broken = False  # blocks ended out of order
         self.gate: asyncio.Lock | None = None
+        # The async generator whose frame opened the outermost block, if
+        # iteration drives it (see sparc.sa.suspended).
+        self.owner: FrameType | None = None
 
 
 # The scope of the outermost block the current context is inside of; a child
@@ -289,9 +294,13 @@ class _AsyncBlock:
         manager = self._manager
         scope = manager._scopes.get(task)
         if scope is None:
-            return await self._enter_outermost(task)
+            frame = sys._getframe(1)
+            owner = owner_of_block(frame) if frame.f_code.co_flags & GENERATOR else None
+            return await self._enter_outermost(task, owner)
         if scope.broken:
             raise BlockOrderError("blocks of this task ended out of order; end them all first")
+        if scope.owner is not None:  # held open by an async generator: is it running?
+            check_owner(scope.owner, sys._getframe(1))
         if self._savepoint:
             self._nested = await scope.session.begin_nested()
         scope.blocks.append(self)
@@ -299,7 +308,9 @@ class _AsyncBlock:
         self._state = _OPEN
         return scope.session
 
-    async def _enter_outermost(self, task: asyncio.Task[Any]) -> AsyncSession:
+    async def _enter_outermost(
+        self, task: asyncio.Task[Any], owner: FrameType | None
+    ) -> AsyncSession:
         manager = self._manager
         state = await _engine_state(manager._engine)
         gate = state.gate
@@ -328,6 +339,7 @@ class _AsyncBlock:
         except BaseException:
             await manager._end_scope(scope, commit=False)
             raise
+        scope.owner = owner
         scope.blocks.append(self)
         _inside.set(scope)
         manager._scopes[task] = scope

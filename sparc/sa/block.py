@@ -23,7 +23,7 @@ import os
 import sys
 import weakref
 from asyncio.events import _get_running_loop
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, Final, Protocol
 
 from sqlalchemy.engine import Engine
@@ -50,6 +50,8 @@ from sparc.sa.sessions import (
     rollback,
     rollback_savepoint,
 )
+from sparc.sa.suspended import GENERATOR as _GENERATOR
+from sparc.sa.suspended import check_owner, owner_of_block
 
 __all__ = ["Block", "BlockHost"]
 
@@ -112,6 +114,7 @@ class Block:
         "_inner_done",
         "_manager",
         "_nested_",
+        "_owner",
         "_ref",
         "_savepoint",
         "_scope",
@@ -136,6 +139,7 @@ class Block:
         self._inner_done = 0  # inner blocks that ended normally inside this one
         self._session: Any = None
         self._nested_ = False
+        self._owner: FrameType | None = None  # see sparc.sa.suspended
         self._ref = weakref.ref(self)
 
     # __enter__ and __exit__ run on every transaction: the common case (a
@@ -202,6 +206,9 @@ class Block:
             session.info[IN_BLOCK] = True
             self._token = manager.open_block.set(self._ref)
             debug = self._debug = logger.isEnabledFor(_DEBUG)
+            frame = sys._getframe(1)
+            if frame.f_code.co_flags & _GENERATOR:  # opened in a generator
+                self._owner = owner_of_block(frame)
             blocks.append(self._ref)  # the block is open
             self._state = _OPEN
         except BaseException:
@@ -416,6 +423,8 @@ def _enter_nested(block: Block, scope: Scope, blocks: list[weakref.ref[Block]]) 
     outer = blocks[0]()
     if outer is None:
         raise RuntimeError("the outer block was abandoned")  # pragma: no cover
+    if outer._owner is not None:  # held open by a generator: is it running?
+        check_owner(outer._owner, sys._getframe(1))
     session = outer._session
     block._scope = scope
     block._session = session
