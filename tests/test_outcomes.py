@@ -14,6 +14,7 @@ import contextlib
 import pathlib
 import random
 import types
+import uuid
 from collections.abc import AsyncIterator, Coroutine, Generator, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -461,3 +462,73 @@ def test_an_async_generator_suspended_in_its_block_refuses_a_later_block(
         return await ids(db)
 
     assert db.run(main) == [3, 4]
+
+
+# -- the end of an event loop ------------------------------------------------------
+
+
+_LOCK_TIMEOUT = {
+    "asyncpg": "SET LOCAL lock_timeout = '3s'",
+    "psycopg_async": "SET LOCAL lock_timeout = '3s'",
+    "asyncmy": "SET SESSION innodb_lock_wait_timeout = 3",
+}
+
+
+@pytest.mark.parametrize("driver", sorted(_LOCK_TIMEOUT))
+def test_a_block_left_open_when_its_loop_closes_keeps_no_lock(
+    driver: str, tmp_path: pathlib.Path
+) -> None:
+    """A task holds a row lock inside its block when its event loop is closed
+    without ending it. The next loop's block takes the same lock at once."""
+    from .test_async import async_dsn
+
+    dsn = async_dsn(driver, tmp_path)
+    engine = engine_from_config({"dsn": dsn})
+    assert isinstance(engine, AsyncEngine)
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Row(Base):
+        __tablename__ = f"sparc_loop_end_{uuid.uuid4().hex[:10]}"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        value: Mapped[int] = mapped_column(default=0)
+
+    tx = aio.async_scoped_transaction(engine, Base)
+
+    async def setup() -> None:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+            await conn.execute(sa.insert(Row).values(id=1, value=0))
+        await engine.dispose()
+
+    asyncio.run(setup())
+    first = asyncio.new_event_loop()
+    locked = asyncio.Event()
+
+    async def holder() -> None:
+        async with tx() as session:
+            await session.execute(sa.update(Row).where(Row.id == 1).values(value=1))
+            locked.set()
+            await asyncio.sleep(3600)  # pragma: no cover - its loop closes first
+
+    task = first.create_task(holder())
+    first.run_until_complete(locked.wait())
+    first.close()  # the task is still inside its block, holding the row lock
+
+    async def second() -> int:
+        try:
+            async with tx() as session:
+                await session.execute(sa.text(_LOCK_TIMEOUT[driver]))
+                await session.execute(sa.update(Row).where(Row.id == 1).values(value=2))
+            async with tx() as session:
+                return int((await session.execute(sa.select(Row.value))).scalar_one())
+        finally:
+            async with engine.begin() as conn:
+                await conn.run_sync(Base.metadata.drop_all)
+            await engine.dispose()
+
+    try:
+        assert asyncio.run(second()) == 2  # not a lock timeout: the old block was rolled back
+    finally:
+        task.get_coro().close()  # type: ignore[union-attr]

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import socket
 import sys
 import weakref
 from collections.abc import Awaitable, Callable
@@ -156,12 +157,15 @@ def _cancel_pending(task: asyncio.Task[Any]) -> bool:
 class _EngineState:
     """The event loop an engine's connections belong to, and its gate."""
 
-    __slots__ = ("gate", "loop")
+    __slots__ = ("gate", "loop", "open")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, shared: bool) -> None:
         self.loop = weakref.ref(loop)
         # One connection for every task (StaticPool): blocks take turns.
         self.gate = asyncio.Lock() if shared else None
+        # The open outermost blocks' scopes: if the loop closes while one is
+        # open, the next loop severs its connection (see _engine_state).
+        self.open: set[_Scope] = set()
 
 
 _engine_states: weakref.WeakKeyDictionary[Any, _EngineState] = weakref.WeakKeyDictionary()
@@ -181,13 +185,71 @@ async def _engine_state(engine: AsyncEngine) -> _EngineState:
                 "connections serve the loop that opened them. Build one engine per event "
                 "loop, or dispose of the engine on its loop first"
             )
-        # Its loop is gone, and its connections with it: discard them unclosed.
+        # Its loop is gone, and its connections with it. A block still open
+        # there would keep its transaction and locks (the connection is idle
+        # in transaction, and nothing on that loop will ever end it): cut its
+        # connection, which the server rolls back. Then discard the rest
+        # unclosed.
+        for scope in list(state.open):
+            _abandon_with_loop(scope)
+        state.open.clear()
         await engine.dispose(close=False)
     shared = isinstance(sync_engine.pool, (StaticPool, SingletonThreadPool))
     if shared:
         keep_shared_connection(sync_engine)
     state = _engine_states[sync_engine] = _EngineState(loop, shared)
     return state
+
+
+def _abandon_with_loop(scope: _Scope) -> None:
+    """End a block whose event loop closed while it was open: without that
+    loop nothing can be awaited, so its connection's socket is shut down,
+    which makes the server roll the transaction back and drop its locks."""
+    scope.broken = True
+    for block in scope.blocks:
+        block._state = _DONE
+    manager = scope.manager
+    if manager._scopes.get(scope.task) is scope:
+        del manager._scopes[scope.task]
+    logger.warning(
+        "sparc.sa: a block was still open when its event loop closed; its "
+        "connection was cut, so the server rolls its transaction back"
+    )
+    connection = scope.connection
+    try:
+        _shut_down(connection.sync_connection.connection.driver_connection)
+    except Exception:
+        logger.warning("sparc.sa: cutting an abandoned connection failed", exc_info=True)
+    try:
+        # SQLAlchemy's side: the connection leaves the pool's books for good,
+        # instead of being found later by the garbage collector.
+        connection.sync_connection.invalidate()
+    except Exception:
+        logger.debug("sparc.sa: invalidating an abandoned connection failed", exc_info=True)
+
+
+def _shut_down(driver: Any) -> None:
+    """Close a driver connection's socket without its (closed) event loop."""
+    pgconn = getattr(driver, "pgconn", None)  # psycopg: libpq closes it itself
+    if pgconn is not None:
+        pgconn.finish()
+        return
+    transport = getattr(driver, "_transport", None)  # asyncpg
+    if transport is None:  # asyncmy, aiomysql
+        transport = getattr(getattr(driver, "_writer", None), "transport", None)
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.shutdown(socket.SHUT_RDWR)  # the server sees the end at once
+    try:
+        transport.abort()
+    except RuntimeError:
+        # abort() schedules the rest on the transport's loop, which is closed:
+        # finish it here (close the socket, tell the driver's protocol).
+        transport._call_connection_lost(None)
+    # aiosqlite: its thread holds the connection; a file database's lock is
+    # released when the connection is collected.
 
 
 class _AioSqliteSession(Session):
@@ -245,11 +307,27 @@ _NEW, _OPEN, _DONE = "new", "open", "done"
 class _Scope:
     """The open blocks of one task for one manager, innermost last."""
 
-    __slots__ = ("blocks", "broken", "doomed", "gate", "owner", "session", "task")
+    __slots__ = (
+        "blocks",
+        "broken",
+        "connection",
+        "doomed",
+        "gate",
+        "home",
+        "manager",
+        "owner",
+        "session",
+        "task",
+    )
 
-    def __init__(self, task: asyncio.Task[Any], session: AsyncSession) -> None:
+    def __init__(
+        self, task: asyncio.Task[Any], session: AsyncSession, manager: AsyncScopedTransaction
+    ) -> None:
         self.task = task
         self.session = session
+        self.manager = manager
+        self.connection: Any = None  # the AsyncConnection the block took
+        self.home: _EngineState | None = None  # set while the block is open
         self.blocks: list[_AsyncBlock] = []
         self.doomed = False
         self.broken = False  # blocks ended out of order
@@ -325,7 +403,7 @@ class _AsyncBlock:
                 )
             await gate.acquire()
         try:
-            scope = _Scope(task, manager._factory())
+            scope = _Scope(task, manager._factory(), manager)
         except BaseException:
             if gate is not None:
                 gate.release()
@@ -335,10 +413,12 @@ class _AsyncBlock:
             # Take the connection now, in a task of its own: a cancellation
             # arriving while the driver connects must not leave a connection
             # half made (some drivers then leak it until garbage collection).
-            await _finish(scope.session.connection())
+            scope.connection = await _finish(scope.session.connection())
         except BaseException:
             await manager._end_scope(scope, commit=False)
             raise
+        scope.home = state
+        state.open.add(scope)
         scope.owner = owner
         scope.blocks.append(self)
         _inside.set(scope)
@@ -358,6 +438,8 @@ class _AsyncBlock:
     ) -> bool:
         scope = self._scope
         if self._state is not _OPEN or scope is None:
+            if exc_type is GeneratorExit:
+                return False  # a coroutine closed after its loop closed
             if self._state is _DONE and scope is not None and scope.broken:
                 raise BlockOrderError(
                     "this block's task ended, or its blocks ended out of order, before "
@@ -569,6 +651,9 @@ class AsyncScopedTransaction:
         gate: all of it to the end, whatever cancellation arrives meanwhile."""
         if self._scopes.get(scope.task) is scope:
             del self._scopes[scope.task]
+        home, scope.home = scope.home, None
+        if home is not None:
+            home.open.discard(scope)
         session = scope.session
         gate, scope.gate = scope.gate, None
 

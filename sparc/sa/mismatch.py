@@ -18,11 +18,10 @@ from sparc.sa.interfaces import ISAAsyncEngine, ISADeclarativeMeta, ISAEngine
 __all__ = ["EngineKindError", "async_manager_for_sync_engine", "sync_manager_for_async_engine"]
 
 
-class EngineKindError(ComponentLookupError, TypeError):
+class EngineKindError(ComponentLookupError, TypeError):  # type: ignore[misc]
     """A transaction manager was looked up for the other kind of engine."""
 
 
-@adapter(ISAAsyncEngine, ISADeclarativeMeta)
 def sync_manager_for_async_engine(engine: Any, base: Any) -> NoReturn:
     raise EngineKindError(
         f"{engine!r} is an AsyncEngine: look up ISAAsyncScopedTransaction for it "
@@ -31,7 +30,6 @@ def sync_manager_for_async_engine(engine: Any, base: Any) -> NoReturn:
     )
 
 
-@adapter(ISAEngine, ISADeclarativeMeta)
 def async_manager_for_sync_engine(engine: Any, base: Any) -> NoReturn:
     raise EngineKindError(
         f"{engine!r} is a synchronous Engine: look up ISAScopedTransaction for it "
@@ -39,3 +37,7 @@ def async_manager_for_sync_engine(engine: Any, base: Any) -> NoReturn:
         "a DSN with an asyncio driver (such as postgresql+asyncpg://) for "
         "ISAAsyncScopedTransaction"
     )
+
+
+adapter(ISAAsyncEngine, ISADeclarativeMeta)(sync_manager_for_async_engine)
+adapter(ISAEngine, ISADeclarativeMeta)(async_manager_for_sync_engine)
