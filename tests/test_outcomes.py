@@ -28,8 +28,8 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from sparc.sa import aio
 from sparc.sa.engine import engine_from_config
+from sparc.sa.exceptions import SuspendedBlockError
 from sparc.sa.orm import scoped_transaction
-from sparc.sa.suspended import SuspendedBlockError
 
 from .conftest import build_models, make_engine, names
 from .test_async import ASYNC_BACKENDS, async_database, checked_out, ids

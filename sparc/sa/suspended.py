@@ -29,18 +29,13 @@ import contextlib
 from types import FrameType
 from typing import Final
 
-from sparc.sa.exceptions import BlockOrderError
+from sparc.sa.exceptions import SuspendedBlockError
 
 __all__ = ["GENERATOR", "SuspendedBlockError", "check_owner", "owner_of_block"]
 
 #: CO_GENERATOR | CO_ASYNC_GENERATOR: the code flags of a generator's frame
 GENERATOR: Final = 0x20 | 0x200
 _CONTEXTLIB: Final = contextlib.__file__
-
-
-class SuspendedBlockError(BlockOrderError):
-    """A block was opened while a generator of the same thread or task is
-    suspended inside its own block."""
 
 
 def owner_of_block(frame: FrameType) -> FrameType | None:
