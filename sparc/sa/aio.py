@@ -23,21 +23,36 @@ Blocks
     read after it without lazy loads (no ``MissingGreenlet``).
 
 Cancellation
-    A task cancelled inside a block rolls the block back; cancelled while the
-    block commits, the COMMIT is completed first. Either way the cancellation
-    propagates and the connection is back in the pool. The work that ends a
-    block (COMMIT, ROLLBACK, closing the session) runs in a task of its own
-    that a cancellation cannot interrupt, so a cancelled task never leaves a
-    connection checked out or half-reset. If the task is cancelled before the
-    COMMIT is sent, nothing is committed. A task that ends with a block still
-    open gives its connection back at once.
+    A block's work is committed exactly when its ``async with`` exited
+    normally. A task cancelled inside a block, or before the block's COMMIT
+    is sent, rolls the block back and the ``CancelledError`` propagates.
+    Cancelled while the COMMIT runs, the COMMIT is completed first; if it
+    succeeded, ``async with`` exits normally and the cancellation is
+    requested again (``uncancel()`` then ``cancel()`` on Python 3.11+,
+    ``cancel()`` on 3.10), so it arrives at the task's next await. If the
+    COMMIT failed (its connection was lost, say), its outcome is unknown:
+    the COMMIT's own error propagates, neither success nor a
+    ``CancelledError``, and the cancellation again arrives at the next await.
+    An inner block that exits normally releases its SAVEPOINT even while
+    the task is being cancelled (code in it caught the ``CancelledError``).
+    The work that ends a block (COMMIT, ROLLBACK, closing the session) runs
+    in a task of its own that a cancellation cannot interrupt, so a cancelled
+    task never leaves a connection checked out or half-reset. A task that
+    ends with a block still open gives its connection back at once.
+
+Generators
+    An async generator that yields inside its block keeps the block open
+    while suspended; a block that the same task opens meanwhile raises
+    :class:`~sparc.sa.exceptions.SuspendedBlockError` at entry (see
+    :mod:`sparc.sa.suspended`).
 
 Event loops
     An ``AsyncEngine``'s connections belong to the event loop that opened
     them. A block on a second, still running loop raises
     :class:`~sparc.sa.exceptions.ForeignEventLoopError` instead of hanging;
-    after the first loop is closed, the next loop takes the engine over (its
-    dead connections are discarded first).
+    after the first loop is closed, the next loop takes the engine over: a
+    block the closed loop left open has its connection cut (the server rolls
+    it back and drops its locks), and the other connections are discarded.
 """
 
 from __future__ import annotations
