@@ -74,6 +74,11 @@ def backend(request: pytest.FixtureRequest) -> str:
 def db(backend: str, tmp_path: pathlib.Path) -> Iterator[SimpleNamespace]:
     """An async engine from the factory, a fresh Base with an Item table, and
     the shared manager; the test must leave nothing checked out."""
+    yield from async_database(backend, tmp_path)
+
+
+def async_database(backend: str, tmp_path: pathlib.Path) -> Iterator[SimpleNamespace]:
+    """The body of the ``db`` fixture, for other test modules' fixtures."""
     engine = engine_from_config({"dsn": async_dsn(backend, tmp_path)})
     assert isinstance(engine, AsyncEngine)
     engine.sync_engine.__dict__["_test_counter"] = CheckoutCounter(engine.sync_engine)

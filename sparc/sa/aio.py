@@ -23,21 +23,36 @@ Blocks
     read after it without lazy loads (no ``MissingGreenlet``).
 
 Cancellation
-    A task cancelled inside a block rolls the block back; cancelled while the
-    block commits, the COMMIT is completed first. Either way the cancellation
-    propagates and the connection is back in the pool. The work that ends a
-    block (COMMIT, ROLLBACK, closing the session) runs in a task of its own
-    that a cancellation cannot interrupt, so a cancelled task never leaves a
-    connection checked out or half-reset. If the task is cancelled before the
-    COMMIT is sent, nothing is committed. A task that ends with a block still
-    open gives its connection back at once.
+    A block's work is committed exactly when its ``async with`` exited
+    normally. A task cancelled inside a block, or before the block's COMMIT
+    is sent, rolls the block back and the ``CancelledError`` propagates.
+    Cancelled while the COMMIT runs, the COMMIT is completed first; if it
+    succeeded, ``async with`` exits normally and the cancellation is
+    requested again (``uncancel()`` then ``cancel()`` on Python 3.11+,
+    ``cancel()`` on 3.10), so it arrives at the task's next await. If the
+    COMMIT failed (its connection was lost, say), its outcome is unknown:
+    the COMMIT's own error propagates, neither success nor a
+    ``CancelledError``, and the cancellation again arrives at the next await.
+    An inner block that exits normally releases its SAVEPOINT even while
+    the task is being cancelled (code in it caught the ``CancelledError``).
+    The work that ends a block (COMMIT, ROLLBACK, closing the session) runs
+    in a task of its own that a cancellation cannot interrupt, so a cancelled
+    task never leaves a connection checked out or half-reset. A task that
+    ends with a block still open gives its connection back at once.
+
+Generators
+    An async generator that yields inside its block keeps the block open
+    while suspended; a block that the same task opens meanwhile raises
+    :class:`~sparc.sa.exceptions.SuspendedBlockError` at entry (see
+    :mod:`sparc.sa.suspended`).
 
 Event loops
     An ``AsyncEngine``'s connections belong to the event loop that opened
     them. A block on a second, still running loop raises
     :class:`~sparc.sa.exceptions.ForeignEventLoopError` instead of hanging;
-    after the first loop is closed, the next loop takes the engine over (its
-    dead connections are discarded first).
+    after the first loop is closed, the next loop takes the engine over: a
+    block the closed loop left open has its connection cut (the server rolls
+    it back and drops its locks), and the other connections are discarded.
 """
 
 from __future__ import annotations
@@ -45,10 +60,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import socket
+import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 from sqlalchemy import event as sa_event
@@ -71,7 +88,9 @@ from sparc.sa.interfaces import (
     ISAAsyncScopedTransaction,
     ISADeclarativeMeta,
 )
+from sparc.sa.keep import keep_shared_connection
 from sparc.sa.retry import backoff, check_attempts, is_retryable
+from sparc.sa.suspended import GENERATOR, check_owner, owner_of_block
 
 __all__ = ["AsyncScopedTransaction", "async_scoped_transaction"]
 
@@ -83,57 +102,85 @@ _T = TypeVar("_T")
 _finishers: set[asyncio.Task[Any]] = set()
 
 
-async def _finish(work: Awaitable[_T]) -> _T:
+async def _finish(work: Awaitable[_T], settled: bool = False) -> _T:
     """Await ``work`` to its end, even when the calling task is cancelled.
 
     ``work`` runs in a task of its own. If the caller is cancelled meanwhile,
-    the wait goes on until ``work`` is done, and then the cancellation is
-    re-raised, so it still reaches the caller.
+    the wait goes on until ``work`` is done. Then, by default, the
+    cancellation is raised, so it still reaches the caller. With ``settled``
+    (``work`` is a COMMIT whose outcome the caller must learn), ``work``'s
+    own outcome is returned or raised instead, and the cancellation is
+    requested again, so that it reaches the caller at its next await.
     """
     task = asyncio.ensure_future(work)
     _finishers.add(task)
     task.add_done_callback(_finishers.discard)
-    cancelled = False
+    cancelled: asyncio.CancelledError | None = None
     while True:
         try:
             result = await asyncio.shield(task)
             break
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            cancelled = exc  # even if work is done by now: never lose it
             if not task.done():
-                cancelled = True
                 continue
             if task.cancelled():
                 raise
             try:
                 result = task.result()
-            except BaseException as exc:
-                if cancelled:  # the cancellation still wins, with the error attached
-                    raise asyncio.CancelledError from exc
+            except BaseException as error:
+                if cancelled is not None and not settled:
+                    # the cancellation still wins, with the error attached
+                    raise asyncio.CancelledError(*cancelled.args) from error
+                if cancelled is not None:
+                    _cancel_later(cancelled)
                 raise
             break
-        except BaseException as exc:
-            if cancelled:
-                raise asyncio.CancelledError from exc
+        except BaseException as error:
+            if cancelled is not None and not settled:
+                raise asyncio.CancelledError(*cancelled.args) from error
+            if cancelled is not None:
+                _cancel_later(cancelled)
             raise
-    if cancelled:
-        raise asyncio.CancelledError
+    if cancelled is not None:
+        if not settled:
+            raise asyncio.CancelledError(*cancelled.args)
+        _cancel_later(cancelled)
     return result
 
 
-def _cancel_requested(task: asyncio.Task[Any] | None) -> bool:
-    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
-    return bool(cancelling and cancelling())
+def _cancel_later(cancelled: asyncio.CancelledError) -> None:
+    """Request the cancellation that interrupted a wait again, so that it is
+    delivered at the current task's next await instead of being lost. On
+    Python 3.11+ the request it made is withdrawn first (``uncancel``), so
+    ``cancelling()`` counts it once, as ``asyncio.timeout()`` expects."""
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - _finish runs in a task
+        return
+    uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+    if uncancel is not None and task.cancelling():
+        uncancel()
+    task.cancel(*cancelled.args[:1])
+
+
+def _cancel_pending(task: asyncio.Task[Any]) -> bool:
+    """Whether a cancellation of *task* is requested and not yet delivered
+    (the task cancelled itself, or was cancelled while it ran)."""
+    return bool(getattr(task, "_must_cancel", False))
 
 
 class _EngineState:
     """The event loop an engine's connections belong to, and its gate."""
 
-    __slots__ = ("gate", "loop")
+    __slots__ = ("gate", "loop", "open")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, shared: bool) -> None:
         self.loop = weakref.ref(loop)
         # One connection for every task (StaticPool): blocks take turns.
         self.gate = asyncio.Lock() if shared else None
+        # The open outermost blocks' scopes: if the loop closes while one is
+        # open, the next loop severs its connection (see _engine_state).
+        self.open: set[_Scope] = set()
 
 
 _engine_states: weakref.WeakKeyDictionary[Any, _EngineState] = weakref.WeakKeyDictionary()
@@ -153,11 +200,71 @@ async def _engine_state(engine: AsyncEngine) -> _EngineState:
                 "connections serve the loop that opened them. Build one engine per event "
                 "loop, or dispose of the engine on its loop first"
             )
-        # Its loop is gone, and its connections with it: discard them unclosed.
+        # Its loop is gone, and its connections with it. A block still open
+        # there would keep its transaction and locks (the connection is idle
+        # in transaction, and nothing on that loop will ever end it): cut its
+        # connection, which the server rolls back. Then discard the rest
+        # unclosed.
+        for scope in list(state.open):
+            _abandon_with_loop(scope)
+        state.open.clear()
         await engine.dispose(close=False)
     shared = isinstance(sync_engine.pool, (StaticPool, SingletonThreadPool))
+    if shared:
+        keep_shared_connection(sync_engine)
     state = _engine_states[sync_engine] = _EngineState(loop, shared)
     return state
+
+
+def _abandon_with_loop(scope: _Scope) -> None:
+    """End a block whose event loop closed while it was open: without that
+    loop nothing can be awaited, so its connection's socket is shut down,
+    which makes the server roll the transaction back and drop its locks."""
+    scope.broken = True
+    for block in scope.blocks:
+        block._state = _DONE
+    manager = scope.manager
+    if manager._scopes.get(scope.task) is scope:
+        del manager._scopes[scope.task]
+    logger.warning(
+        "sparc.sa: a block was still open when its event loop closed; its "
+        "connection was cut, so the server rolls its transaction back"
+    )
+    connection = scope.connection
+    try:
+        _shut_down(connection.sync_connection.connection.driver_connection)
+    except Exception:
+        logger.warning("sparc.sa: cutting an abandoned connection failed", exc_info=True)
+    try:
+        # SQLAlchemy's side: the connection leaves the pool's books for good,
+        # instead of being found later by the garbage collector.
+        connection.sync_connection.invalidate()
+    except Exception:
+        logger.debug("sparc.sa: invalidating an abandoned connection failed", exc_info=True)
+
+
+def _shut_down(driver: Any) -> None:
+    """Close a driver connection's socket without its (closed) event loop."""
+    pgconn = getattr(driver, "pgconn", None)  # psycopg: libpq closes it itself
+    if pgconn is not None:
+        pgconn.finish()
+        return
+    transport = getattr(driver, "_transport", None)  # asyncpg
+    if transport is None:  # asyncmy, aiomysql
+        transport = getattr(getattr(driver, "_writer", None), "transport", None)
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.shutdown(socket.SHUT_RDWR)  # the server sees the end at once
+    try:
+        transport.abort()
+    except RuntimeError:
+        # abort() schedules the rest on the transport's loop, which is closed:
+        # finish it here (close the socket, tell the driver's protocol).
+        transport._call_connection_lost(None)
+    # aiosqlite: its thread holds the connection; a file database's lock is
+    # released when the connection is collected.
 
 
 class _AioSqliteSession(Session):
@@ -215,15 +322,34 @@ _NEW, _OPEN, _DONE = "new", "open", "done"
 class _Scope:
     """The open blocks of one task for one manager, innermost last."""
 
-    __slots__ = ("blocks", "broken", "doomed", "gate", "session", "task")
+    __slots__ = (
+        "blocks",
+        "broken",
+        "connection",
+        "doomed",
+        "gate",
+        "home",
+        "manager",
+        "owner",
+        "session",
+        "task",
+    )
 
-    def __init__(self, task: asyncio.Task[Any], session: AsyncSession) -> None:
+    def __init__(
+        self, task: asyncio.Task[Any], session: AsyncSession, manager: AsyncScopedTransaction
+    ) -> None:
         self.task = task
         self.session = session
+        self.manager = manager
+        self.connection: Any = None  # the AsyncConnection the block took
+        self.home: _EngineState | None = None  # set while the block is open
         self.blocks: list[_AsyncBlock] = []
         self.doomed = False
         self.broken = False  # blocks ended out of order
         self.gate: asyncio.Lock | None = None
+        # The async generator whose frame opened the outermost block, if
+        # iteration drives it (see sparc.sa.suspended).
+        self.owner: FrameType | None = None
 
 
 # The scope of the outermost block the current context is inside of; a child
@@ -243,6 +369,15 @@ class _AsyncBlock:
         self._nested: Any = None
         self._state = _NEW
 
+    def __enter__(self) -> None:
+        raise TypeError(
+            "a block of the asyncio manager (ISAAsyncScopedTransaction) is "
+            "entered with `async with tx():`, not `with tx():`"
+        )
+
+    def __exit__(self, *exc: object) -> None:  # pragma: no cover - __enter__ raises
+        return None
+
     async def __aenter__(self) -> AsyncSession:
         if self._state is not _NEW:
             raise RuntimeError("a block can be entered once; call tx() again for another")
@@ -252,9 +387,13 @@ class _AsyncBlock:
         manager = self._manager
         scope = manager._scopes.get(task)
         if scope is None:
-            return await self._enter_outermost(task)
+            frame = sys._getframe(1)
+            owner = owner_of_block(frame) if frame.f_code.co_flags & GENERATOR else None
+            return await self._enter_outermost(task, owner)
         if scope.broken:
             raise BlockOrderError("blocks of this task ended out of order; end them all first")
+        if scope.owner is not None:  # held open by an async generator: is it running?
+            check_owner(scope.owner, sys._getframe(1))
         if self._savepoint:
             self._nested = await scope.session.begin_nested()
         scope.blocks.append(self)
@@ -262,7 +401,9 @@ class _AsyncBlock:
         self._state = _OPEN
         return scope.session
 
-    async def _enter_outermost(self, task: asyncio.Task[Any]) -> AsyncSession:
+    async def _enter_outermost(
+        self, task: asyncio.Task[Any], owner: FrameType | None
+    ) -> AsyncSession:
         manager = self._manager
         state = await _engine_state(manager._engine)
         gate = state.gate
@@ -277,7 +418,7 @@ class _AsyncBlock:
                 )
             await gate.acquire()
         try:
-            scope = _Scope(task, manager._factory())
+            scope = _Scope(task, manager._factory(), manager)
         except BaseException:
             if gate is not None:
                 gate.release()
@@ -287,10 +428,13 @@ class _AsyncBlock:
             # Take the connection now, in a task of its own: a cancellation
             # arriving while the driver connects must not leave a connection
             # half made (some drivers then leak it until garbage collection).
-            await _finish(scope.session.connection())
+            scope.connection = await _finish(scope.session.connection())
         except BaseException:
             await manager._end_scope(scope, commit=False)
             raise
+        scope.home = state
+        state.open.add(scope)
+        scope.owner = owner
         scope.blocks.append(self)
         _inside.set(scope)
         manager._scopes[task] = scope
@@ -309,6 +453,8 @@ class _AsyncBlock:
     ) -> bool:
         scope = self._scope
         if self._state is not _OPEN or scope is None:
+            if exc_type is GeneratorExit:
+                return False  # a coroutine closed after its loop closed
             if self._state is _DONE and scope is not None and scope.broken:
                 raise BlockOrderError(
                     "this block's task ended, or its blocks ended out of order, before "
@@ -348,9 +494,13 @@ class _AsyncBlock:
             if exc_type is not None:
                 scope.doomed = True
             return
-        if exc_type is None and not _cancel_requested(scope.task):
+        if exc_type is None:
+            # The block exited normally, so its work stays, even while the
+            # task is being cancelled (code in the block caught the
+            # CancelledError): RELEASE runs to its end, and a cancellation
+            # arriving meanwhile is delivered at the task's next await.
             try:
-                await nested.commit()  # RELEASE SAVEPOINT
+                await _finish(nested.commit(), settled=True)  # RELEASE SAVEPOINT
             except BaseException:
                 await _finish(_quietly(nested.rollback()))
                 raise
@@ -367,7 +517,7 @@ class _AsyncBlock:
             # each call to its end in its own thread, and its in-memory
             # database lives in its one connection: that one is rolled back.
             interrupted = exc_type is not None and not issubclass(exc_type, Exception)
-            discard = interrupted and manager._engine.dialect.driver != "aiosqlite"
+            discard = interrupted and not _keeps_connection(manager, scope)
             await manager._end_scope(scope, commit=False, discard=discard)
             if exc_type is None:
                 raise DoomedTransactionError(
@@ -377,16 +527,25 @@ class _AsyncBlock:
             return
         try:
             await session.flush()  # cancellable: nothing is committed yet
+            if _cancel_pending(scope.task):
+                # Requested while the task ran, not yet delivered: deliver it
+                # now, before COMMIT is sent (the block did not exit normally).
+                await asyncio.sleep(0)
         except BaseException as exc:
-            discard = not isinstance(exc, Exception) and manager._engine.dialect.driver != (
-                "aiosqlite"
-            )
+            discard = not isinstance(exc, Exception) and not _keeps_connection(manager, scope)
             await manager._end_scope(scope, commit=False, discard=discard)
             raise
-        if _cancel_requested(scope.task):
-            await manager._end_scope(scope, commit=False)
-            raise asyncio.CancelledError
+        # From here the outcome is the COMMIT's: a cancellation arriving while
+        # it runs waits for it; if it succeeded, the block exits normally and
+        # the cancellation is delivered at the task's next await.
         await manager._end_scope(scope, commit=True)
+
+
+def _keeps_connection(manager: AsyncScopedTransaction, scope: _Scope) -> bool:
+    """Whether an interrupted block's connection is rolled back and kept
+    rather than discarded: aiosqlite runs each call to its end in its own
+    thread, and an in-memory database lives in its one shared connection."""
+    return scope.gate is not None or manager._engine.dialect.driver == "aiosqlite"
 
 
 async def _quietly(work: Awaitable[Any]) -> None:
@@ -507,6 +666,9 @@ class AsyncScopedTransaction:
         gate: all of it to the end, whatever cancellation arrives meanwhile."""
         if self._scopes.get(scope.task) is scope:
             del self._scopes[scope.task]
+        home, scope.home = scope.home, None
+        if home is not None:
+            home.open.discard(scope)
         session = scope.session
         gate, scope.gate = scope.gate, None
 
@@ -527,7 +689,7 @@ class AsyncScopedTransaction:
                 if gate is not None:
                     gate.release()
 
-        await _finish(end())
+        await _finish(end(), settled=commit)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         """A task ended: roll back and close a block it left open."""

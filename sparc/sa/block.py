@@ -23,7 +23,7 @@ import os
 import sys
 import weakref
 from asyncio.events import _get_running_loop
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, Final, Protocol
 
 from sqlalchemy.engine import Engine
@@ -38,6 +38,7 @@ from sparc.sa.exceptions import (
     JoinedTransactionError,
 )
 from sparc.sa.gate import Gate, GateCache, ThreadGate
+from sparc.sa.keep import keep_shared_connection
 from sparc.sa.scope import Scope, ScopeRegistry, after_interruption, note_interruption
 from sparc.sa.sessions import (
     IN_BLOCK,
@@ -49,6 +50,8 @@ from sparc.sa.sessions import (
     rollback,
     rollback_savepoint,
 )
+from sparc.sa.suspended import GENERATOR as _GENERATOR
+from sparc.sa.suspended import check_owner, owner_of_block
 
 __all__ = ["Block", "BlockHost"]
 
@@ -111,6 +114,7 @@ class Block:
         "_inner_done",
         "_manager",
         "_nested_",
+        "_owner",
         "_ref",
         "_savepoint",
         "_scope",
@@ -135,6 +139,7 @@ class Block:
         self._inner_done = 0  # inner blocks that ended normally inside this one
         self._session: Any = None
         self._nested_ = False
+        self._owner: FrameType | None = None  # see sparc.sa.suspended
         self._ref = weakref.ref(self)
 
     # __enter__ and __exit__ run on every transaction: the common case (a
@@ -185,7 +190,7 @@ class Block:
                     return manager.scoped_session
         gates = manager.gates
         pool = manager.engine.pool
-        gate = gates.gate if pool is gates.pool else gates.refresh(pool)
+        gate = gates.gate if pool is gates.pool else _new_pool(manager, gates, pool)
         # From here on every step is undone if an exception (a KeyboardInterrupt
         # from a signal, say) lands before the block is fully open.
         try:
@@ -201,6 +206,9 @@ class Block:
             session.info[IN_BLOCK] = True
             self._token = manager.open_block.set(self._ref)
             debug = self._debug = logger.isEnabledFor(_DEBUG)
+            frame = sys._getframe(1)
+            if frame.f_code.co_flags & _GENERATOR:  # opened in a generator
+                self._owner = owner_of_block(frame)
             blocks.append(self._ref)  # the block is open
             self._state = _OPEN
         except BaseException:
@@ -379,6 +387,15 @@ def _close(block: Block, scope: Scope, session: Session) -> None:
 # -- the less common paths of a block, kept out of its class ---------------------
 
 
+def _new_pool(manager: BlockHost, gates: GateCache, pool: Any) -> Gate | ThreadGate | None:
+    """The first block on *pool*: its gate, and on one shared SQLite connection
+    (an in-memory database) the guard that keeps it through interruptions."""
+    gate = gates.refresh(pool)
+    if gate is not None:
+        keep_shared_connection(manager.engine)
+    return gate
+
+
 def _abandon_entry(block: Block, scope: Scope, gate: Gate | ThreadGate | None) -> None:
     block._state = _NEW
     error = sys.exc_info()[1]
@@ -406,6 +423,8 @@ def _enter_nested(block: Block, scope: Scope, blocks: list[weakref.ref[Block]]) 
     outer = blocks[0]()
     if outer is None:
         raise RuntimeError("the outer block was abandoned")  # pragma: no cover
+    if outer._owner is not None:  # held open by a generator: is it running?
+        check_owner(outer._owner, sys._getframe(1))
     session = outer._session
     block._scope = scope
     block._session = session

@@ -21,6 +21,7 @@ __all__ = [
     "InvalidFilterError",
     "JoinedTransactionError",
     "RetryableDatabaseError",
+    "SuspendedBlockError",
 ]
 
 
@@ -75,6 +76,19 @@ class BlockOrderError(RuntimeError):
     this error when it ends. The next block of the scope starts afresh.
 
     .. versionadded:: 2.0
+    """
+
+
+class SuspendedBlockError(BlockOrderError):
+    """A block was opened while a generator of the same thread or task is
+    suspended inside its own block.
+
+    It would have nested in that block and been rolled back when the
+    generator is closed early, after it had ended normally; it is refused at
+    its entry instead, and nothing of it ran. Finish or close the generator
+    first, or open the generator's block in a ``contextlib`` context manager
+    whose ``with`` statement encloses the new block (see
+    :mod:`sparc.sa.suspended`).
     """
 
 
