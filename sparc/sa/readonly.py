@@ -1,0 +1,224 @@
+"""The read-only block: ``with tx(readonly=True):`` and ``tx.run(fn, readonly=True)``.
+
+Where it runs
+    * Outermost, on an engine with replicas: on a healthy replica that has
+      replayed the scope's own latest commit (and the ``after`` token's
+      position), in turn with the other replicas; else on the primary.
+    * Outermost, without replicas or when none will do: on the primary, in a
+      READ ONLY transaction.
+    * Inside a writing block, or after the scope joined the request's
+      transaction (a joined write): in that transaction, on the primary, in
+      a SAVEPOINT, so it sees the uncommitted work.
+
+A read-only block never joins a transaction of the ``transaction`` package
+by itself: it ends on its own and never takes part in two-phase commit.
+
+A write fails with :class:`~sparc.sa.exceptions.ReadOnlyTransactionError`:
+an ORM flush with changes and statements that write are refused before they
+are sent; anything else the database refuses (READ ONLY transaction, or a
+standby) is reported as the same error. A writing block inside a read-only
+block is the same error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, scoped_session
+
+from sparc.sa.block import Block
+from sparc.sa.replicas import (
+    GUARDED,
+    READONLY,
+    Replica,
+    ReplicaSet,
+    _Unusable,
+    install_guards,
+    is_read_only_violation,
+    parse_token,
+    replica_set,
+    translate,
+)
+from sparc.sa.retry import backoff, check_attempts, is_retryable
+
+if TYPE_CHECKING:
+    from sparc.sa.scope import Scope
+
+__all__ = ["ReadOnlyBlock", "run_readonly"]
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+class ReadOnlyBlock:
+    """One ``with tx(readonly=True):`` block."""
+
+    __slots__ = ("_after", "_block", "_guarded", "_manager", "_replica", "_rs", "_saved", "_scope")
+
+    def __init__(self, manager: Any, after: str | None = None) -> None:
+        self._manager = manager
+        self._after = parse_token(after)
+        self._block: Block | None = None
+        self._guarded: Session | None = None
+        self._replica: Replica | None = None
+        self._rs: ReplicaSet | None = None
+        self._scope: Scope | None = None
+        self._saved: Session | None = None
+
+    @property
+    def session(self) -> Session:
+        """The session this block runs in (set once it is open)."""
+        assert self._block is not None
+        return self._block.session
+
+    @property
+    def replica(self) -> Replica | None:
+        """The replica this block runs on; None on the primary."""
+        return self._replica
+
+    def __enter__(self) -> scoped_session[Session]:
+        manager = self._manager
+        install_guards(manager.new_session)
+        scope = self._scope = manager.scopes.current()
+        if scope.blocks or scope.joined is not None:
+            # In the writing transaction around it, to see its uncommitted work.
+            block = self._block = Block(manager, True, readonly=True)
+            entered = block.__enter__()
+            guarded = self._guarded = block.session
+            guarded.info[GUARDED] = guarded.info.get(GUARDED, 0) + 1
+            return entered
+        rs = self._rs = replica_set(manager.engine)
+        if rs is not None:
+            need = max(rs.position(), self._after)
+            for replica in rs.candidates():
+                on_replica = self._try_replica(manager, scope, rs, replica, need)
+                if on_replica is not None:
+                    rs.stats["replica"] += 1
+                    return on_replica
+            rs.stats["primary"] += 1
+        session = scope.session
+        if session is None:
+            session = scope.session = manager.new_session()
+        session.info[READONLY] = True
+        block = self._block = Block(manager, True, readonly=True)
+        try:
+            return block.__enter__()
+        except BaseException:
+            session.info.pop(READONLY, None)
+            raise
+
+    def _try_replica(
+        self, manager: Any, scope: Scope, rs: ReplicaSet, replica: Replica, need: int
+    ) -> scoped_session[Session] | None:
+        session: Session = manager.new_session(bind=replica.sync_engine)
+        session.info[READONLY] = True
+        saved = self._saved = scope.session
+        scope.session = session
+        block = self._block = Block(manager, True, readonly=True)
+        try:
+            entered = block.__enter__()
+        except BaseException:
+            scope.session = saved
+            session.close()
+            raise
+        try:
+            if rs.needs_check(replica, need):
+                rs.check(replica, session.connection(), need)
+        except (_Unusable, sa_exc.DBAPIError) as error:
+            if isinstance(error, sa_exc.DBAPIError):
+                rs.failed(replica, error)
+            try:
+                block.__exit__(type(error), error, error.__traceback__)
+            except Exception:  # pragma: no cover - a rollback on a dead connection
+                logger.debug("ending an unusable replica's block failed", exc_info=True)
+            finally:
+                scope.session = saved
+                self._saved = None
+            return None
+        self._replica = replica
+        return entered
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        block = self._block
+        if block is None:
+            raise RuntimeError("this block was never entered")
+        try:
+            block.__exit__(exc_type, exc, tb)
+        except Exception as error:
+            if is_read_only_violation(error):
+                raise translate(error) from error
+            raise
+        finally:
+            self._finish(exc)
+        if exc is not None and is_read_only_violation(exc):
+            raise translate(exc) from exc
+
+    def _finish(self, exc: BaseException | None) -> None:
+        guarded = self._guarded
+        if guarded is not None:
+            self._guarded = None
+            count = guarded.info.get(GUARDED, 1) - 1
+            if count:
+                guarded.info[GUARDED] = count
+            else:
+                guarded.info.pop(GUARDED, None)
+            return
+        scope = self._scope
+        if self._replica is not None:
+            assert scope is not None
+            if scope.session is self._block.session:  # type: ignore[union-attr]
+                scope.session = self._saved
+            self._saved = None
+            if _is_disconnect(exc) and self._rs is not None:
+                self._rs.failed(self._replica, exc)  # type: ignore[arg-type]
+        elif scope is not None and scope.session is not None:
+            scope.session.info.pop(READONLY, None)
+
+
+def _is_disconnect(error: BaseException | None) -> bool:
+    return isinstance(error, sa_exc.DBAPIError) and (
+        error.connection_invalidated or isinstance(error, sa_exc.OperationalError)
+    )
+
+
+def run_readonly(
+    manager: Any,
+    fn: Callable[..., _T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    attempts: int,
+    after: str | None,
+) -> _T:
+    """``tx.run(fn, readonly=True)``: *fn* in a read-only block, run again if
+    the database aborts it (as :meth:`run` does), and once more on another
+    server if the replica it ran on died."""
+    check_attempts(attempts)
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(f"run() calls {fn!r} without awaiting it; use the asyncio manager")
+    attempt = 1
+    moved = False
+    while True:
+        block = ReadOnlyBlock(manager, after)
+        try:
+            with block:
+                return fn(block.session, *args, **kwargs)
+        except sa_exc.DBAPIError as error:
+            if not moved and block.replica is not None and _is_disconnect(error):
+                moved = True  # the replica was marked down: the next block goes elsewhere
+                logger.info("replica %s failed during a read; reading again", block.replica.name)
+                continue
+            if attempt >= attempts or not is_retryable(error):
+                raise
+            time.sleep(backoff(attempt, manager.retry_delay, manager.retry_max_delay))
+            attempt += 1
