@@ -24,28 +24,33 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm import Session, scoped_session
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+from sqlalchemy.pool import StaticPool
 
 from sparc.sa.block import Block
 from sparc.sa.replicas import (
-    GUARDED,
     READONLY,
     Replica,
     ReplicaSet,
     _Unusable,
+    guard,
     install_guards,
     is_read_only_violation,
     parse_token,
     replica_set,
     translate,
+    unguard,
 )
 from sparc.sa.retry import backoff, check_attempts, is_retryable
+from sparc.sa.sessions import begin_on_sqlite
 
 if TYPE_CHECKING:
     from sparc.sa.scope import Scope
@@ -84,40 +89,39 @@ class ReadOnlyBlock:
 
     def __enter__(self) -> scoped_session[Session]:
         manager = self._manager
-        install_guards(manager.new_session)
         scope = self._scope = manager.scopes.current()
         if scope.blocks or scope.joined is not None:
             # In the writing transaction around it, to see its uncommitted work.
             block = self._block = Block(manager, True, readonly=True)
             entered = block.__enter__()
             guarded = self._guarded = block.session
-            guarded.info[GUARDED] = guarded.info.get(GUARDED, 0) + 1
+            guard(guarded)
             return entered
+        factory = _factory(manager)
         rs = self._rs = replica_set(manager.engine)
         if rs is not None:
             need = max(rs.position(), self._after)
             for replica in rs.candidates():
-                on_replica = self._try_replica(manager, scope, rs, replica, need)
+                on_replica = self._open(manager, scope, factory, replica, need)
                 if on_replica is not None:
                     rs.stats["replica"] += 1
                     return on_replica
             rs.stats["primary"] += 1
-        session = scope.session
-        if session is None:
-            session = scope.session = manager.new_session()
-        session.info[READONLY] = True
-        block = self._block = Block(manager, True, readonly=True)
-        try:
-            return block.__enter__()
-        except BaseException:
-            session.info.pop(READONLY, None)
-            raise
+        on_primary = self._open(manager, scope, factory, None, 0)
+        assert on_primary is not None
+        return on_primary
 
-    def _try_replica(
-        self, manager: Any, scope: Scope, rs: ReplicaSet, replica: Replica, need: int
+    def _open(
+        self, manager: Any, scope: Scope, factory: Any, replica: Replica | None, need: int
     ) -> scoped_session[Session] | None:
-        session: Session = manager.new_session(bind=replica.sync_engine)
-        session.info[READONLY] = True
+        """Open the block in a session of its own, on *replica* or on the
+        primary; None if the replica cannot serve it now."""
+        if replica is None:
+            session: Session = factory()
+            session.info[READONLY] = True  # a READ ONLY transaction (replicas.after_begin)
+        else:
+            session = factory(bind=replica.sync_engine)
+            session.info[READONLY] = "replica"
         saved = self._saved = scope.session
         scope.session = session
         block = self._block = Block(manager, True, readonly=True)
@@ -127,6 +131,10 @@ class ReadOnlyBlock:
             scope.session = saved
             session.close()
             raise
+        if replica is None:
+            return entered
+        rs = self._rs
+        assert rs is not None
         try:
             if rs.needs_check(replica, need):
                 rs.check(replica, session.connection(), need)
@@ -168,22 +176,37 @@ class ReadOnlyBlock:
         guarded = self._guarded
         if guarded is not None:
             self._guarded = None
-            count = guarded.info.get(GUARDED, 1) - 1
-            if count:
-                guarded.info[GUARDED] = count
-            else:
-                guarded.info.pop(GUARDED, None)
+            unguard(guarded)
             return
         scope = self._scope
-        if self._replica is not None:
-            assert scope is not None
-            if scope.session is self._block.session:  # type: ignore[union-attr]
-                scope.session = self._saved
-            self._saved = None
-            if _is_disconnect(exc) and self._rs is not None:
-                self._rs.failed(self._replica, exc)  # type: ignore[arg-type]
-        elif scope is not None and scope.session is not None:
-            scope.session.info.pop(READONLY, None)
+        assert scope is not None and self._block is not None
+        if scope.session is self._block.session:
+            scope.session = self._saved
+        self._saved = None
+        if self._replica is not None and self._rs is not None and _is_disconnect(exc):
+            self._rs.failed(self._replica, exc)  # type: ignore[arg-type]
+
+
+# One read-only sessionmaker per manager, made on first use. The lock keeps
+# two threads from making two; the listeners are in place before any session
+# of it exists, so no thread ever sees them change.
+_factory_lock = threading.Lock()
+_FACTORY: Final = "_sparc_sa_readonly_sessions"
+
+
+def _factory(manager: Any) -> Any:
+    factory = manager.__dict__.get(_FACTORY)
+    if factory is None:
+        with _factory_lock:
+            factory = manager.__dict__.get(_FACTORY)
+            if factory is None:
+                own = manager.new_session
+                factory = sessionmaker(class_=own.class_.__mro__[1], **own.kw)
+                if manager.sqlite_begin and not isinstance(manager.engine.pool, StaticPool):
+                    event.listen(factory, "after_begin", begin_on_sqlite)
+                install_guards(factory)
+                manager.__dict__[_FACTORY] = factory
+    return factory
 
 
 def _is_disconnect(error: BaseException | None) -> bool:

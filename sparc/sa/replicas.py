@@ -478,17 +478,17 @@ def _read_only_mode(dbapi_connection: Any, on: bool) -> bool:
 
 
 def after_begin(session: Session, transaction: Any, connection: Any) -> None:
-    """A read-only block's transaction on a writable database is READ ONLY."""
-    if not session.info.get(READONLY) or transaction.nested:
+    """A read-only block's transaction on the primary is READ ONLY."""
+    if session.info.get(READONLY) is not True or transaction.nested:
         return
     name = connection.dialect.name
+    raw = connection.connection.driver_connection
     if name == "sqlite":
         connection.exec_driver_sql("PRAGMA query_only = 1")
-        _note_mode(connection, "sqlite")
+        session.info[_READ_ONLY_MODE] = (raw, "sqlite")
     elif name == "postgresql":
-        raw = connection.connection.driver_connection
-        if _read_only_mode(raw, True):
-            _note_mode(connection, True)
+        if _read_only_mode(raw, True):  # psycopg: BEGIN READ ONLY, no extra round trip
+            session.info[_READ_ONLY_MODE] = (raw, "psycopg")
         else:
             connection.exec_driver_sql("SET TRANSACTION READ ONLY")
     elif name in ("mysql", "mariadb"):
@@ -496,23 +496,18 @@ def after_begin(session: Session, transaction: Any, connection: Any) -> None:
         connection.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
-def _reset_read_only(dbapi_connection: Any, record: Any) -> None:
-    mode = record.info.pop(_READ_ONLY_MODE, None)
-    if mode is None or dbapi_connection is None:
+def after_end(session: Session) -> None:
+    """The connection goes back to the pool writable (after_commit, after_rollback)."""
+    if session.get_nested_transaction() is not None:
+        return  # a SAVEPOINT ended; the transaction goes on
+    mode = session.info.pop(_READ_ONLY_MODE, None)
+    if mode is None:
         return
-    if mode == "sqlite":
-        dbapi_connection.execute("PRAGMA query_only = 0")
+    raw, kind = mode
+    if kind == "sqlite":
+        raw.execute("PRAGMA query_only = 0")
     else:
-        _read_only_mode(dbapi_connection, False)
-
-
-def _note_mode(connection: Any, mode: object) -> None:
-    """Remember to switch the connection back when it returns to the pool."""
-    connection.info[_READ_ONLY_MODE] = mode
-    engine = connection.engine
-    if not engine.__dict__.get("_sparc_sa_read_only_reset"):
-        engine.__dict__["_sparc_sa_read_only_reset"] = True
-        event.listen(engine, "checkin", _reset_read_only)
+        _read_only_mode(raw, False)
 
 
 def before_flush(session: Session, flush_context: Any, instances: Any) -> None:
@@ -543,13 +538,33 @@ def do_orm_execute(state: Any) -> None:
 
 
 def install_guards(factory: Any) -> None:
-    """Listen on a manager's sessionmaker for read-only blocks (once)."""
-    if getattr(factory, "_sparc_sa_guarded", False):
-        return
+    """Listen on the sessionmaker of read-only blocks."""
     event.listen(factory, "after_begin", after_begin)
+    event.listen(factory, "after_commit", after_end)
+    event.listen(factory, "after_rollback", after_end)
     event.listen(factory, "before_flush", before_flush)
     event.listen(factory, "do_orm_execute", do_orm_execute)
-    factory._sparc_sa_guarded = True
+
+
+def guard(session: Session) -> None:
+    """Refuse writes in *session* until :func:`unguard` (a read-only block
+    inside a writing one): listeners on this session only, so that writing
+    sessions pay nothing."""
+    count = session.info.get(GUARDED, 0)
+    session.info[GUARDED] = count + 1
+    if not count:
+        event.listen(session, "before_flush", before_flush)
+        event.listen(session, "do_orm_execute", do_orm_execute)
+
+
+def unguard(session: Session) -> None:
+    count = session.info.get(GUARDED, 1) - 1
+    if count:
+        session.info[GUARDED] = count
+        return
+    session.info.pop(GUARDED, None)
+    event.remove(session, "before_flush", before_flush)
+    event.remove(session, "do_orm_execute", do_orm_execute)
 
 
 def is_read_only_violation(error: BaseException) -> bool:
