@@ -111,3 +111,35 @@ def test_arguments_are_checked(
     with pytest.raises(ValueError, match=r"commit token as tx\.commit_token gives it"):
         transaction(readonly=True, after="yesterday")
     assert transaction.commit_token is None  # no replicas: no positions
+
+
+def test_readonly_blocks_never_join_until_a_joined_write(
+    engine: Engine, models: SimpleNamespace, transaction: ThreadLocalSASessionTransaction
+) -> None:
+    """In a request (a `transaction` transaction): a read-only block ends by
+    itself and joins nothing; after a joined write it runs in the request's
+    transaction and sees the uncommitted write."""
+    txn_pkg = pytest.importorskip("transaction")
+    with transaction() as Session:
+        Session.add(models.Item(name="before"))
+    txn_pkg.manager.explicit = True  # as pyramid_tm and Zope run requests
+    txn = txn_pkg.manager.begin()
+    try:
+        with transaction(readonly=True) as Session:
+            assert Session.scalars(sa.select(models.Item.name)).all() == ["before"]
+        assert txn._resources == []  # not joined: nothing to commit or vote
+        with transaction() as Session:  # a joined write, not yet committed
+            Session.add(models.Item(name="joined"))
+        assert len(txn._resources) == 1
+        with transaction(readonly=True) as Session:
+            assert sorted(Session.scalars(sa.select(models.Item.name))) == ["before", "joined"]
+            with pytest.raises(ReadOnlyTransactionError):
+                Session.execute(sa.delete(models.Item))
+        assert len(txn._resources) == 1  # the same data manager, no other
+        txn_pkg.manager.commit()
+    except BaseException:
+        txn_pkg.manager.abort()
+        raise
+    finally:
+        txn_pkg.manager.explicit = False
+    assert names(engine, models.Item) == ["before", "joined"]

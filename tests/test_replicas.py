@@ -412,3 +412,74 @@ def test_lagging_replica_is_skipped(
     worker.start()
     worker.join()
     assert out[-1] is True and rs.describe()[0]["state"] == "up"
+
+
+def test_replica_killed_mid_load_loses_no_read_and_comes_back(
+    pair: SimpleNamespace,
+) -> None:
+    """8 threads read through run(readonly=True) while the replica is stopped
+    (clients disconnected) and started again: no read fails, and reads go
+    back to the replica within seconds of it answering again."""
+    import shutil
+    import subprocess
+
+    if shutil.which("pg_ctlcluster") is None or os.geteuid() != 0:
+        pytest.skip("stopping the replica needs root and Debian's pg_ctlcluster")
+    version = subprocess.run(
+        ["sh", "-c", "ls /etc/postgresql | sort -n | tail -1"], capture_output=True, text=True
+    ).stdout.strip()
+    cluster = os.environ.get("PG_REPLICA_CLUSTER", "replica")
+    rs = replica_set(pair.engine)
+    assert rs is not None
+    with pair.tx() as Session:
+        Session.add(pair.models.Item(name="x"))
+    wait_caught_up(pair.engine, pair.replica_dsn)
+    stop = threading.Event()
+    done: list[bool] = []
+    failures: list[BaseException] = []
+    Item = pair.models.Item
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                done.append(
+                    pair.tx.run(
+                        lambda s: s.scalars(sa.select(Item.name)).all() == ["x"], readonly=True
+                    )
+                )
+            except BaseException as error:  # noqa: BLE001 - counted, then reported
+                failures.append(error)
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "stop", "-m", "fast"],
+            check=True,
+        )
+        time.sleep(1.0)
+        assert rs.describe()[0]["state"] == "down"
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "start"], check=True
+        )
+        back = time.monotonic()
+        while rs.describe()[0]["state"] != "up":
+            assert time.monotonic() - back < 15, "the replica was not used again"
+            time.sleep(0.1)
+        print(f"\nreplica back in use {time.monotonic() - back:.1f}s after it started")
+        served = rs.stats["replica"]
+        time.sleep(0.5)
+        assert rs.stats["replica"] > served
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "start"],
+            check=False,
+            capture_output=True,
+        )
+    assert failures == [] and len(done) > 100 and all(done)
