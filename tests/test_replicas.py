@@ -447,7 +447,7 @@ def test_replica_killed_mid_load_loses_no_read_and_comes_back(
                         lambda s: s.scalars(sa.select(Item.name)).all() == ["x"], readonly=True
                     )
                 )
-            except BaseException as error:  # noqa: BLE001 - counted, then reported
+            except BaseException as error:
                 failures.append(error)
             time.sleep(0.005)
 
@@ -483,3 +483,29 @@ def test_replica_killed_mid_load_loses_no_read_and_comes_back(
             capture_output=True,
         )
     assert failures == [] and len(done) > 100 and all(done)
+
+
+def test_zcml_engine_with_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zope import component
+    from zope.configuration import xmlconfig
+
+    import sparc.sa
+    from sparc.sa.interfaces import ISAEngine
+
+    monkeypatch.setenv("REPLICA_A", f"postgresql+psycopg://app:{PASSWORD}@r1/app")
+    from sparc.sa.zcml import NAMESPACE
+
+    context = xmlconfig.file("configure.zcml", package=sparc.sa)
+    xmlconfig.string(
+        f"""<configure xmlns="http://namespaces.zope.org/zope" xmlns:sa="{NAMESPACE}">
+           <sa:engine name="shop" dsn="postgresql+psycopg://app@primary/app" pool_size="4"
+                      replicas="${{REPLICA_A}} postgresql+psycopg://app@r2/app"
+                      replica_max_lag="3" replica_wait="0.1" />
+           </configure>""",
+        context=context,
+    )
+    engine = component.getUtility(ISAEngine, "shop")
+    assert [(r.url.host, r.pool.size()) for r in replicas(engine)] == [("r1", 4), ("r2", 4)]
+    rs = replica_set(engine)
+    assert rs is not None and (rs.max_lag, rs.wait) == (3.0, 0.1)
+    assert PASSWORD not in repr(rs)
