@@ -509,3 +509,21 @@ def test_zcml_engine_with_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
     rs = replica_set(engine)
     assert rs is not None and (rs.max_lag, rs.wait) == (3.0, 0.1)
     assert PASSWORD not in repr(rs)
+
+
+def test_check_lists_replicas_with_state_and_lag(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sparc.sa.check import main
+
+    primary_dsn, replica_dsn = pair_dsns()
+    dead = make_url(replica_dsn).set(port=1).render_as_string(False)
+    config = tmp_path / "site.yaml"
+    config.write_text(f"dsn: {primary_dsn}\nreplicas:\n  - {replica_dsn}\n  - {dead}\n")
+    assert main(["check", str(config)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.lstrip().startswith("replica ")]
+    assert len(lines) == 2
+    assert ":5433/" in lines[0] and ": up, replay lag " in lines[0]
+    assert ":1/" in lines[1] and ": down (" in lines[1]
+    assert PASSWORD not in out and "***" in lines[0]

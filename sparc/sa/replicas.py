@@ -390,9 +390,44 @@ class ReplicaSet:
         self.set_state(replica, "down", reason[:200])
 
     def describe(self) -> list[dict[str, Any]]:
-        """Each replica's name, state and last measured replay lag."""
+        """Each replica's name, state, last measured replay lag and why it is not up."""
         with self._lock:
-            return [{"name": r.name, "state": r.state, "lag": r.lag} for r in self.replicas]
+            return [
+                {"name": r.name, "state": r.state, "lag": r.lag, "reason": r.reason}
+                for r in self.replicas
+            ]
+
+    def probe(self) -> list[dict[str, Any]]:
+        """Connect to every replica now and measure it (``sparc-sa check``)."""
+        for replica in self.replicas:
+            try:
+                with replica.sync_engine.connect() as conn:
+                    replayed, lag = conn.exec_driver_sql(_CHECK).one()
+            except sa_exc.DBAPIError as error:
+                self.failed(replica, error)
+                continue
+            with self._lock:
+                replica.replayed = max(replica.replayed, lsn_to_int(replayed) if replayed else 0)
+                replica.lag = float(lag or 0)
+                replica.checked = time.monotonic()
+            if self.max_lag is not None and replica.lag > self.max_lag:
+                self.set_state(replica, "lagging", f"replay lag {replica.lag:.1f}s")
+            else:
+                self.set_state(replica, "up", "")
+        return self.describe()
+
+
+def describe_lines(engine: Any) -> list[str]:
+    """``sparc-sa check``'s lines for the replicas of *engine* (none without)."""
+    rs = replica_set(engine)
+    if rs is None:
+        return []
+    lines = []
+    for each in rs.probe():
+        lag = "unknown" if each["lag"] is None else f"{each['lag']:.2f} s"
+        why = f" ({each['reason']})" if each["reason"] else ""
+        lines.append(f"  replica         {each['name']}: {each['state']}{why}, replay lag {lag}")
+    return lines
 
 
 # SELECT the replay position and the replay lag. A standby that has replayed
