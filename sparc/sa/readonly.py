@@ -43,6 +43,7 @@ from sparc.sa.replicas import (
     _Unusable,
     guard,
     install_guards,
+    is_disconnect,
     is_read_only_violation,
     parse_token,
     replica_set,
@@ -137,7 +138,7 @@ class ReadOnlyBlock:
         assert rs is not None
         try:
             if rs.needs_check(replica, need):
-                rs.check(replica, session.connection(), need)
+                rs.check(replica, session, need)
         except (_Unusable, sa_exc.DBAPIError) as error:
             if isinstance(error, sa_exc.DBAPIError):
                 rs.failed(replica, error)
@@ -183,7 +184,7 @@ class ReadOnlyBlock:
         if scope.session is self._block.session:
             scope.session = self._saved
         self._saved = None
-        if self._replica is not None and self._rs is not None and _is_disconnect(exc):
+        if self._replica is not None and self._rs is not None and is_disconnect(exc):
             self._rs.failed(self._replica, exc)  # type: ignore[arg-type]
 
 
@@ -209,12 +210,6 @@ def _factory(manager: Any) -> Any:
     return factory
 
 
-def _is_disconnect(error: BaseException | None) -> bool:
-    return isinstance(error, sa_exc.DBAPIError) and (
-        error.connection_invalidated or isinstance(error, sa_exc.OperationalError)
-    )
-
-
 def run_readonly(
     manager: Any,
     fn: Callable[..., _T],
@@ -237,7 +232,7 @@ def run_readonly(
             with block:
                 return fn(block.session, *args, **kwargs)
         except sa_exc.DBAPIError as error:
-            if not moved and block.replica is not None and _is_disconnect(error):
+            if not moved and block.replica is not None and is_disconnect(error):
                 moved = True  # the replica was marked down: the next block goes elsewhere
                 logger.info("replica %s failed during a read; reading again", block.replica.name)
                 continue

@@ -105,6 +105,14 @@ _positions: contextvars.ContextVar[dict[int, int] | None] = contextvars.ContextV
 # -- positions and tokens ----------------------------------------------------------
 
 
+def prepare(engine: Any) -> None:
+    """Give the current context its record of positions before a block of an
+    asyncio manager: the block ends in a task of its own, whose context is a
+    copy, and the pool notes the commit's position there."""
+    if _positions.get() is None and getattr(engine, "sync_engine", engine).__dict__.get(_ATTR):
+        _positions.set({})
+
+
 def lsn_to_int(text: str) -> int:
     high, _, low = text.partition("/")
     return (int(high, 16) << 32) | int(low, 16)
@@ -330,34 +338,42 @@ class ReplicaSet:
             return True
         return self.max_lag is not None and time.monotonic() - replica.checked >= CHECK_INTERVAL
 
-    def check(self, replica: Replica, connection: Any, need: int) -> None:
-        """Run the position check on *connection* (the block's own, on
-        *replica*), waiting up to ``wait`` for it to reach *need*; raise
-        :class:`_Unusable` if it does not, or lags too far."""
+    def measure(self, replica: Replica, connection: Any, need: int) -> bool:
+        """One position check on *connection* (a block's own, on *replica*):
+        whether it has replayed *need*; :class:`_Unusable` if it lags too far."""
+        self.stats["checks"] += 1
+        replayed, lag = connection.exec_driver_sql(_CHECK).one()
+        replayed = lsn_to_int(replayed) if replayed else 0
+        with self._lock:
+            replica.replayed = max(replica.replayed, replayed)
+            replica.lag = float(lag) if lag is not None else 0.0
+            replica.checked = time.monotonic()
+        if self.max_lag is not None and replica.lag > self.max_lag:
+            self.set_state(replica, "lagging", f"replay lag {replica.lag:.1f}s")
+            raise _Unusable
+        self.set_state(replica, "up", "")
+        return bool(replayed >= need)
+
+    def waited(self, deadline: float) -> float:
+        """Seconds to wait before the next check; :class:`_Unusable` if the
+        time is up."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self.stats["fallbacks"] += 1
+            raise _Unusable
+        self.stats["waits"] += 1
+        return min(0.02, left)
+
+    def check(self, replica: Replica, session: Session, need: int) -> None:
+        """Check *session*'s replica, waiting up to ``wait`` for it to reach
+        *need*; :class:`_Unusable` if it does not, or lags too far."""
         deadline = time.monotonic() + self.wait
-        pause = 0.005
-        while True:
-            self.stats["checks"] += 1
-            replayed, lag = connection.exec_driver_sql(_CHECK).one()
-            replayed = lsn_to_int(replayed) if replayed else 0
-            with self._lock:
-                replica.replayed = max(replica.replayed, replayed)
-                replica.lag = float(lag) if lag is not None else 0.0
-                replica.checked = time.monotonic()
-            if self.max_lag is not None and replica.lag > self.max_lag:
-                self.set_state(replica, "lagging", f"replay lag {replica.lag:.1f}s")
-                raise _Unusable
-            self.set_state(replica, "up", "")
-            if replayed >= need:
-                return
-            now = time.monotonic()
-            if now >= deadline:
-                self.stats["fallbacks"] += 1
-                raise _Unusable
-            self.stats["waits"] += 1
-            connection.rollback()  # a fresh snapshot for the next try
-            time.sleep(min(pause, deadline - now))
-            pause = min(pause * 2, 0.05)
+        while not self.measure(replica, session.connection(), need):
+            pause = self.waited(deadline)
+            # A new transaction, so that its snapshot (under REPEATABLE READ
+            # too) is taken after the replay the next check may see.
+            session.rollback()
+            time.sleep(pause)
 
     def set_state(self, replica: Replica, state: str, reason: str) -> None:
         """Change a replica's state, logging once per change."""
@@ -520,9 +536,11 @@ def after_begin(session: Session, transaction: Any, connection: Any) -> None:
     raw = connection.connection.driver_connection
     if name == "sqlite":
         connection.exec_driver_sql("PRAGMA query_only = 1")
-        session.info[_READ_ONLY_MODE] = (raw, "sqlite")
+        session.info[_READ_ONLY_MODE] = (connection.connection.dbapi_connection, "sqlite")
     elif name == "postgresql":
-        if _read_only_mode(raw, True):  # psycopg: BEGIN READ ONLY, no extra round trip
+        if not connection.dialect.is_async and _read_only_mode(
+            raw, True
+        ):  # psycopg: BEGIN READ ONLY, no extra round trip
             session.info[_READ_ONLY_MODE] = (raw, "psycopg")
         else:
             connection.exec_driver_sql("SET TRANSACTION READ ONLY")
@@ -540,7 +558,11 @@ def after_end(session: Session) -> None:
         return
     raw, kind = mode
     if kind == "sqlite":
-        raw.execute("PRAGMA query_only = 0")
+        cursor = raw.cursor()  # the DBAPI connection, or SQLAlchemy's adapter of aiosqlite
+        try:
+            cursor.execute("PRAGMA query_only = 0")
+        finally:
+            cursor.close()
     else:
         _read_only_mode(raw, False)
 
@@ -600,6 +622,13 @@ def unguard(session: Session) -> None:
     session.info.pop(GUARDED, None)
     event.remove(session, "before_flush", before_flush)
     event.remove(session, "do_orm_execute", do_orm_execute)
+
+
+def is_disconnect(error: BaseException | None) -> bool:
+    """Whether *error* says the connection (a replica's, say) is gone."""
+    return isinstance(error, sa_exc.DBAPIError) and (
+        error.connection_invalidated or isinstance(error, sa_exc.OperationalError)
+    )
 
 
 def is_read_only_violation(error: BaseException) -> bool:
