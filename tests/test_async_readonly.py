@@ -13,11 +13,11 @@ from sqlalchemy.engine import make_url
 
 pytest.importorskip("greenlet")
 
-from sparc.sa.aio import AsyncScopedTransaction  # noqa: E402
-from sparc.sa.engine import engine_from_config  # noqa: E402
-from sparc.sa.exceptions import ReadOnlyTransactionError  # noqa: E402
-from sparc.sa.replicas import replica_set, replicas  # noqa: E402
-from tests.conftest import build_models  # noqa: E402
+from sparc.sa.aio import AsyncScopedTransaction
+from sparc.sa.engine import engine_from_config
+from sparc.sa.exceptions import ReadOnlyTransactionError
+from sparc.sa.replicas import replica_set, replicas
+from tests.conftest import build_models
 
 
 def async_dsn(name: str) -> str:
@@ -86,9 +86,10 @@ def test_async_readonly_on_replica_reads_own_writes() -> None:
     replica = os.environ.get("TEST_PG_REPLICA_DSN")
     if not primary or not replica:
         pytest.skip("TEST_PG_DSN and TEST_PG_REPLICA_DSN are not both set: no streaming replica")
-    to_async = lambda dsn: (
-        make_url(dsn).set(drivername="postgresql+asyncpg").render_as_string(False)
-    )  # noqa: E731
+
+    def to_async(dsn: str) -> str:
+        return make_url(dsn).set(drivername="postgresql+asyncpg").render_as_string(False)
+
     engine: Any = engine_from_config({"dsn": to_async(primary), "replicas": [to_async(replica)]})
     models = build_models()
     Item = models.Item
