@@ -91,7 +91,7 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any) -> None:
     plain = sessionmaker(bind=replica, expire_on_commit=False)
     rs = replica_set(tx.engine)
     assert rs is not None
-    n = 300 if QUICK else 2000
+    n = 300 if QUICK else 1000
 
     def plain_reads() -> float:
         start = time.perf_counter()
@@ -115,7 +115,7 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any) -> None:
     ours_sent, sent[:] = len(sent), []
     in_thread(plain_reads)
     plain_sent = len(sent)
-    rounds = 3 if QUICK else 7
+    rounds = 3 if QUICK else 5
     ratios, checked = [], []
     for _ in range(rounds):
         base = in_thread(plain_reads)

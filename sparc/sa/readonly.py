@@ -224,6 +224,9 @@ def run_readonly(
     check_attempts(attempts)
     if inspect.iscoroutinefunction(fn):
         raise TypeError(f"run() calls {fn!r} without awaiting it; use the asyncio manager")
+    scope = manager.scopes.current()
+    if scope.blocks or scope.joined is not None:
+        attempts = 1  # only the owner of the outer transaction can restart it
     attempt = 1
     moved = False
     while True:

@@ -545,8 +545,9 @@ def after_begin(session: Session, transaction: Any, connection: Any) -> None:
         else:
             connection.exec_driver_sql("SET TRANSACTION READ ONLY")
     elif name in ("mysql", "mariadb"):
-        # Applies to the transaction the next statement starts.
-        connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+        # Begun here and now: SET TRANSACTION would wait for the next
+        # statement, and stay pending on the connection if none came.
+        connection.exec_driver_sql("START TRANSACTION READ ONLY")
 
 
 def after_end(session: Session) -> None:
