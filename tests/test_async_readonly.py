@@ -18,6 +18,7 @@ from sparc.sa.engine import engine_from_config
 from sparc.sa.exceptions import ReadOnlyTransactionError
 from sparc.sa.replicas import replica_set, replicas
 from tests.conftest import build_models
+from tests.test_replicas import wait_caught_up
 
 
 def async_dsn(name: str) -> str:
@@ -100,7 +101,11 @@ def test_async_readonly_on_replica_reads_own_writes() -> None:
         async with engine.begin() as conn:
             await conn.run_sync(models.Base.metadata.create_all)
         try:
-            await asyncio.sleep(0.5)  # the replica replays the new table
+            sync_primary = sa.create_engine(primary)
+            try:  # the replica replays the new table
+                await asyncio.to_thread(wait_caught_up, sync_primary, replica)
+            finally:
+                sync_primary.dispose()
 
             async def fresh_task_reads() -> tuple[bool, list[str]]:
                 async with atx(readonly=True) as session:

@@ -84,6 +84,7 @@ _ATTR: Final = "_sparc_sa_replicas"
 _WROTE: Final = "sparc.sa wrote"
 _COMMITTED: Final = "sparc.sa committed"
 _READ_ONLY_MODE: Final = "sparc.sa read only mode"
+_LISTENING: Final = "sparc.sa readonly guard listening"
 
 _FIRST_BACKOFF: Final = 0.5
 _MAX_BACKOFF: Final = 5.0
@@ -606,11 +607,13 @@ def install_guards(factory: Any) -> None:
 
 def guard(session: Session) -> None:
     """Refuse writes in *session* until :func:`unguard` (a read-only block
-    inside a writing one): listeners on this session only, so that writing
-    sessions pay nothing."""
-    count = session.info.get(GUARDED, 0)
-    session.info[GUARDED] = count + 1
-    if not count:
+    inside a writing one). The listeners go on this session only, the first
+    time, and stay: removing an instance's listeners is not reliable in
+    SQLAlchemy, and while unguarded they return at once."""
+    info = session.info
+    info[GUARDED] = info.get(GUARDED, 0) + 1
+    if _LISTENING not in info:
+        info[_LISTENING] = True
         event.listen(session, "before_flush", before_flush)
         event.listen(session, "do_orm_execute", do_orm_execute)
 
@@ -619,10 +622,8 @@ def unguard(session: Session) -> None:
     count = session.info.get(GUARDED, 1) - 1
     if count:
         session.info[GUARDED] = count
-        return
-    session.info.pop(GUARDED, None)
-    event.remove(session, "before_flush", before_flush)
-    event.remove(session, "do_orm_execute", do_orm_execute)
+    else:
+        session.info.pop(GUARDED, None)
 
 
 def is_disconnect(error: BaseException | None) -> bool:
