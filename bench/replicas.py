@@ -18,6 +18,7 @@ Needs root-free access to ``ALTER SYSTEM`` on the replica (the postgres user).
 
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 import queue
@@ -37,6 +38,7 @@ from sparc.sa.orm import ThreadLocalSASessionTransaction
 from sparc.sa.replicas import lsn_to_int, replica_set, replicas
 
 QUICK = "--quick" in sys.argv
+_batches = itertools.count(1)
 ROOT = pathlib.Path(__file__).parent.parent
 
 
@@ -138,7 +140,7 @@ def stale_reads(
     """(stale reads, reads served by the replica) of *pairs* write-then-read pairs."""
     rng = random.Random(int(delay * 10))
     think = [rng.uniform(0, 5.0) for _ in range(pairs)]
-    base_id = int(time.time() * 1000) % 10_000_000 * 1000
+    base_id = next(_batches) * 100_000  # row 1 is the cost workload's
     reads: queue.PriorityQueue[tuple[float, int, Any, float]] = queue.PriorityQueue()
     stale = [0]
     on_replica = [0]
