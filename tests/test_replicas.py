@@ -125,6 +125,7 @@ def set_delay(replica_dsn: str, delay: str | None) -> None:
         else "ALTER SYSTEM RESET recovery_min_apply_delay",
         "SELECT pg_reload_conf()",
     )
+    time.sleep(0.5)  # the startup process rereads its configuration on its own time
 
 
 def wait_caught_up(primary: Engine, replica_dsn: str, timeout: float = 30) -> None:
@@ -369,10 +370,11 @@ def test_down_replica_is_skipped_logged_once_and_retried(
         assert [r["state"] for r in rs.describe()] == ["down", "up"]
         # Tried again after the back-off; still down, still one warning per change.
         rs.replicas[0].retry_at = 0
+        failures = rs.replicas[0].failures  # more than 1 on a slow machine: each retry counts
         with caplog.at_level(logging.WARNING, logger="sparc.sa.replicas"):
             for _ in range(2):  # one of the two takes its turn on the dead one
                 assert tx.run(lambda s: on_standby(s), readonly=True)
-        assert rs.replicas[0].failures == 2 and len(caplog.records) == 1
+        assert rs.replicas[0].failures > failures and len(caplog.records) == 1
     finally:
         models.Base.metadata.drop_all(engine)
         for each in (engine, *replicas(engine)):
