@@ -82,6 +82,7 @@ from sparc.sa.exceptions import (
     DoomedTransactionError,
     ForeignEventLoopError,
     InterleavedTransactionError,
+    ReadOnlyTransactionError,
 )
 from sparc.sa.interfaces import (
     ISAAsyncEngine,
@@ -89,6 +90,7 @@ from sparc.sa.interfaces import (
     ISADeclarativeMeta,
 )
 from sparc.sa.keep import keep_shared_connection
+from sparc.sa.replicas import READONLY, is_disconnect, prepare
 from sparc.sa.retry import backoff, check_attempts, is_retryable
 from sparc.sa.suspended import GENERATOR, check_owner, owner_of_block
 
@@ -360,11 +362,19 @@ _inside: ContextVar[_Scope | None] = ContextVar("sparc_sa_async_block", default=
 class _AsyncBlock:
     """One ``async with tx():`` block."""
 
-    __slots__ = ("_manager", "_nested", "_savepoint", "_scope", "_state")
+    __slots__ = ("_factory", "_manager", "_nested", "_readonly", "_savepoint", "_scope", "_state")
 
-    def __init__(self, manager: AsyncScopedTransaction, savepoint: bool) -> None:
+    def __init__(
+        self,
+        manager: AsyncScopedTransaction,
+        savepoint: bool,
+        readonly: bool = False,
+        factory: Any = None,
+    ) -> None:
         self._manager = manager
         self._savepoint = savepoint
+        self._readonly = readonly  # see sparc.sa.areadonly
+        self._factory = factory  # the read-only block's sessions, if not the manager's
         self._scope: _Scope | None = None
         self._nested: Any = None
         self._state = _NEW
@@ -394,6 +404,11 @@ class _AsyncBlock:
             raise BlockOrderError("blocks of this task ended out of order; end them all first")
         if scope.owner is not None:  # held open by an async generator: is it running?
             check_owner(scope.owner, sys._getframe(1))
+        if not self._readonly and READONLY in scope.session.sync_session.info:
+            raise ReadOnlyTransactionError(
+                "a writing block was opened inside a read-only block (tx(readonly=True)); "
+                "open the writing block outside it, or drop readonly=True from the outer block"
+            )
         if self._savepoint:
             self._nested = await scope.session.begin_nested()
         scope.blocks.append(self)
@@ -405,6 +420,7 @@ class _AsyncBlock:
         self, task: asyncio.Task[Any], owner: FrameType | None
     ) -> AsyncSession:
         manager = self._manager
+        prepare(manager._engine)  # read-your-writes positions (sparc.sa.replicas)
         state = await _engine_state(manager._engine)
         gate = state.gate
         if gate is not None:
@@ -418,7 +434,7 @@ class _AsyncBlock:
                 )
             await gate.acquire()
         try:
-            scope = _Scope(task, manager._factory(), manager)
+            scope = _Scope(task, (self._factory or manager._factory)(), manager)
         except BaseException:
             if gate is not None:
                 gate.release()
@@ -614,9 +630,17 @@ class AsyncScopedTransaction:
             )
         return scope.session
 
-    def __call__(self, savepoint: bool = True) -> _AsyncBlock:
+    def __call__(
+        self, savepoint: bool = True, *, readonly: bool = False, after: str | None = None
+    ) -> Any:
+        """An ``async with`` block; ``readonly=True`` (and *after*, a commit
+        token) as for the threaded manager (:mod:`sparc.sa.areadonly`)."""
         if type(savepoint) is not bool:
             raise TypeError(f"savepoint must be True or False, got {savepoint!r}")
+        if readonly or after is not None:
+            from sparc.sa.areadonly import async_readonly_block
+
+            return async_readonly_block(self, readonly, after)
         return _AsyncBlock(self, savepoint)
 
     def __enter__(self) -> None:
@@ -630,9 +654,14 @@ class AsyncScopedTransaction:
         fn: Callable[..., Any],
         *args: Any,
         attempts: int = 3,
+        readonly: bool = False,
+        after: str | None = None,
         **kwargs: Any,
     ) -> Any:
         """Await ``fn(session, *args, **kwargs)`` in a block and return its result.
+
+        With ``readonly=True``, a read-only block; a read whose replica dies
+        runs once more elsewhere.
 
         Serialization failures and deadlocks (the codes of
         :func:`sparc.sa.orm.is_retryable`, asyncpg's ``sqlstate`` included)
@@ -645,19 +674,26 @@ class AsyncScopedTransaction:
         scope = self._scopes.get(task) if task is not None else None
         if scope is not None and scope.blocks:
             attempts = 1
-        for attempt in range(1, attempts + 1):
+        moved = not readonly
+        attempt = 1
+        while attempt <= attempts:
+            block = self(readonly=readonly, after=after) if readonly or after else self()
             try:
-                async with self() as session:
+                async with block as session:
                     result = fn(session, *args, **kwargs)
                     if inspect.isawaitable(result):
                         result = await result
                     return result
             except Exception as exc:
+                if not moved and getattr(block, "replica", None) is not None and is_disconnect(exc):
+                    moved = True  # the replica was marked down: read elsewhere, once
+                    continue
                 if attempt == attempts or not is_retryable(exc):
                     raise
                 delay = backoff(attempt, self.retry_delay, self.retry_max_delay)
                 logger.info("sparc.sa: retrying after %s (attempt %d)", type(exc).__name__, attempt)
                 await asyncio.sleep(delay)
+                attempt += 1
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _end_scope(self, scope: _Scope, commit: bool, discard: bool = False) -> None:

@@ -36,9 +36,11 @@ from sparc.sa.exceptions import (
     DoomedTransactionError,
     ForkedTransactionError,
     JoinedTransactionError,
+    ReadOnlyTransactionError,
 )
 from sparc.sa.gate import Gate, GateCache, ThreadGate
 from sparc.sa.keep import keep_shared_connection
+from sparc.sa.replicas import GUARDED, READONLY
 from sparc.sa.scope import Scope, ScopeRegistry, after_interruption, note_interruption
 from sparc.sa.sessions import (
     IN_BLOCK,
@@ -115,6 +117,7 @@ class Block:
         "_manager",
         "_nested_",
         "_owner",
+        "_readonly",
         "_ref",
         "_savepoint",
         "_scope",
@@ -125,8 +128,11 @@ class Block:
         "_token",
     )
 
-    def __init__(self, manager: BlockHost, savepoint: bool, tm: Any = None) -> None:
+    def __init__(
+        self, manager: BlockHost, savepoint: bool, tm: Any = None, readonly: bool = False
+    ) -> None:
         self._manager = manager
+        self._readonly = readonly  # never joins; see sparc.sa.readonly
         self._savepoint = savepoint
         self._tm = tm  # a transaction manager whose transaction to join
         self._state = _NEW
@@ -174,7 +180,7 @@ class Block:
             _enter_joined(self, scope, dm.txn)
             return manager.scoped_session
         join = manager.join
-        if join != "never":
+        if join != "never" and not self._readonly:
             # Inline, as it runs for every block: is a transaction of the
             # `transaction` package running for this thread, or a Pyramid
             # request's? (sparc.sa.joined)
@@ -426,6 +432,11 @@ def _enter_nested(block: Block, scope: Scope, blocks: list[weakref.ref[Block]]) 
     if outer._owner is not None:  # held open by a generator: is it running?
         check_owner(outer._owner, sys._getframe(1))
     session = outer._session
+    if not block._readonly and (READONLY in session.info or session.info.get(GUARDED)):
+        raise ReadOnlyTransactionError(
+            "a writing block was opened inside a read-only block (tx(readonly=True)); "
+            "open the writing block outside it, or drop readonly=True from the outer block"
+        )
     block._scope = scope
     block._session = session
     block._debug = outer._debug

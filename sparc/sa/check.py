@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sparc.sa import liveness, options
+from sparc.sa import liveness, options, replicas
 
 if TYPE_CHECKING:  # needs greenlet at run time
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -58,6 +58,7 @@ class Report:
     isolation_level: str
     round_trip_ms: float
     prepared: list[str] = field(default_factory=list)
+    replicas: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         label = f" {self.name!r}" if self.name else ""
@@ -72,6 +73,7 @@ class Report:
             f"  round trip      {self.round_trip_ms:.2f} ms (median of 5 SELECT 1)",
             "  transactions    committed 1 row, rolled back 1 row: table holds 1 row",
             *self._prepared_lines(),
+            *self.replicas,
         ]
 
     def _prepared_lines(self) -> list[str]:
@@ -138,6 +140,7 @@ def check_engine(engine: Engine, name: str = "") -> Report:
         isolation_level=isolation,
         round_trip_ms=statistics.median(timings),
         prepared=prepared,
+        replicas=replicas.describe_lines(engine),
     )
 
 
@@ -398,4 +401,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if not hasattr(engine, "sync_engine"):
                 engine.dispose()
+                for replica in replicas.replicas(engine):
+                    replica.dispose()
     return status

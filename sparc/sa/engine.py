@@ -21,7 +21,7 @@ import zope.event
 from sqlalchemy.engine import URL, Engine
 from zope.component.factory import Factory
 
-from sparc.sa import fork, liveness, options
+from sparc.sa import fork, liveness, options, replicas
 from sparc.sa.events import EngineCreatedEvent
 from sparc.sa.interfaces import ISAEngine
 from sparc.sa.legacy import package_path
@@ -90,10 +90,14 @@ def engine_from_config(
                 "pass the engine config either positionally or as SQLAlchemyEngine=..., not both"
             )
         config = SQLAlchemyEngine
-    url, kwargs = options.normalize(config)
+    section, replica_options = replicas.split_config(options.unwrap(config))
+    url, kwargs = options.normalize(section)
     shown = options.hide_dsn(url)
     if options.is_async_url(url):
-        return _async_engine(url, kwargs, shown)
+        aengine = _async_engine(url, kwargs, shown)
+        if replica_options is not None:
+            replicas.attach(aengine.sync_engine, replica_options, engine_from_config)
+        return aengine
     # SQLAlchemy's pre-ping, plus the Zope-request shortcut of
     # sparc.sa.liveness, unless the configuration asked for pool_pre_ping
     # itself (then SQLAlchemy's alone).
@@ -104,6 +108,8 @@ def engine_from_config(
     if ours:
         liveness.install(engine)
     fork.track_engine(engine)
+    if replica_options is not None:
+        replicas.attach(engine, replica_options, engine_from_config)
     logger.info(
         "created SQLAlchemy engine for %s (pool %s, liveness check %s)",
         shown,

@@ -20,6 +20,7 @@ __all__ = [
     "InterleavedTransactionError",
     "InvalidFilterError",
     "JoinedTransactionError",
+    "ReadOnlyTransactionError",
     "RetryableDatabaseError",
     "SuspendedBlockError",
 ]
@@ -156,4 +157,15 @@ class ForeignEventLoopError(RuntimeError):
     engine over.
 
     .. versionadded:: 2.0
+    """
+
+
+class ReadOnlyTransactionError(RuntimeError):
+    """A read-only block (``tx(readonly=True)``) tried to write.
+
+    Raised for an ORM flush with changes, a Core or text statement that
+    writes, and a writing block opened inside a read-only one, whether the
+    block runs on a replica or on the primary (in a READ ONLY transaction).
+    Nothing the block did is written; the original database error, if any,
+    is its ``__cause__``.
     """

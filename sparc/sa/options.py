@@ -39,7 +39,7 @@ __all__ = [
 #: The key of the 1.x ``configure.yaml`` shape, ``{'SQLAlchemyEngine': {...}}``.
 WRAPPER_KEY = "SQLAlchemyEngine"
 
-_CONFIG_KEYS = ("dsn", "kwargs")
+_CONFIG_KEYS = ("dsn", "kwargs", "replicas", "replica_max_lag", "replica_wait")
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 # The words that make a key look secret, wherever secrets are hidden: keys of
@@ -125,7 +125,8 @@ def unwrap(config: object) -> Mapping[str, Any]:
     if unknown:
         raise ValueError(
             f"unknown engine config key(s) {', '.join(map(repr, unknown))}: "
-            "expected 'dsn' and optionally 'kwargs' (the create_engine() options)"
+            "expected 'dsn' and optionally 'kwargs' (the create_engine() options), "
+            "'replicas', 'replica_max_lag' and 'replica_wait'"
         )
     return config
 

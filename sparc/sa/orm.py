@@ -72,6 +72,8 @@ from sparc.sa.interfaces import (
     ISASession,
 )
 from sparc.sa.legacy import package_path
+from sparc.sa.readonly import ReadOnlyBlock, run_readonly
+from sparc.sa.replicas import commit_token
 from sparc.sa.retry import (
     RETRY_MYSQL_ERRORS,
     RETRY_SQLITE_CODES,
@@ -278,11 +280,25 @@ class ThreadLocalSASessionTransaction:
         return self._idle_session(scope)
 
     @property
+    def commit_token(self) -> str | None:
+        """The WAL position of this scope's latest commit on an engine with
+        replicas, as a string for ``tx(readonly=True, after=token)`` in another
+        scope, request or process; None when this scope wrote nothing."""
+        return commit_token(self._engine)
+
+    @property
     def scoped_session(self) -> scoped_session[Session]:
         """The ISAScopedSession provider that blocks yield."""
         return self._Session
 
-    def __call__(self, savepoint: bool = True, *, transaction_manager: Any = None) -> Block:
+    def __call__(
+        self,
+        savepoint: bool = True,
+        *,
+        transaction_manager: Any = None,
+        readonly: bool = False,
+        after: str | None = None,
+    ) -> Any:
         """A block: ``with tx():`` commits on success, rolls back on any
         exception; nested, a SAVEPOINT (or, with ``savepoint=False``, a part
         of the outer transaction).
@@ -292,9 +308,16 @@ class ThreadLocalSASessionTransaction:
         thread's ``transaction.manager``, as
         ``zope.sqlalchemy.register(session, transaction_manager=tm)`` does.
 
+        ``tx(readonly=True)`` is a read-only block: on a replica that has
+        replayed this scope's own writes (and the commit token *after*) when
+        the engine has replicas, else on the primary in a READ ONLY
+        transaction; see :mod:`sparc.sa.readonly`.
+
         .. versionchanged:: 2.0
-           *transaction_manager*.
+           *transaction_manager*, *readonly*, *after*.
         """
+        if readonly or after is not None:
+            return _readonly_block(self, readonly, after)
         if savepoint is not True and savepoint is not False:
             raise TypeError(
                 f"'savepoint' must be True or False, got {savepoint!r} ({type(savepoint).__name__})"
@@ -303,12 +326,27 @@ class ThreadLocalSASessionTransaction:
             _check_manager(transaction_manager, self._join)
         return Block(self, savepoint, transaction_manager)
 
-    def run(self, fn: Callable[..., _T], /, *args: Any, attempts: int = 3, **kwargs: Any) -> _T:
+    def run(
+        self,
+        fn: Callable[..., _T],
+        /,
+        *args: Any,
+        attempts: int = 3,
+        readonly: bool = False,
+        after: str | None = None,
+        **kwargs: Any,
+    ) -> _T:
         """Call ``fn(session, *args, **kwargs)`` in a block and return its result,
         running the whole block again, up to *attempts* times in all, when
         the database aborts it for a serialization failure or a deadlock.
         Inside an open block, or inside a joined transaction (whose owner
-        retries), *fn* runs once in a SAVEPOINT."""
+        retries), *fn* runs once in a SAVEPOINT.
+
+        With ``readonly=True`` the block is read-only (see :meth:`__call__`),
+        and a read whose replica dies under it runs once more elsewhere."""
+        if readonly or after is not None:
+            _readonly_block(self, readonly, after)  # checks the arguments
+            return run_readonly(self, fn, args, kwargs, attempts, after)
         check_attempts(attempts)
         if inspect.iscoroutinefunction(fn) or inspect.isawaitable(fn):
             raise TypeError(
@@ -430,6 +468,20 @@ def _check_manager(tm: object, join: str) -> None:
             "this manager's join mode is 'never', so its blocks never join a "
             "transaction; a transaction_manager needs join 'auto' or 'always'"
         )
+
+
+def _readonly_block(
+    manager: ThreadLocalSASessionTransaction, readonly: object, after: object
+) -> Any:
+    if readonly is not True:
+        raise TypeError(
+            f"'readonly' must be True or False, got {readonly!r}"
+            if readonly is not False
+            else "'after' applies to read-only blocks: tx(readonly=True, after=token)"
+        )
+    if after is not None and not isinstance(after, str):
+        raise TypeError(f"'after' must be a commit token string, got {type(after).__name__}")
+    return ReadOnlyBlock(manager, after)
 
 
 def _no_coroutine(result: _T, fn: Any) -> _T:

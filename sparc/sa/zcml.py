@@ -50,6 +50,7 @@ from sparc.sa.orm import (
     configure_shared,
     scoped_transaction,
 )
+from sparc.sa.replicas import REPLICA_KEYS, split_config
 
 __all__ = ["NAMESPACE", "IEngineDirective", "ITransactionDirective", "engine", "transaction"]
 
@@ -68,7 +69,9 @@ class IEngineDirective(Interface):
 
     Besides the attributes below, every create_engine() option may be given
     as an attribute, and ``connect_args.KEY`` / ``execution_options.KEY`` for
-    the entries of those mappings.
+    the entries of those mappings; ``replicas`` (space-separated DSNs),
+    ``replica_max_lag`` and ``replica_wait`` configure read replicas
+    (:mod:`sparc.sa.replicas`).
     """
 
     name = TextLine(
@@ -187,8 +190,13 @@ def engine(
             "<sa:engine> needs a 'dsn' attribute, or a 'config' file that has a dsn"
         )
     kwargs: dict[str, Any] = dict(section.get("kwargs") or {})
+    # replicas="dsn1 dsn2", replica_max_lag, replica_wait (sparc.sa.replicas)
+    replica_options = {key: section[key] for key in REPLICA_KEYS if key in section}
     for attribute, raw in attributes.items():
         value = _expand(attribute, raw)
+        if attribute in REPLICA_KEYS:
+            replica_options[attribute] = value
+            continue
         option, dot, key = attribute.partition(".")
         if not dot:
             kwargs[option] = value
@@ -202,11 +210,11 @@ def engine(
         nested = dict(nested) if isinstance(nested, Mapping) else {}
         nested[key] = _literal(value)
         kwargs[option] = nested
-    engine_config = {"dsn": dsn, "kwargs": kwargs}
+    engine_config = {"dsn": dsn, "kwargs": kwargs, **replica_options}
     try:
         # Convert now, so a bad value is reported at this directive; options
         # that create_engine() rejects are reported when the engine is built.
-        url, _ = options.normalize(engine_config)
+        url, _ = options.normalize(split_config(engine_config)[0])
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(str(exc)) from None
     provides = ISAAsyncEngine if options.is_async_url(url) else ISAEngine

@@ -1,0 +1,269 @@
+"""Read replicas: what a read-only block costs, and what positions prevent.
+
+    TEST_PG_DSN=... TEST_PG_REPLICA_DSN=... .venv/bin/python bench/replicas.py [--quick]
+
+1. A one-row read on the replica through ``tx(readonly=True)`` (a scope that
+   never wrote: no position check) against a plain ``sessionmaker`` bound to
+   the replica engine, both sending BEGIN, SELECT, COMMIT; paired rounds,
+   median ratio. Then the same block when the position must be checked (one
+   more query), as a separate ratio.
+2. Replay lag against stale reads: users write a row and read it back 0 to
+   5 s later, while the replica's replay is delayed by 0.5 to 4 s; reads
+   routed by position (``after=token``) against reads routed by the clock
+   (primary for 2 s after a write, as Rails does). Draws
+   ``docs/replicas/lag.png`` and prints the table of docs/replicas.rst.
+
+Needs root-free access to ``ALTER SYSTEM`` on the replica (the postgres user).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pathlib
+import queue
+import random
+import statistics
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from sparc.sa.engine import engine_from_config
+from sparc.sa.orm import ThreadLocalSASessionTransaction
+from sparc.sa.replicas import lsn_to_int, replica_set, replicas
+
+QUICK = "--quick" in sys.argv
+_batches = itertools.count(1)
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Row(Base):
+    __tablename__ = f"bench_replica_{uuid.uuid4().hex[:8]}"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(sa.String(40))
+
+
+def control(dsn: str, *statements: str) -> None:
+    engine = sa.create_engine(dsn, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+
+
+def set_delay(dsn: str, seconds: float) -> None:
+    control(
+        dsn,
+        f"ALTER SYSTEM SET recovery_min_apply_delay = '{int(seconds * 1000)}ms'"
+        if seconds
+        else "ALTER SYSTEM RESET recovery_min_apply_delay",
+        "SELECT pg_reload_conf()",
+    )
+
+
+def caught_up(primary: Any, replica: Any) -> None:
+    with primary.connect() as conn:
+        target = lsn_to_int(conn.exec_driver_sql("SELECT pg_current_wal_lsn()::text").scalar())
+    while True:
+        with replica.connect() as conn:
+            done = conn.exec_driver_sql("SELECT pg_last_wal_replay_lsn()::text").scalar()
+        if lsn_to_int(done) >= target:
+            return
+        time.sleep(0.05)
+
+
+def in_thread(fn: Any) -> Any:
+    out: list[Any] = []
+    worker = threading.Thread(target=lambda: out.append(fn()))
+    worker.start()
+    worker.join()
+    return out[0]
+
+
+def cost(tx: ThreadLocalSASessionTransaction, replica: Any) -> None:
+    plain = sessionmaker(bind=replica, expire_on_commit=False)
+    rs = replica_set(tx.engine)
+    assert rs is not None
+    n = 300 if QUICK else 1000
+
+    def plain_reads() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            with plain.begin() as session:
+                session.get(Row, 1)
+        return time.perf_counter() - start
+
+    def ours(check: bool) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            if check:
+                rs.replicas[0].replayed = 0  # as if a newer commit had to be awaited
+            with tx(readonly=True, after="pg:0/1" if check else None) as S:
+                S.get(Row, 1)
+        return time.perf_counter() - start
+
+    sent: list[str] = []
+    sa.event.listen(replica, "before_cursor_execute", lambda c, cu, st, *a: sent.append(st))
+    in_thread(lambda: ours(False))
+    ours_sent, sent[:] = len(sent), []
+    in_thread(plain_reads)
+    plain_sent = len(sent)
+    rounds = 3 if QUICK else 5
+    ratios, checked = [], []
+    for _ in range(rounds):
+        base = in_thread(plain_reads)
+        ratios.append(in_thread(lambda: ours(False)) / base)
+        checked.append(in_thread(lambda: ours(True)) / base)
+    print(f"\none-row read on the replica, {n} blocks x {rounds} paired rounds")
+    print(f"  statements sent per {n} blocks: ours {ours_sent}, plain {plain_sent}")
+    print(f"  tx(readonly=True), never wrote     {statistics.median(ratios):.3f} x plain")
+    print(f"  tx(readonly=True), position checked {statistics.median(checked):.3f} x plain")
+
+
+def stale_reads(
+    tx: ThreadLocalSASessionTransaction,
+    primary: Any,
+    replica: Any,
+    delay: float,
+    mode: str,
+    pairs: int,
+) -> tuple[int, int]:
+    """(stale reads, reads served by the replica) of *pairs* write-then-read pairs."""
+    rng = random.Random(int(delay * 10))
+    think = [rng.uniform(0, 5.0) for _ in range(pairs)]
+    base_id = next(_batches) * 100_000  # row 1 is the cost workload's
+    reads: queue.PriorityQueue[tuple[float, int, Any, float]] = queue.PriorityQueue()
+    stale = [0]
+    on_replica = [0]
+    lock = threading.Lock()
+    rs = replica_set(primary)
+    assert rs is not None
+    before = rs.stats["replica"]
+    todo: queue.Queue[int | None] = queue.Queue()
+    for i in range(pairs):
+        todo.put(i)
+    start = time.monotonic()
+
+    def writer() -> None:
+        while (i := todo.get()) is not None:
+            time.sleep(max(0.0, start + i * 0.004 - time.monotonic()))
+            with tx() as S:
+                S.add(Row(id=base_id + i, name="x"))
+            now = time.monotonic()
+            reads.put((now + think[i], i, tx.commit_token, now))
+
+    def reader() -> None:
+        while True:
+            due, i, token, written = reads.get()
+            if i < 0:
+                return
+            time.sleep(max(0.0, due - time.monotonic()))
+            if mode == "position":
+                found = tx.run(Session.get, Row, base_id + i, readonly=True, after=token)
+            else:
+                engine = primary if time.monotonic() - written < 2.0 else replica
+                with Session(engine) as session:
+                    found = session.get(Row, base_id + i)
+                with lock:
+                    on_replica[0] += engine is replica
+            with lock:
+                stale[0] += found is None
+
+    writers = [threading.Thread(target=writer) for _ in range(4)]
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    for _ in writers:
+        todo.put(None)
+    for thread in writers + readers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    for _ in readers:
+        reads.put((float("inf"), -1, None, 0.0))
+    for thread in readers:
+        thread.join()
+    served = rs.stats["replica"] - before if mode == "position" else on_replica[0]
+    return stale[0], served
+
+
+def sweep(
+    tx: ThreadLocalSASessionTransaction, primary: Any, replica: Any, replica_dsn: str
+) -> None:
+    rs = replica_set(primary)
+    assert rs is not None
+    rs.wait = 0.0
+    delays = [1.0, 3.0] if QUICK else [0.5, 1.0, 2.0, 3.0, 4.0]
+    pairs = 100 if QUICK else 300
+    table = []
+    try:
+        for delay in delays:
+            set_delay(replica_dsn, delay)
+            row = [delay]
+            for mode in ("clock", "position"):
+                row.extend(stale_reads(tx, primary, replica, delay, mode, pairs))
+            table.append(row)
+            set_delay(replica_dsn, 0)
+            caught_up(primary, replica)
+    finally:
+        set_delay(replica_dsn, 0)
+    print(f"\n{pairs} write-then-read pairs per delay, read 0-5 s after the write")
+    print("  replay delay | clock (2 s): stale, on replica | positions: stale, on replica")
+    for delay, c_stale, c_rep, p_stale, p_rep in table:
+        print(f"  {delay:10.1f} s | {c_stale:12d} {c_rep:12d} | {p_stale:12d} {p_rep:12d}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figure")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = [row[0] for row in table]
+    ax.plot(xs, [row[1] for row in table], "o-", label="routed by the clock (2 s): stale reads")
+    ax.plot(xs, [row[3] for row in table], "s-", label="routed by WAL position: stale reads")
+    ax.plot(xs, [row[4] for row in table], "^--", label="routed by WAL position: served by replica")
+    ax.set_xlabel("replica replay delay (s)")
+    ax.set_ylabel(f"reads of {pairs}")
+    ax.set_title("Stale reads prevented, by replay lag")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = ROOT / "docs" / "replicas" / "lag.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.savefig(out, dpi=100)
+    print(f"figure: {out.relative_to(ROOT)}")
+
+
+def main() -> None:
+    primary_dsn = os.environ.get("TEST_PG_DSN")
+    replica_dsn = os.environ.get("TEST_PG_REPLICA_DSN")
+    if not primary_dsn or not replica_dsn:
+        print("TEST_PG_DSN and TEST_PG_REPLICA_DSN must name a primary and its replica")
+        sys.exit(2)
+    primary = engine_from_config({"dsn": primary_dsn, "replicas": [replica_dsn]})
+    replica = replicas(primary)[0]
+    Base.metadata.create_all(primary)
+    try:
+        with Session(primary) as session, session.begin():
+            session.add(Row(id=1, name="one"))
+        caught_up(primary, replica)
+        tx = ThreadLocalSASessionTransaction(primary, Base)
+        print(f"SQLAlchemy {sa.__version__}, Python {sys.version.split()[0]}")
+        cost(tx, replica)
+        sweep(tx, primary, replica, replica_dsn)
+    finally:
+        Base.metadata.drop_all(primary)
+        primary.dispose()
+        replica.dispose()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The asyncio read-only block: ``async with atx(readonly=True):``.
+
+The asyncio twin of :mod:`sparc.sa.readonly`, with the same rules: on a
+replica that has replayed the task's own commits (and the *after* token),
+else on the primary in a READ ONLY transaction; inside an open block of the
+task, in that block's transaction, refusing writes. Waiting for a replica to
+catch up sleeps with ``asyncio.sleep``, never blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import TracebackType
+from typing import Any, Final
+
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
+
+from sparc.sa.aio import AsyncScopedTransaction, _AsyncBlock
+from sparc.sa.replicas import (
+    READONLY,
+    Replica,
+    ReplicaSet,
+    _Unusable,
+    after_begin,
+    after_end,
+    before_flush,
+    do_orm_execute,
+    guard,
+    is_disconnect,
+    is_read_only_violation,
+    parse_token,
+    replica_set,
+    translate,
+    unguard,
+)
+
+__all__ = ["AsyncReadOnlyBlock", "async_readonly_block"]
+
+
+def async_readonly_block(
+    manager: AsyncScopedTransaction, readonly: object, after: object
+) -> AsyncReadOnlyBlock:
+    if readonly is not True:
+        raise TypeError(
+            f"'readonly' must be True or False, got {readonly!r}"
+            if readonly is not False
+            else "'after' applies to read-only blocks: atx(readonly=True, after=token)"
+        )
+    if after is not None and not isinstance(after, str):
+        raise TypeError(f"'after' must be a commit token string, got {type(after).__name__}")
+    return AsyncReadOnlyBlock(manager, after)
+
+
+class AsyncReadOnlyBlock:
+    """One ``async with atx(readonly=True):`` block."""
+
+    __slots__ = ("_after", "_block", "_guarded", "_manager", "_replica", "_rs")
+
+    def __init__(self, manager: AsyncScopedTransaction, after: str | None = None) -> None:
+        self._manager = manager
+        self._after = parse_token(after)
+        self._block: _AsyncBlock | None = None
+        self._guarded: Session | None = None
+        self._replica: Replica | None = None
+        self._rs: ReplicaSet | None = None
+
+    @property
+    def replica(self) -> Replica | None:
+        """The replica this block runs on; None on the primary."""
+        return self._replica
+
+    async def __aenter__(self) -> AsyncSession:
+        manager = self._manager
+        task = asyncio.current_task()
+        scope = manager._scopes.get(task) if task is not None else None
+        if scope is not None and scope.blocks:
+            # In the writing transaction around it, to see its uncommitted work.
+            block = self._block = _AsyncBlock(manager, True, readonly=True)
+            session = await block.__aenter__()
+            self._guarded = session.sync_session
+            guard(self._guarded)
+            return session
+        rs = self._rs = replica_set(manager.engine)
+        if rs is not None:
+            need = max(rs.position(), self._after)
+            for replica in rs.candidates():
+                on_replica = await self._on_replica(manager, rs, replica, need)
+                if on_replica is not None:
+                    rs.stats["replica"] += 1
+                    return on_replica
+            rs.stats["primary"] += 1
+        block = self._block = _AsyncBlock(manager, True, readonly=True, factory=_factory(manager))
+        return await block.__aenter__()
+
+    async def _on_replica(
+        self, manager: AsyncScopedTransaction, rs: ReplicaSet, replica: Replica, need: int
+    ) -> AsyncSession | None:
+        block = _AsyncBlock(manager, True, readonly=True, factory=_factory(manager, replica))
+        try:
+            session = await block.__aenter__()  # connects
+        except sa_exc.DBAPIError as error:
+            rs.failed(replica, error)
+            return None
+        try:
+            if rs.needs_check(replica, need):
+                deadline = time.monotonic() + rs.wait
+                while not await session.run_sync(
+                    lambda s: rs.measure(replica, s.connection(), need)
+                ):
+                    pause = rs.waited(deadline)
+                    await session.rollback()  # the next check's snapshot is newer
+                    await asyncio.sleep(pause)
+        except (_Unusable, sa_exc.DBAPIError) as error:
+            if isinstance(error, sa_exc.DBAPIError):
+                rs.failed(replica, error)
+            await block.__aexit__(type(error), error, error.__traceback__)
+            return None
+        self._block = block
+        self._replica = replica
+        return session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        block = self._block
+        if block is None:
+            raise RuntimeError("this block was never entered")
+        try:
+            await block.__aexit__(exc_type, exc, tb)
+        except Exception as error:
+            if is_read_only_violation(error):
+                raise translate(error) from error
+            raise
+        finally:
+            if self._guarded is not None:
+                unguard(self._guarded)
+                self._guarded = None
+            if self._replica is not None and self._rs is not None and is_disconnect(exc):
+                self._rs.failed(self._replica, exc)  # type: ignore[arg-type]
+        if exc is not None and is_read_only_violation(exc):
+            raise translate(exc) from exc
+        return False
+
+
+# The read-only session makers of a manager, one per target, made on first
+# use under a lock; their Session class carries the guards from the start.
+_lock = threading.Lock()
+_FACTORIES: Final = "_sparc_sa_readonly_factories"
+
+
+def _factory(manager: AsyncScopedTransaction, replica: Replica | None = None) -> Any:
+    factories: dict[int, Any] = manager.__dict__.setdefault(_FACTORIES, {})
+    key = id(replica)
+    factory = factories.get(key)
+    if factory is None:
+        with _lock:
+            factory = factories.get(key)
+            if factory is None:
+                own = manager._factory
+                base = own.kw.get("sync_session_class", Session)
+                guarded = type("ReadOnlySession", (base,), {})
+                event.listen(guarded, "after_begin", after_begin)
+                event.listen(guarded, "after_commit", after_end)
+                event.listen(guarded, "after_rollback", after_end)
+                event.listen(guarded, "before_flush", before_flush)
+                event.listen(guarded, "do_orm_execute", do_orm_execute)
+                kw = {**own.kw, "sync_session_class": guarded}
+                kw["info"] = {**(kw.get("info") or {}), READONLY: (replica and "replica") or True}
+                if replica is not None:
+                    kw["bind"] = replica.engine
+                factory = factories[key] = async_sessionmaker(**kw)
+    return factory

@@ -1,0 +1,245 @@
+"""The read-only block: ``with tx(readonly=True):`` and ``tx.run(fn, readonly=True)``.
+
+Where it runs
+    * Outermost, on an engine with replicas: on a healthy replica that has
+      replayed the scope's own latest commit (and the ``after`` token's
+      position), in turn with the other replicas; else on the primary.
+    * Outermost, without replicas or when none will do: on the primary, in a
+      READ ONLY transaction.
+    * Inside a writing block, or after the scope joined the request's
+      transaction (a joined write): in that transaction, on the primary, in
+      a SAVEPOINT, so it sees the uncommitted work.
+
+A read-only block never joins a transaction of the ``transaction`` package
+by itself: it ends on its own and never takes part in two-phase commit.
+
+A write fails with :class:`~sparc.sa.exceptions.ReadOnlyTransactionError`:
+an ORM flush with changes and statements that write are refused before they
+are sent; anything else the database refuses (READ ONLY transaction, or a
+standby) is reported as the same error. A writing block inside a read-only
+block is the same error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from sparc.sa.block import Block
+from sparc.sa.replicas import (
+    READONLY,
+    Replica,
+    ReplicaSet,
+    _Unusable,
+    guard,
+    install_guards,
+    is_disconnect,
+    is_read_only_violation,
+    parse_token,
+    replica_set,
+    translate,
+    unguard,
+)
+from sparc.sa.retry import backoff, check_attempts, is_retryable
+from sparc.sa.sessions import begin_on_sqlite
+
+if TYPE_CHECKING:
+    from sparc.sa.scope import Scope
+
+__all__ = ["ReadOnlyBlock", "run_readonly"]
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+class ReadOnlyBlock:
+    """One ``with tx(readonly=True):`` block."""
+
+    __slots__ = ("_after", "_block", "_guarded", "_manager", "_replica", "_rs", "_saved", "_scope")
+
+    def __init__(self, manager: Any, after: str | None = None) -> None:
+        self._manager = manager
+        self._after = parse_token(after)
+        self._block: Block | None = None
+        self._guarded: Session | None = None
+        self._replica: Replica | None = None
+        self._rs: ReplicaSet | None = None
+        self._scope: Scope | None = None
+        self._saved: Session | None = None
+
+    @property
+    def session(self) -> Session:
+        """The session this block runs in (set once it is open)."""
+        assert self._block is not None
+        return self._block.session
+
+    @property
+    def replica(self) -> Replica | None:
+        """The replica this block runs on; None on the primary."""
+        return self._replica
+
+    def __enter__(self) -> scoped_session[Session]:
+        manager = self._manager
+        scope = self._scope = manager.scopes.current()
+        if scope.blocks or scope.joined is not None:
+            # In the writing transaction around it, to see its uncommitted work.
+            block = self._block = Block(manager, True, readonly=True)
+            entered = block.__enter__()
+            guarded = self._guarded = block.session
+            guard(guarded)
+            return entered
+        factory = _factory(manager)
+        rs = self._rs = replica_set(manager.engine)
+        if rs is not None:
+            need = max(rs.position(), self._after)
+            for replica in rs.candidates():
+                on_replica = self._open(manager, scope, factory, replica, need)
+                if on_replica is not None:
+                    rs.stats["replica"] += 1
+                    return on_replica
+            rs.stats["primary"] += 1
+        on_primary = self._open(manager, scope, factory, None, 0)
+        assert on_primary is not None
+        return on_primary
+
+    def _open(
+        self, manager: Any, scope: Scope, factory: Any, replica: Replica | None, need: int
+    ) -> scoped_session[Session] | None:
+        """Open the block in a session of its own, on *replica* or on the
+        primary; None if the replica cannot serve it now."""
+        if replica is None:
+            session: Session = factory()
+            session.info[READONLY] = True  # a READ ONLY transaction (replicas.after_begin)
+        else:
+            session = factory(bind=replica.sync_engine)
+            session.info[READONLY] = "replica"
+        saved = self._saved = scope.session
+        scope.session = session
+        block = self._block = Block(manager, True, readonly=True)
+        try:
+            entered = block.__enter__()
+        except BaseException:
+            scope.session = saved
+            session.close()
+            raise
+        if replica is None:
+            return entered
+        rs = self._rs
+        assert rs is not None
+        try:
+            if rs.needs_check(replica, need):
+                rs.check(replica, session, need)
+        except (_Unusable, sa_exc.DBAPIError) as error:
+            if isinstance(error, sa_exc.DBAPIError):
+                rs.failed(replica, error)
+            try:
+                block.__exit__(type(error), error, error.__traceback__)
+            except Exception:  # pragma: no cover - a rollback on a dead connection
+                logger.debug("ending an unusable replica's block failed", exc_info=True)
+            finally:
+                scope.session = saved
+                self._saved = None
+            return None
+        self._replica = replica
+        return entered
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        block = self._block
+        if block is None:
+            raise RuntimeError("this block was never entered")
+        try:
+            block.__exit__(exc_type, exc, tb)
+        except Exception as error:
+            if is_read_only_violation(error):
+                raise translate(error) from error
+            raise
+        finally:
+            self._finish(exc)
+        if exc is not None and is_read_only_violation(exc):
+            raise translate(exc) from exc
+
+    def _finish(self, exc: BaseException | None) -> None:
+        guarded = self._guarded
+        if guarded is not None:
+            self._guarded = None
+            unguard(guarded)
+            return
+        scope = self._scope
+        assert scope is not None and self._block is not None
+        if scope.session is self._block.session:
+            scope.session = self._saved
+        self._saved = None
+        if self._replica is not None and self._rs is not None and is_disconnect(exc):
+            self._rs.failed(self._replica, exc)  # type: ignore[arg-type]
+
+
+# One read-only sessionmaker per manager, made on first use. The lock keeps
+# two threads from making two; the listeners are in place before any session
+# of it exists, so no thread ever sees them change.
+_factory_lock = threading.Lock()
+_FACTORY: Final = "_sparc_sa_readonly_sessions"
+
+
+def _factory(manager: Any) -> Any:
+    factory = manager.__dict__.get(_FACTORY)
+    if factory is None:
+        with _factory_lock:
+            factory = manager.__dict__.get(_FACTORY)
+            if factory is None:
+                own = manager.new_session
+                factory = sessionmaker(class_=own.class_.__mro__[1], **own.kw)
+                if manager.sqlite_begin and not isinstance(manager.engine.pool, StaticPool):
+                    event.listen(factory, "after_begin", begin_on_sqlite)
+                install_guards(factory)
+                manager.__dict__[_FACTORY] = factory
+    return factory
+
+
+def run_readonly(
+    manager: Any,
+    fn: Callable[..., _T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    attempts: int,
+    after: str | None,
+) -> _T:
+    """``tx.run(fn, readonly=True)``: *fn* in a read-only block, run again if
+    the database aborts it (as :meth:`run` does), and once more on another
+    server if the replica it ran on died."""
+    check_attempts(attempts)
+    if inspect.iscoroutinefunction(fn):
+        raise TypeError(f"run() calls {fn!r} without awaiting it; use the asyncio manager")
+    scope = manager.scopes.current()
+    if scope.blocks or scope.joined is not None:
+        attempts = 1  # only the owner of the outer transaction can restart it
+    attempt = 1
+    moved = False
+    while True:
+        block = ReadOnlyBlock(manager, after)
+        try:
+            with block:
+                return fn(block.session, *args, **kwargs)
+        except sa_exc.DBAPIError as error:
+            if not moved and block.replica is not None and is_disconnect(error):
+                moved = True  # the replica was marked down: the next block goes elsewhere
+                logger.info("replica %s failed during a read; reading again", block.replica.name)
+                continue
+            if attempt >= attempts or not is_retryable(error):
+                raise
+            time.sleep(backoff(attempt, manager.retry_delay, manager.retry_max_delay))
+            attempt += 1
