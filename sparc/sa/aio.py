@@ -91,7 +91,7 @@ from sparc.sa.interfaces import (
 )
 from sparc.sa.keep import keep_shared_connection
 from sparc.sa.replicas import READONLY, is_disconnect, prepare
-from sparc.sa.retry import backoff, check_attempts, is_retryable
+from sparc.sa.retry import check_attempts, delay_before_next
 from sparc.sa.suspended import GENERATOR, check_owner, owner_of_block
 
 __all__ = ["AsyncScopedTransaction", "async_scoped_transaction"]
@@ -688,10 +688,9 @@ class AsyncScopedTransaction:
                 if not moved and getattr(block, "replica", None) is not None and is_disconnect(exc):
                     moved = True  # the replica was marked down: read elsewhere, once
                     continue
-                if attempt == attempts or not is_retryable(exc):
-                    raise
-                delay = backoff(attempt, self.retry_delay, self.retry_max_delay)
-                logger.info("sparc.sa: retrying after %s (attempt %d)", type(exc).__name__, attempt)
+                delay = delay_before_next(
+                    exc, attempt, attempts, self.retry_delay, self.retry_max_delay
+                )
                 await asyncio.sleep(delay)
                 attempt += 1
         raise AssertionError("unreachable")  # pragma: no cover

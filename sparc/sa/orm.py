@@ -78,8 +78,8 @@ from sparc.sa.retry import (
     RETRY_MYSQL_ERRORS,
     RETRY_SQLITE_CODES,
     RETRY_SQLSTATES,
-    backoff,
     check_attempts,
+    delay_before_next,
     is_retryable,
 )
 from sparc.sa.scope import Scope, ScopeRegistry
@@ -347,39 +347,7 @@ class ThreadLocalSASessionTransaction:
         if readonly or after is not None:
             _readonly_block(self, readonly, after)  # checks the arguments
             return run_readonly(self, fn, args, kwargs, attempts, after)
-        check_attempts(attempts)
-        if inspect.iscoroutinefunction(fn) or inspect.isawaitable(fn):
-            raise TypeError(
-                f"run() calls {fn!r} without awaiting it; for a coroutine function "
-                "use the asyncio manager: `await tx.run(fn)` with ISAAsyncScopedTransaction, "
-                "or call a plain function"
-            )
-        scope = self.scopes.current()
-        if scope.blocks or scope.joined is not None or self._transaction_to_join() is not None:
-            # Retrying an inner block cannot help: the server aborted the
-            # whole transaction, which only its owner can restart.
-            block = Block(self, True)
-            with block:
-                return _no_coroutine(fn(block.session, *args, **kwargs), fn)
-        attempt = 1
-        while True:
-            block = Block(self, True)
-            try:
-                with block:
-                    return _no_coroutine(fn(block.session, *args, **kwargs), fn)
-            except sa_exc.DBAPIError as error:
-                if attempt >= attempts or not is_retryable(error):
-                    raise
-                delay = backoff(attempt, self.retry_delay, self.retry_max_delay)
-                logger.info(
-                    "transaction aborted by the database (%s); retrying in %.3fs, attempt %d of %d",
-                    type(error.orig).__name__,
-                    delay,
-                    attempt + 1,
-                    attempts,
-                )
-                time.sleep(delay)
-                attempt += 1
+        return _run(self, fn, args, kwargs, check_attempts(attempts))
 
     # -- scopes --------------------------------------------------------------------
 
@@ -455,6 +423,41 @@ def _check_join(engine: Engine, join: object, twophase: object) -> tuple[str, bo
                 "which is not installed: pip install transaction"
             ) from None
     return str(join), bool(twophase)
+
+
+def _run(
+    manager: ThreadLocalSASessionTransaction,
+    fn: Callable[..., _T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    attempts: int,
+) -> _T:
+    """The body of :meth:`ThreadLocalSASessionTransaction.run`."""
+    if inspect.iscoroutinefunction(fn) or inspect.isawaitable(fn):
+        raise TypeError(
+            f"run() calls {fn!r} without awaiting it; for a coroutine function "
+            "use the asyncio manager: `await tx.run(fn)` with ISAAsyncScopedTransaction, "
+            "or call a plain function"
+        )
+    scope = manager.scopes.current()
+    if scope.blocks or scope.joined is not None or manager._transaction_to_join() is not None:
+        # Retrying an inner block cannot help: the server aborted the
+        # whole transaction, which only its owner can restart.
+        block = Block(manager, True)
+        with block:
+            return _no_coroutine(fn(block.session, *args, **kwargs), fn)
+    attempt = 1
+    while True:
+        block = Block(manager, True)
+        try:
+            with block:
+                return _no_coroutine(fn(block.session, *args, **kwargs), fn)
+        except sa_exc.DBAPIError as error:
+            delay = delay_before_next(
+                error, attempt, attempts, manager.retry_delay, manager.retry_max_delay
+            )
+            time.sleep(delay)
+            attempt += 1
 
 
 def _check_manager(tm: object, join: str) -> None:

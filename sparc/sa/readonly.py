@@ -50,7 +50,7 @@ from sparc.sa.replicas import (
     translate,
     unguard,
 )
-from sparc.sa.retry import backoff, check_attempts, is_retryable
+from sparc.sa.retry import check_attempts, delay_before_next
 from sparc.sa.sessions import begin_on_sqlite
 
 if TYPE_CHECKING:
@@ -239,7 +239,9 @@ def run_readonly(
                 moved = True  # the replica was marked down: the next block goes elsewhere
                 logger.info("replica %s failed during a read; reading again", block.replica.name)
                 continue
-            if attempt >= attempts or not is_retryable(error):
-                raise
-            time.sleep(backoff(attempt, manager.retry_delay, manager.retry_max_delay))
+            time.sleep(
+                delay_before_next(
+                    error, attempt, attempts, manager.retry_delay, manager.retry_max_delay
+                )
+            )
             attempt += 1

@@ -8,6 +8,7 @@ errors to the transaction's owner (Zope's publisher, pyramid_tm) as a
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any, Final
 
@@ -21,6 +22,8 @@ __all__ = [
     "RETRY_SQLITE_CODES",
     "RETRY_SQLSTATES",
     "backoff",
+    "check_attempts",
+    "delay_before_next",
     "is_retryable",
     "retryable_in_request",
 ]
@@ -33,6 +36,8 @@ RETRY_MYSQL_ERRORS: Final = frozenset({1213, 1205, 1020})
 #: SQLite's result codes for a lock another connection holds: SQLITE_BUSY
 #: and its extended forms (SQLITE_BUSY_RECOVERY, _SNAPSHOT, _TIMEOUT).
 RETRY_SQLITE_CODES: Final = frozenset({5, 261, 517, 773})
+
+logger = logging.getLogger(__name__)
 
 # How far down the chain of causes and contexts to look: an error raised
 # while handling another carries it, but the chain is not walked unbounded.
@@ -102,6 +107,27 @@ def backoff(attempt: int, first: float, most: float) -> float:
     transactions that collided do not collide again in step."""
     cap = min(most, first * 2.0 ** (attempt - 1))
     return cap / 2 + random.uniform(0, cap / 2)
+
+
+def delay_before_next(
+    error: BaseException, attempt: int, attempts: int, first: float, most: float
+) -> float:
+    """The backoff before running a block again after *error* ended its
+    *attempt* (of *attempts*); re-raises *error* when it is not retryable or
+    no attempt is left. Every ``run()`` loop, sync, async and read-only,
+    decides here."""
+    if attempt >= attempts or not is_retryable(error):
+        raise error
+    delay = backoff(attempt, first, most)
+    orig = getattr(error, "orig", error)
+    logger.info(
+        "transaction aborted by the database (%s); retrying in %.3fs, attempt %d of %d",
+        type(orig).__name__,
+        delay,
+        attempt + 1,
+        attempts,
+    )
+    return delay
 
 
 def check_attempts(attempts: object) -> int:
