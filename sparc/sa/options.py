@@ -26,9 +26,11 @@ from sqlalchemy.engine import URL, make_url
 
 __all__ = [
     "WRAPPER_KEY",
+    "QuerySecretsHiddenURL",
     "expand_env",
     "hide_dsn",
     "hide_secrets_in_text",
+    "hiding_query_secrets",
     "is_memory_sqlite",
     "load_yaml",
     "normalize",
@@ -159,7 +161,40 @@ def normalize(config: object) -> tuple[URL, dict[str, Any]]:
     kwargs = {str(name): convert_option(url, str(name), value) for name, value in raw.items()}
     _check_pool_kind(url, kwargs.get("poolclass"))
     _apply_defaults(url, kwargs)
-    return url, kwargs
+    return hiding_query_secrets(url), kwargs
+
+
+class QuerySecretsHiddenURL(URL):
+    """A URL whose secret-looking query values (``?password=``,
+    ``?sslpassword=``, ...) are hidden wherever SQLAlchemy hides the password:
+    ``repr()``, ``str()``, ``render_as_string()``, and so ``repr(engine)``.
+
+    The values stay in ``query`` as they were, so the dialect passes them to
+    the driver exactly as before: the connection works on every driver.
+    ``render_as_string(hide_password=False)`` shows everything, as SQLAlchemy's
+    own URL does. Methods that derive a URL (``set()``, ``update_query_dict()``
+    ...) keep the class.
+    """
+
+    __slots__ = ()
+
+    def render_as_string(self, hide_password: bool = True) -> str:
+        url = self
+        if hide_password:
+            query = {k: (_HIDDEN if _SECRET_KEY.search(k) else v) for k, v in self.query.items()}
+            url = self._replace(query=URL.create("x", query=query).query)
+        return URL.render_as_string(url, hide_password=hide_password)
+
+    def __repr__(self) -> str:
+        return self.render_as_string()
+
+
+def hiding_query_secrets(url: URL) -> URL:
+    """*url* as a :class:`QuerySecretsHiddenURL` if its query holds a
+    secret-looking key, else *url* itself."""
+    if isinstance(url, QuerySecretsHiddenURL) or not any(map(_SECRET_KEY.search, url.query)):
+        return url
+    return QuerySecretsHiddenURL(*url)
 
 
 def parse_dsn(dsn: object) -> URL:
