@@ -311,3 +311,65 @@ def test_a_mapping_refuses_keys_no_server_takes(
 def test_the_limits_are_those_the_docs_name() -> None:
     assert (query.MAX_FILTER_VALUES, query.MAX_FILTER_TEXT) == (10_000, 100_000)
     assert (values.MAX_DIGITS, values.MAX_EXPONENT) == (1000, 1000)
+
+
+# -- property: whatever a request holds, rows or InvalidFilterError --------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+COLUMNS = ["id", "small", "big", "ratio", "amount", "exact", "name", "data", "when", "day", "x"]
+CONDITIONS = ["==", "!=", "<", ">=", "like", "ilike", "in", "not in", "is null", "is not null"]
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([2**15, 2**31, 2**63, -(2**63) - 1, 10**400]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.decimals(allow_nan=True, allow_infinity=True),
+    st.sampled_from(
+        ["1e400", "-1e-400", "9" * 1200, "2020-01-02", "a\\", "%\\\\", "\x00", "\ud800"]
+    ),
+    st.text(max_size=20),
+    st.binary(max_size=8),
+)
+VALUES = st.one_of(
+    SCALARS,
+    st.lists(SCALARS, max_size=5),
+    st.dictionaries(st.text(max_size=3), SCALARS, max_size=2),
+)
+
+
+@st.composite
+def containers(draw: Any, depth: int = 0) -> dict[str, Any]:
+    items: list[Any] = []
+    for _ in range(draw(st.integers(min_value=0, max_value=3))):
+        if depth < 2 and draw(st.integers(0, 4)) == 0:
+            items.append(draw(containers(depth + 1)))
+        else:
+            node: dict[str, Any] = {
+                "attribute": f"Sample.{draw(st.sampled_from(COLUMNS))}",
+                "condition": draw(st.sampled_from(CONDITIONS)),
+            }
+            if draw(st.booleans()):
+                node["value"] = draw(VALUES)
+            items.append(node)
+    return {"conjunction": draw(st.sampled_from(["and", "or", "AND", "xor"])), "expressions": items}
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(container=containers())
+def test_any_container_gives_rows_or_invalid_filter_error(
+    engine: Engine, samples: Any, container: dict[str, Any]
+) -> None:
+    """Generated containers and values, on SQLite, PostgreSQL and MariaDB: the
+    only outcomes are rows and InvalidFilterError, and the transaction the
+    filter ran in still works (``outcome`` checks it)."""
+    found = outcome(engine, samples, container)
+    assert isinstance(found, (list, InvalidFilterError))
