@@ -242,3 +242,99 @@ def test_sparc_sa_works_without_greenlet() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("ok")
+
+
+# -- hostile files and pipes: one line, never a traceback -----------------------------
+
+LAUGHS = "l: &a0 [l,l,l,l,l,l,l,l,l]\n" + "".join(
+    f"l{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9)
+)
+HOSTILE_YAML = {
+    # nine levels of nine aliases: 9**9 values once expanded, from ~450 bytes
+    "alias bomb": (LAUGHS + "dsn: sqlite://\n", "more than 10000 values"),
+    "self-referencing alias": ("dsn: sqlite://\nkwargs: &k {connect_args: *k}\n", "contains it"),
+    "self-referencing list": ("dsn: sqlite://\nx: &a [*a]\n", "contains it"),
+    "deep lists": ("dsn: sqlite://\nx: " + "[" * 5000 + "]" * 5000 + "\n", "deeper than 64"),
+    "deep mappings": ("dsn: sqlite://\nx: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n", "deeper"),
+    "deep by aliases": (
+        "a0: &a0 "
+        + "[" * 40
+        + "]" * 40
+        + "\na1: &a1 "
+        + "[" * 30
+        + "*a0"
+        + "]" * 30
+        + "\ndsn: sqlite://\n",
+        "once aliases are expanded",
+    ),
+}
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_YAML))
+def test_hostile_yaml_is_refused_in_one_line(tmp_path: pathlib.Path, name: str) -> None:
+    text, words = HOSTILE_YAML[name]
+    if name == "alias bomb":
+        assert len(text.encode()) <= 450
+    config = tmp_path / "hostile.yaml"
+    config.write_text(text)
+    result = run("check", str(config))
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "configuration error" in line and "hostile.yaml" in line and words in line
+
+
+def test_hostile_yaml_in_zcml_is_refused_in_one_line(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "hostile.yaml"
+    config.write_text(HOSTILE_YAML["alias bomb"][0])
+    site = tmp_path / "site.zcml"
+    site.write_text(
+        '<configure xmlns="http://namespaces.zope.org/zope"\n'
+        '           xmlns:sa="http://namespaces.zope.org/sparc.sa">\n'
+        '<include package="sparc.sa" />\n'
+        f'<sa:engine config="{config}" />\n'
+        "</configure>\n"
+    )
+    result = run("check", str(site))
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "site.zcml, line 4" in line and "more than 10000 values" in line
+
+
+def test_a_file_that_is_not_utf8_is_refused_in_one_line(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "latin.yaml"
+    config.write_bytes(b"dsn: sqlite://\nx: \xff\xfe\n")
+    result = run("check", str(config))
+    assert result.returncode == 2
+    assert "not UTF-8" in one_line(result)
+
+
+def test_a_bogus_charset_on_mysql_is_one_line() -> None:
+    dsn = sa.make_url(server_dsn("mysql")).set(password="t0p-s3cret")
+    bogus = dsn.update_query_dict({"charset": "bogus"}).render_as_string(hide_password=False)
+    result = run("check", bogus)
+    assert result.returncode in (1, 2)
+    line = one_line(result)
+    assert "charset=bogus" in line and "t0p-s3cret" not in result.stderr
+
+
+def test_a_closed_stdout_is_no_traceback() -> None:
+    """``sparc-sa check | head -1``: the reader leaves before the report is written."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sparc.sa", "check"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader is gone before the first line
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(timeout=120) == 1
+    assert stderr == ""

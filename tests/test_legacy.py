@@ -244,3 +244,92 @@ def test_original_1_3_2_doctest(name: str, capsys: pytest.CaptureFixture[str]) -
     gc.collect()  # the file's managers close their sessions before the next test
     assert result.attempted > 0
     assert result.failed == 0, capsys.readouterr().out
+
+
+RACE = """
+import importlib, sys, threading
+
+# SQLAlchemy itself cannot be imported for the first time by several threads
+# at once (CPython hands one of them a half-initialised sqlalchemy.engine), so
+# it is loaded before the race: the race under test is sparc.sa's own.
+import sqlalchemy.ext.asyncio, sqlalchemy.orm, zope.component, zope.configuration.xmlconfig
+
+sys.setswitchinterval(1e-4)
+NAMES = {names!r}
+errors = []
+done = threading.Event()
+
+def worker(name):
+    # from the moment sparc/sa/__init__.py has run its first line, the import
+    # of the legacy module (1.3.2's import did the same)
+    while True:
+        legacy = sys.modules.get("sparc.sa.legacy")
+        spec = getattr(legacy, "__spec__", None)
+        if spec is not None and not getattr(spec, "_initializing", True):
+            break
+    while True:
+        last = done.is_set()
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:
+            errors.append(f"{{name}}: {{type(exc).__name__}}: {{exc}}")
+        else:
+            if "_sparc_target" not in vars(module):
+                errors.append(f"{{name}}: {{module!r}}")
+        if last:
+            return
+
+threads = [threading.Thread(target=worker, args=(n,)) for n in NAMES for _ in range(2)]
+for thread in threads:
+    thread.start()
+try:
+    import sparc.sa
+    sparc.sa.ThreadLocalSASessionTransaction
+except Exception as exc:
+    errors.append(f"import sparc.sa: {{type(exc).__name__}}: {{exc}}")
+done.set()
+for thread in threads:
+    thread.join()
+for name in NAMES:
+    if "_sparc_target" not in vars(importlib.import_module(name)):
+        errors.append(f"{{name}} is cached as {{sys.modules[name]!r}}")
+print("\\n".join(sorted(set(errors))) or "ok")
+"""
+
+
+def test_1x_paths_import_from_threads_while_sparc_sa_is_first_imported() -> None:
+    """Threads import every 1.x path while the main thread imports sparc.sa for
+    the first time: each import works, ``import sparc.sa`` itself works, and no
+    1.x path is left cached as an empty namespace package (its ZCML directory)."""
+    from sparc.sa.legacy import ALIASES
+
+    script = RACE.format(names=sorted(ALIASES))
+    for _ in range(3):  # each run is a fresh interpreter: a first import
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+        assert done.stdout.strip() == "ok", done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_a_failed_1x_import_never_leaves_a_namespace_package() -> None:
+    """A 1.x path found before the finder was installed (its directory holds
+    only ZCML, which the default finders take for a namespace package) is
+    dropped when the finder is installed, and imports as the alias after."""
+    script = textwrap.dedent(
+        """
+        import importlib, importlib.machinery, sys, types
+        import sparc.sa.orm
+        from sparc.sa import legacy
+        finder = next(f for f in sys.meta_path if isinstance(f, legacy.LegacyFinder))
+        sys.meta_path.remove(finder)  # as before sparc/sa/__init__.py ran
+        stray = importlib.import_module("sparc.sa.orm.query")
+        assert stray.__spec__.loader.__class__.__name__ == "NamespaceLoader", stray
+        legacy.install()
+        module = importlib.import_module("sparc.sa.orm.query")
+        assert isinstance(module, legacy.Alias), module
+        assert module.ISAQuery is importlib.import_module("sparc.sa.interfaces").ISAQuery
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr

@@ -328,7 +328,7 @@ BAD = [
     (
         {"conjunction": "and", "expressions": [expr("Book.id", "==", 10**30)]},
         "expressions[0].value",
-        "64 bits",
+        "32 bits",
     ),
     (
         {"conjunction": "and", "expressions": [expr("Book.id", "==", True)]},

@@ -4,6 +4,12 @@
 of ``Model.name`` to the row that holds it: ``mapping['x']`` is the ``Model``
 whose ``name`` is ``'x'``. The column is expected to be unique; a key held by
 several rows raises ``sqlalchemy.orm.exc.MultipleResultsFound``.
+
+A key is checked and converted as a filter value is
+(:func:`sparc.sa.values.coerce`): a key no supported server could compare
+with the column (a string with a NUL, an integer beyond the column's range
+...) raises :class:`~sparc.sa.exceptions.InvalidFilterError` with the path
+``key``, before any SQL.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from zope.interface import implementer
 from zope.interface.common.mapping import IIterableMapping
 
 from sparc.sa.interfaces import ISAInstrumentedAttribute, ISASession
+from sparc.sa.values import coerce
 
 __all__ = ["ISAInstrumentedAttribute", "ModelMappingForUniqueInstrumentedAttribute"]
 
@@ -50,6 +57,7 @@ class ModelMappingForUniqueInstrumentedAttribute:
         return sa.select(self.attribute_model_type).order_by(*self._order)
 
     def _row(self, key: Any) -> Any:
+        key = coerce(self.attribute, key, "key")
         statement = sa.select(self.attribute_model_type).where(self.attribute == key)
         return self.session.execute(statement).scalar_one_or_none()
 
@@ -66,6 +74,7 @@ class ModelMappingForUniqueInstrumentedAttribute:
         return default if row is None else row
 
     def __contains__(self, key: object) -> bool:
+        key = coerce(self.attribute, key, "key")
         exists = sa.select(self.attribute).where(self.attribute == key).limit(1)
         return self.session.execute(exists).first() is not None
 

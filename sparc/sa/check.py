@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import pathlib
 import re
 import statistics
@@ -123,6 +124,12 @@ def check_engine(engine: Engine, name: str = "") -> Report:
             Base.metadata.drop_all(engine)
     except sa.exc.SQLAlchemyError as exc:  # DBAPIError (unreachable, refused...) included
         raise CheckFailed(f"{shown}: {_one_line(exc, engine)}") from None
+    except (CheckFailed, ConfigProblem):
+        raise
+    except OSError as exc:  # some drivers raise these unwrapped
+        raise CheckFailed(f"{shown}: {_one_line(exc, engine)}") from None
+    except Exception as exc:
+        raise _driver_refused(exc, shown) from None
     try:
         prepared = prepared_transactions(engine)
     except sa.exc.SQLAlchemyError as exc:
@@ -187,7 +194,11 @@ async def check_async_engine(engine: AsyncEngine, name: str = "") -> Report:
         except sa.exc.SQLAlchemyError as exc:
             raise CheckFailed(f"{shown}: {_one_line(exc, engine.sync_engine)}") from None
         except OSError as exc:  # some asyncio drivers raise these unwrapped
-            raise CheckFailed(f"{shown}: {type(exc).__name__}: {exc}") from None
+            raise CheckFailed(f"{shown}: {_one_line(exc, engine.sync_engine)}") from None
+        except (CheckFailed, ConfigProblem):
+            raise
+        except Exception as exc:
+            raise _driver_refused(exc, shown) from None
     finally:
         await engine.dispose()
     sync_engine = engine.sync_engine
@@ -274,7 +285,7 @@ def _one_line(exc: Exception, engine: Engine) -> str:
     password = engine.url.password
     if password:
         line = line.replace(str(password), "***")
-    return f"{type(orig).__name__}: {line}"
+    return f"{type(orig).__name__}: {options.hide_secrets_in_text(line)}"
 
 
 # -- targets ------------------------------------------------------------------
@@ -352,6 +363,10 @@ def engines_for(target: str) -> list[tuple[str, Engine | AsyncEngine]]:
         return [("", createObject(FACTORY_NAME, config))]
     except (TypeError, ValueError, ImportError) as exc:
         raise ConfigProblem(str(exc)) from None
+    except RecursionError:
+        raise ConfigProblem(f"{target!r}: nested too deeply") from None
+    except Exception as exc:  # e.g. sqlalchemy.exc.ArgumentError from create_engine()
+        raise ConfigProblem(options.hide_secrets_in_text(f"{type(exc).__name__}: {exc}")) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -381,21 +396,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        engines = engines_for(args.target)
+        return _run(args.target)
+    except BrokenPipeError:
+        # The reader went away (``sparc-sa check | head -1``): say nothing more,
+        # and let the interpreter's last flush write to nowhere, not raise.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print("sparc-sa check: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(target: str) -> int:
+    try:
+        engines = engines_for(target)
     except ConfigProblem as exc:
-        print(f"sparc-sa check: configuration error: {exc}", file=sys.stderr)
+        print(f"sparc-sa check: configuration error: {_flat(exc)}", file=sys.stderr)
         return 2
     status = 0
     for name, engine in engines:
+        label = f" {name!r}" if name else ""
         try:
             if hasattr(engine, "sync_engine"):  # an AsyncEngine
                 report = asyncio.run(check_async_engine(cast("AsyncEngine", engine), name))
             else:
                 report = check_engine(engine, name)
         except CheckFailed as exc:
-            label = f" {name!r}" if name else ""
-            print(f"sparc-sa check: engine{label} FAILED: {exc}", file=sys.stderr)
-            status = 1
+            print(f"sparc-sa check: engine{label} FAILED: {_flat(exc)}", file=sys.stderr)
+            status = max(status, 1)
+        except ConfigProblem as exc:
+            print(
+                f"sparc-sa check: engine{label}: configuration error: {_flat(exc)}",
+                file=sys.stderr,
+            )
+            status = 2
         else:
             print("\n".join(report.lines()))
         finally:
@@ -403,4 +438,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 engine.dispose()
                 for replica in replicas.replicas(engine):
                     replica.dispose()
+    sys.stdout.flush()  # a closed pipe shows here, inside main(), not at exit
     return status
+
+
+def _flat(exc: Exception) -> str:
+    """The message on one line (every message here is made with secrets hidden)."""
+    return " ".join(str(exc).split())
+
+
+def _driver_refused(exc: Exception, shown: str) -> ConfigProblem:
+    """A driver that raised something other than a database error while
+    connecting choked on the URL's arguments (PyMySQL's ``?charset=bogus``
+    raises AttributeError): the configuration's fault, reported in one line."""
+    text = options.hide_secrets_in_text(" ".join(str(exc).split())) or type(exc).__name__
+    return ConfigProblem(
+        f"{shown}: the driver refused the connection's arguments: {type(exc).__name__}: {text}"
+    )

@@ -37,11 +37,12 @@ import importlib.abc
 import importlib.machinery
 import os
 import sys
+import threading
 import types
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ALIASES", "Alias", "LegacyFinder", "install"]
+__all__ = ["ALIASES", "MODULE_PACKAGES", "Alias", "LegacyFinder", "install", "is_submodule"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,6 +70,15 @@ ALIASES: dict[str, str] = {
 
 # The aliases that were packages in 1.x: their 1.x directory (ZCML only).
 _PACKAGES = {"sparc.sa.orm.attributes", "sparc.sa.orm.mapper", "sparc.sa.orm.query"}
+
+
+#: The modules that are 1.x packages too: their spec gives them ``__path__``.
+MODULE_PACKAGES = ("sparc.sa.engine", "sparc.sa.ext", "sparc.sa.orm")
+
+
+def is_submodule(name: str) -> bool:
+    """Whether ``sparc.sa.<name>`` is a module of this package (a file beside this one)."""
+    return name.isidentifier() and os.path.isfile(os.path.join(_HERE, f"{name}.py"))
 
 
 def package_path(name: str) -> list[str]:
@@ -116,6 +126,9 @@ class LegacyFinder(importlib.abc.MetaPathFinder):
         path: Sequence[str] | None = None,
         target: types.ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
+        _repair()
+        if fullname in MODULE_PACKAGES:
+            return self._module_package(fullname, path)
         if fullname not in ALIASES:
             return None
         spec = importlib.machinery.ModuleSpec(
@@ -125,8 +138,50 @@ class LegacyFinder(importlib.abc.MetaPathFinder):
             spec.submodule_search_locations = package_path(fullname)
         return spec
 
+    @staticmethod
+    def _module_package(
+        fullname: str, path: Sequence[str] | None
+    ) -> importlib.machinery.ModuleSpec | None:
+        # sparc/sa/orm.py, found as usual, but with its __path__ in the spec:
+        # the module has it from the moment it exists, so a thread importing
+        # sparc.sa.orm.query while orm.py still runs does not find "'sparc.sa.orm'
+        # is not a package". (The module sets the same __path__ itself too.)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.submodule_search_locations is None:
+            spec.submodule_search_locations = package_path(fullname)
+        return spec
+
+
+_install_lock = threading.Lock()
+
 
 def install() -> None:
-    """Put one :class:`LegacyFinder` on ``sys.meta_path`` (idempotent)."""
-    if not any(isinstance(finder, LegacyFinder) for finder in sys.meta_path):
-        sys.meta_path.insert(0, LegacyFinder())
+    """Put one :class:`LegacyFinder` first on ``sys.meta_path`` (idempotent).
+
+    Repairs what a thread may have imported before the finder was there: a
+    1.x package module without its ``__path__`` yet, and a 1.x path the
+    default finders took for an empty namespace package (a directory of ZCML).
+    """
+    with _install_lock:  # two threads importing sparc.sa must not add two finders
+        if not any(isinstance(finder, LegacyFinder) for finder in sys.meta_path):
+            sys.meta_path.insert(0, LegacyFinder())
+        _repair()
+        for name in ALIASES:
+            module = sys.modules.get(name)
+            if module is not None and not isinstance(module, Alias):
+                del sys.modules[name]  # a namespace package made of a ZCML directory
+
+
+def _repair() -> None:
+    """Give a 1.x package module that a thread loaded before the finder was
+    installed its ``__path__`` now, not when its own line sets it."""
+    for name in MODULE_PACKAGES:
+        module = sys.modules.get(name)
+        if module is not None and "__path__" not in module.__dict__:
+            module.__path__ = package_path(name)
+
+
+# Installed as soon as this module is loaded, which sparc/sa/__init__.py does
+# first: from then on every 1.x path, and the __path__ of orm, engine and ext,
+# come from the finder, whichever thread imports them.
+install()

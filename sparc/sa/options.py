@@ -26,10 +26,13 @@ from sqlalchemy.engine import URL, make_url
 
 __all__ = [
     "WRAPPER_KEY",
+    "QuerySecretsHiddenURL",
     "expand_env",
     "hide_dsn",
     "hide_secrets_in_text",
+    "hiding_query_secrets",
     "is_memory_sqlite",
+    "load_yaml",
     "normalize",
     "read_config_file",
     "redact",
@@ -159,7 +162,40 @@ def normalize(config: object) -> tuple[URL, dict[str, Any]]:
     kwargs = {str(name): convert_option(url, str(name), value) for name, value in raw.items()}
     _check_pool_kind(url, kwargs.get("poolclass"))
     _apply_defaults(url, kwargs)
-    return url, kwargs
+    return hiding_query_secrets(url), kwargs
+
+
+class QuerySecretsHiddenURL(URL):
+    """A URL whose secret-looking query values (``?password=``,
+    ``?sslpassword=``, ...) are hidden wherever SQLAlchemy hides the password:
+    ``repr()``, ``str()``, ``render_as_string()``, and so ``repr(engine)``.
+
+    The values stay in ``query`` as they were, so the dialect passes them to
+    the driver exactly as before: the connection works on every driver.
+    ``render_as_string(hide_password=False)`` shows everything, as SQLAlchemy's
+    own URL does. Methods that derive a URL (``set()``, ``update_query_dict()``
+    ...) keep the class.
+    """
+
+    __slots__ = ()
+
+    def render_as_string(self, hide_password: bool = True) -> str:
+        url = self
+        if hide_password:
+            query = {k: (_HIDDEN if _SECRET_KEY.search(k) else v) for k, v in self.query.items()}
+            url = self._replace(query=URL.create("x", query=query).query)
+        return URL.render_as_string(url, hide_password=hide_password)
+
+    def __repr__(self) -> str:
+        return self.render_as_string()
+
+
+def hiding_query_secrets(url: URL) -> URL:
+    """*url* as a :class:`QuerySecretsHiddenURL` if its query holds a
+    secret-looking key, else *url* itself."""
+    if isinstance(url, QuerySecretsHiddenURL) or not any(map(_SECRET_KEY.search, url.query)):
+        return url
+    return QuerySecretsHiddenURL(*url)
 
 
 def parse_dsn(dsn: object) -> URL:
@@ -625,6 +661,95 @@ def _yaml_problem(exc: Exception) -> str:
     return "; ".join(parts) or "invalid YAML"
 
 
+#: A configuration file nests at most this deep, aliases expanded.
+MAX_YAML_DEPTH = 64
+#: ... and holds at most this many values, aliases expanded: a few hundred
+#: bytes of nested aliases (a "billion laughs") would otherwise expand to
+#: more than any memory holds.
+MAX_YAML_NODES = 10_000
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML by PyYAML's safe loader, within bounds.
+
+    Aliases are allowed, but the document with every alias expanded must nest
+    at most :data:`MAX_YAML_DEPTH` deep and hold at most
+    :data:`MAX_YAML_NODES` values, and no alias may contain itself. Anything
+    else raises ValueError with one line naming *where*. Every YAML file
+    sparc.sa reads (``sparc-sa check``, ``engine_from_config`` callers,
+    ``<sa:engine file="...">``) goes through here.
+    """
+    import yaml
+
+    loader = _bounded_loader(yaml)(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{where} is not valid YAML: {_yaml_problem(exc)}") from None
+    except _TooBig as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _bounded_loader(yaml: Any) -> Any:
+    class BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]
+        """The safe loader, refusing documents too deep or too large once expanded."""
+
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            # The composer recurses once per level: stop before Python's limit.
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    raise _TooBig(f"nests deeper than {MAX_YAML_DEPTH} levels")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def construct_document(self, node: Any) -> Any:
+            _measure(node, 1, {}, set())
+            return super().construct_document(node)
+
+    return BoundedLoader
+
+
+def _measure(node: Any, depth: int, sizes: dict[int, tuple[int, int]], open_: set[int]) -> int:
+    """The number of values under *node* once aliases are expanded (memoized,
+    so that an alias bomb is measured in the time it takes to read it)."""
+    key = id(node)
+    if key in open_:
+        raise _TooBig("an alias refers to a value that contains it")
+    if key in sizes:
+        size, height = sizes[key]
+    else:
+        if depth > MAX_YAML_DEPTH:
+            raise _TooBig(f"nests deeper than {MAX_YAML_DEPTH} levels once aliases are expanded")
+        children: list[Any] = []
+        if isinstance(node.value, list):
+            for item in node.value:
+                children.extend(item if isinstance(item, tuple) else (item,))
+        open_.add(key)
+        size, height = 1, 1
+        for child in children:
+            size += _measure(child, depth + 1, sizes, open_)
+            height = max(height, 1 + sizes[id(child)][1])
+            if size > MAX_YAML_NODES:
+                break
+        open_.discard(key)
+        sizes[key] = (size, height)
+    if size > MAX_YAML_NODES:
+        raise _TooBig(f"holds more than {MAX_YAML_NODES} values once aliases are expanded")
+    if depth - 1 + height > MAX_YAML_DEPTH:
+        raise _TooBig(f"nests deeper than {MAX_YAML_DEPTH} levels once aliases are expanded")
+    return size
+
+
 def read_config_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     """Read the engine section of a YAML file in the ``configure.yaml`` shape.
 
@@ -632,17 +757,16 @@ def read_config_file(path: str | os.PathLike[str]) -> Mapping[str, Any]:
     top-level sections are the application's own and are ignored) or the flat
     ``{dsn: ..., kwargs: ...}``. String values may use ``${NAME}``.
     """
-    import yaml
-
     file = pathlib.Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"cannot read engine config file {str(file)!r}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{str(file)!r} is not valid YAML: {_yaml_problem(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{str(file)!r} is not UTF-8 text (byte {exc.start} cannot be decoded)"
+        ) from None
+    data = load_yaml(text, repr(str(file)))
     if isinstance(data, Mapping) and WRAPPER_KEY in data:
         data = data[WRAPPER_KEY]
     if not isinstance(data, Mapping) or "dsn" not in data:

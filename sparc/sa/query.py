@@ -29,12 +29,7 @@ before any SQL is sent; the container itself is never changed.
 
 from __future__ import annotations
 
-import datetime
-import decimal
-import math
 import operator
-import re
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -63,10 +58,21 @@ from sparc.sa.interfaces import (
     ISAQuery,
     ISAResultRowModel,
 )
+from sparc.sa.values import (
+    MAX_FILTER_TEXT,
+    MAX_FILTER_VALUES,
+    Budget,
+    check_like_pattern,
+    coerce,
+    kind,
+    python_type,
+)
 
 __all__ = [
     "MAX_FILTER_DEPTH",
     "MAX_FILTER_EXPRESSIONS",
+    "MAX_FILTER_TEXT",
+    "MAX_FILTER_VALUES",
     "MAX_IN_VALUES",
     "IORMRelatedModels",
     "IORMRelatedModelsAdder",
@@ -104,12 +110,9 @@ __all__ = [
 MAX_FILTER_DEPTH = 8
 #: A filter container holds at most this many expressions and groups in all.
 MAX_FILTER_EXPRESSIONS = 200
-#: An 'in' or 'not in' expression takes at most this many values.
+#: An 'in' or 'not in' expression takes at most this many values (and all the
+#: expressions of a container at most MAX_FILTER_VALUES, see sparc.sa.values).
 MAX_IN_VALUES = 1000
-
-_INT64 = (-(2**63), 2**63 - 1)
-_INTEGER_TEXT = re.compile(r"[+-]?\d{1,19}")
-_NUMBER_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
 # -- the graph of related models ----------------------------------------------
@@ -264,13 +267,6 @@ def _quote(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "None"
-    name = type(value).__name__
-    return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
-
-
 def _classes_by_name(base: Any) -> dict[str, list[type[Any]]]:
     registry = getattr(base, "registry", None)
     if not isinstance(registry, orm_registry):
@@ -285,7 +281,7 @@ def _classes_by_name(base: Any) -> dict[str, list[type[Any]]]:
 
 def _resolve(names: dict[str, list[type[Any]]], dotted: object, path: str) -> Any:
     if not isinstance(dotted, str):
-        raise InvalidFilterError(path, f"expected a string 'Class.attribute', got {_kind(dotted)}")
+        raise InvalidFilterError(path, f"expected a string 'Class.attribute', got {kind(dotted)}")
     class_name, dot, key = dotted.partition(".")
     if not dot or not class_name or not key or "." in key:
         raise InvalidFilterError(path, f"expected 'Class.attribute', got {_quote(dotted)}")
@@ -363,79 +359,6 @@ _COMPARISONS = {
 }
 
 
-def _column_type(attribute: Any) -> Any:
-    return attribute.property.columns[0].type
-
-
-def _python_type(attribute: Any) -> Any:
-    try:
-        return _column_type(attribute).python_type
-    except NotImplementedError:
-        return None
-
-
-def _coerce(attribute: Any, value: Any, path: str) -> Any:
-    """``value`` as the column's type takes it, or InvalidFilterError."""
-    type_ = _column_type(attribute)
-    wanted = _python_type(attribute)
-    enums = getattr(type_, "enums", None)
-    if enums:
-        if getattr(type_, "enum_class", None) is not None and isinstance(value, type_.enum_class):
-            return value
-        if isinstance(value, str) and value in enums:
-            return value
-        raise InvalidFilterError(path, "expected one of " + ", ".join(map(repr, enums)))
-    if wanted is bool:
-        if isinstance(value, bool):
-            return value
-        raise InvalidFilterError(path, f"expected true or false, got {_kind(value)}")
-    if wanted is int:
-        if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            if _INT64[0] <= value <= _INT64[1]:
-                return value
-            raise InvalidFilterError(path, "expected an integer that fits in 64 bits")
-        raise InvalidFilterError(path, f"expected an integer, got {_kind(value)}")
-    if wanted in (float, decimal.Decimal):
-        if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()):
-            value = decimal.Decimal(value.strip())
-        if isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool):
-            if isinstance(value, (float, decimal.Decimal)) and not math.isfinite(value):
-                raise InvalidFilterError(path, "expected a finite number")
-            return float(value) if wanted is float else decimal.Decimal(str(value))
-        raise InvalidFilterError(path, f"expected a number, got {_kind(value)}")
-    if wanted is str:
-        if isinstance(value, str):
-            return value
-        raise InvalidFilterError(path, f"expected a string, got {_kind(value)}")
-    for moment in (datetime.datetime, datetime.date, datetime.time):
-        if wanted is moment:
-            if type(value) is moment:
-                return value
-            if isinstance(value, str):
-                try:
-                    return moment.fromisoformat(value)
-                except ValueError:
-                    pass
-            raise InvalidFilterError(path, f"expected an ISO 8601 {moment.__name__}")
-    if wanted is uuid.UUID:
-        if isinstance(value, uuid.UUID):
-            return value
-        try:
-            return uuid.UUID(str(value))
-        except ValueError:
-            raise InvalidFilterError(path, "expected a UUID") from None
-    if wanted is bytes:
-        if isinstance(value, bytes):
-            return value
-        raise InvalidFilterError(path, f"expected bytes, got {_kind(value)}")
-    # A type that names no Python type (or an unusual one): plain scalars only.
-    if isinstance(value, (str, int, float, bool)):
-        return value
-    raise InvalidFilterError(path, f"expected a string, number or boolean, got {_kind(value)}")
-
-
 def _check_attribute(attribute: Any, path: str) -> None:
     prop = getattr(attribute, "property", None)
     if not ISAInstrumentedAttribute.providedBy(attribute) or not isinstance(prop, ColumnProperty):
@@ -449,7 +372,7 @@ def _operation(condition: object, path: str) -> str:
             return operation
         found = _quote(condition)
     else:
-        found = _kind(condition)
+        found = kind(condition)
     raise InvalidFilterError(path, f"expected one of {', '.join(CONDITIONS)}; got {found}")
 
 
@@ -463,25 +386,25 @@ def _value(attribute: Any, operation: str, value: Any, path: str) -> Any:
         raise InvalidFilterError(path, f"'{operation}' needs a value")
     if operation in ("in", "not in"):
         if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
-            raise InvalidFilterError(path, f"'{operation}' needs a list, got {_kind(value)}")
+            raise InvalidFilterError(path, f"'{operation}' needs a list, got {kind(value)}")
         if len(value) > MAX_IN_VALUES:
             raise InvalidFilterError(path, f"'{operation}' takes at most {MAX_IN_VALUES} values")
-        return [_coerce(attribute, item, f"{path}[{i}]") for i, item in enumerate(value)]
+        return [coerce(attribute, item, f"{path}[{i}]") for i, item in enumerate(value)]
     if value is None:
         if operation in ("eq", "ne"):
             return None  # == None is IS NULL, != None IS NOT NULL, as in SQLAlchemy
         raise InvalidFilterError(path, f"'{operation}' needs a value other than null")
     if isinstance(value, (list, tuple, set, Mapping)):
-        raise InvalidFilterError(path, f"expected a single value, got {_kind(value)}")
+        raise InvalidFilterError(path, f"expected a single value, got {kind(value)}")
     if operation in ("like", "ilike"):
-        if _python_type(attribute) not in (str, None):
+        if python_type(attribute) not in (str, None):
             raise InvalidFilterError(path, f"'{operation}' applies to string columns only")
         if not isinstance(value, str):
             raise InvalidFilterError(
-                path, f"'{operation}' needs a string pattern, got {_kind(value)}"
+                path, f"'{operation}' needs a string pattern, got {kind(value)}"
             )
-        return value
-    return _coerce(attribute, value, path)
+        return check_like_pattern(value, path)
+    return coerce(attribute, value, path)
 
 
 @implementer(ISAModelFilterExpression)
@@ -532,9 +455,11 @@ def expression_for(expression: Any) -> ColumnElement[bool]:
         else:
             raise InvalidFilterError("value", f"'{operation}' needs a value other than null")
     elif operation == "like":
-        clause = attribute.like(value)
+        # Backslash escapes on every server: PostgreSQL and MariaDB by default,
+        # SQLite only when told, so a pattern means the same thing on all three.
+        clause = attribute.like(value, escape="\\")
     elif operation == "ilike":
-        clause = attribute.ilike(value)
+        clause = attribute.ilike(value, escape="\\")
     elif operation == "in":
         clause = attribute.in_(value)
     elif operation == "not in":
@@ -570,7 +495,7 @@ class SAModelFilterExpressionGroup:
                 or ISAModelFilterExpressionGroup.providedBy(item)
             ):
                 raise InvalidFilterError(
-                    f"expressions[{i}]", f"expected a filter expression or group, got {_kind(item)}"
+                    f"expressions[{i}]", f"expected a filter expression or group, got {kind(item)}"
                 )
         self.expressions = items
 
@@ -588,7 +513,7 @@ SAModelFilterExpressionGroupFactory = Factory(
 def _conjunction(conjunction: object, path: str) -> str:
     if isinstance(conjunction, str) and conjunction.strip().upper() in CONJUNCTIONS:
         return conjunction.strip().upper()
-    found = _quote(conjunction) if isinstance(conjunction, str) else _kind(conjunction)
+    found = _quote(conjunction) if isinstance(conjunction, str) else kind(conjunction)
     raise InvalidFilterError(path, f"expected 'and' or 'or', got {found}")
 
 
@@ -633,13 +558,14 @@ class _Converter:
         self.max_depth = max_depth
         self.max_expressions = max_expressions
         self.count = 0
+        self.budget = Budget(MAX_FILTER_VALUES, MAX_FILTER_TEXT)
 
     def node(self, node: object, path: str, depth: int) -> Any:
         if not isinstance(node, Mapping):
             raise InvalidFilterError(
                 path,
                 "expected a group {'conjunction', 'expressions'} or an expression "
-                f"{{'attribute', 'condition', 'value'}}, got {_kind(node)}",
+                f"{{'attribute', 'condition', 'value'}}, got {kind(node)}",
             )
         if "conjunction" in node or "expressions" in node:
             return self.group(node, path, depth)
@@ -648,7 +574,7 @@ class _Converter:
     def keys(self, node: Mapping[Any, Any], allowed: tuple[str, ...], path: str) -> None:
         for key in node:
             if key not in allowed:
-                found = _quote(key) if isinstance(key, str) else _kind(key)
+                found = _quote(key) if isinstance(key, str) else kind(key)
                 raise InvalidFilterError(
                     path, f"unexpected key {found}; expected {', '.join(allowed)}"
                 )
@@ -665,7 +591,7 @@ class _Converter:
         if isinstance(expressions, (str, bytes, Mapping)) or not isinstance(
             expressions, (list, tuple)
         ):
-            got = "nothing" if expressions is _MISSING else _kind(expressions)
+            got = "nothing" if expressions is _MISSING else kind(expressions)
             raise InvalidFilterError(f"{at}expressions", f"expected a list, got {got}")
         items = []
         for i, item in enumerate(expressions):
@@ -687,6 +613,12 @@ class _Converter:
         attribute = _resolve(self.names, node["attribute"], f"{at}attribute")
         expression = SAModelFilterExpression.__new__(SAModelFilterExpression)
         expression._set(attribute, node["condition"], node.get("value", _MISSING), path)
+        value = expression.value
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                self.budget.charge(item, f"{at}value[{i}]")
+        elif value is not None:  # None is IS NULL: no parameter
+            self.budget.charge(value, f"{at}value")
         return expression
 
 
@@ -707,7 +639,7 @@ def expression_group_from_container(
         "conjunction" in container or "expressions" in container
     ):
         raise InvalidFilterError(
-            "", f"expected a group {{'conjunction', 'expressions'}}, got {_kind(container)}"
+            "", f"expected a group {{'conjunction', 'expressions'}}, got {kind(container)}"
         )
     return converter.group(container, "", 1)
 
@@ -741,6 +673,9 @@ class SAResultRowModel:
         raise ValueError(f"no entry of the row provides {iface.__identifier__}")
 
 
+_NO_ROWS_BEYOND = 2**62
+
+
 @implementer(IFiniteSequence)
 @adapter(ISAQuery)
 class ModelSequenceForQuery:
@@ -772,6 +707,12 @@ class ModelSequenceForQuery:
         self.session = session
 
     def _rows(self, start: int, stop: int) -> list[Any]:
+        # No table holds 2**62 rows: a window beyond that is empty, and clipping
+        # it there keeps LIMIT and OFFSET (plus any OFFSET the query has) in the
+        # 64 bits every server takes, so that seq[10**20] is an IndexError.
+        if start >= _NO_ROWS_BEYOND:
+            return []
+        stop = min(stop, _NO_ROWS_BEYOND)
         # SQLAlchemy's slice() adds to an OFFSET the query already has but
         # replaces its LIMIT: keep the window inside that LIMIT here.
         if getattr(self.query, "_limit_clause", None) is not None:
