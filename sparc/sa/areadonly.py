@@ -29,6 +29,7 @@ from sparc.sa.replicas import (
     after_begin,
     after_end,
     before_flush,
+    check_readonly_arguments,
     do_orm_execute,
     guard,
     is_disconnect,
@@ -45,15 +46,7 @@ __all__ = ["AsyncReadOnlyBlock", "async_readonly_block"]
 def async_readonly_block(
     manager: AsyncScopedTransaction, readonly: object, after: object
 ) -> AsyncReadOnlyBlock:
-    if readonly is not True:
-        raise TypeError(
-            f"'readonly' must be True or False, got {readonly!r}"
-            if readonly is not False
-            else "'after' applies to read-only blocks: atx(readonly=True, after=token)"
-        )
-    if after is not None and not isinstance(after, str):
-        raise TypeError(f"'after' must be a commit token string, got {type(after).__name__}")
-    return AsyncReadOnlyBlock(manager, after)
+    return AsyncReadOnlyBlock(manager, check_readonly_arguments(readonly, after, "atx"))
 
 
 class AsyncReadOnlyBlock:

@@ -73,7 +73,7 @@ from sparc.sa.interfaces import (
 )
 from sparc.sa.legacy import package_path
 from sparc.sa.readonly import ReadOnlyBlock, run_readonly
-from sparc.sa.replicas import commit_token
+from sparc.sa.replicas import check_readonly_arguments, commit_token
 from sparc.sa.retry import (
     RETRY_MYSQL_ERRORS,
     RETRY_SQLITE_CODES,
@@ -476,15 +476,7 @@ def _check_manager(tm: object, join: str) -> None:
 def _readonly_block(
     manager: ThreadLocalSASessionTransaction, readonly: object, after: object
 ) -> Any:
-    if readonly is not True:
-        raise TypeError(
-            f"'readonly' must be True or False, got {readonly!r}"
-            if readonly is not False
-            else "'after' applies to read-only blocks: tx(readonly=True, after=token)"
-        )
-    if after is not None and not isinstance(after, str):
-        raise TypeError(f"'after' must be a commit token string, got {type(after).__name__}")
-    return ReadOnlyBlock(manager, after)
+    return ReadOnlyBlock(manager, check_readonly_arguments(readonly, after, "tx"))
 
 
 def _no_coroutine(result: _T, fn: Any) -> _T:

@@ -64,6 +64,7 @@ __all__ = [
     "REPLICA_KEYS",
     "Replica",
     "ReplicaSet",
+    "check_readonly_arguments",
     "commit_token",
     "parse_token",
     "replica_set",
@@ -121,6 +122,21 @@ def lsn_to_int(text: str) -> int:
 
 def int_to_lsn(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def check_readonly_arguments(readonly: object, after: object, spelling: str) -> str | None:
+    """``readonly``/``after`` of ``tx(...)``, ``atx(...)`` and ``run(...)``:
+    *after*, or a TypeError naming what was expected. *spelling* is the call
+    to advise."""
+    if readonly is not True:
+        raise TypeError(
+            f"'readonly' must be True or False, got {readonly!r}"
+            if readonly is not False
+            else f"'after' applies to read-only blocks: {spelling}(readonly=True, after=token)"
+        )
+    if after is not None and not isinstance(after, str):
+        raise TypeError(f"'after' must be a commit token string, got {type(after).__name__}")
+    return after
 
 
 def parse_token(token: str | None) -> int:
