@@ -72,19 +72,11 @@ def _cancel_at(
             value, failed = exc, True
 
 
-def test_a_cancellation_at_every_await_of_a_block(
-    db: SimpleNamespace, request: pytest.FixtureRequest
-) -> None:
+def test_a_cancellation_at_every_await_of_a_block(db: SimpleNamespace) -> None:
     """Cancel a task at its 1st, 2nd, ... await, through the block's entry,
     body, exit (flush, COMMIT, close) and the await after it: the rows are
     exactly those of the blocks that exited normally, and every cancellation
     reaches the task, at the latest at its next await after the block."""
-    if db.backend == "aiosqlite-file":
-        # Known and open (issue 16): cancelled at the await of its INSERT, a
-        # block on a SQLite file leaves the pooled aiosqlite connection with
-        # its write lock held, so the next writer meets "database is locked".
-        # Strict: the day it is fixed, this case fails until the mark goes.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="issue 16: aiosqlite file lock"))
     outcome: dict[int, str] = {}
 
     async def victim(n: int) -> None:

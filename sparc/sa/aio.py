@@ -212,8 +212,7 @@ async def _engine_state(engine: AsyncEngine) -> _EngineState:
         state.open.clear()
         await engine.dispose(close=False)
     shared = isinstance(sync_engine.pool, (StaticPool, SingletonThreadPool))
-    if shared:
-        keep_shared_connection(sync_engine)
+    keep_shared_connection(sync_engine)  # shared pools, and aiosqlite on any pool
     state = _engine_states[sync_engine] = _EngineState(loop, shared)
     return state
 

@@ -29,7 +29,7 @@ def keep_shared_connection(engine: Engine) -> None:
     connection. Idempotent, and cheap after the first call."""
     if engine.dialect.name != "sqlite":
         return
-    if not isinstance(engine.pool, (StaticPool, SingletonThreadPool)):
+    if not _keeps(engine):
         return
     if not event.contains(engine, "handle_error", _not_a_disconnect):
         event.listen(engine, "handle_error", _not_a_disconnect)
@@ -39,7 +39,18 @@ def _not_a_disconnect(context: ExceptionContext) -> Any:
     if isinstance(context.original_exception, Exception):
         return None  # a real error: SQLAlchemy's own judgement stands
     engine = context.engine
-    if engine is not None and isinstance(engine.pool, (StaticPool, SingletonThreadPool)):
+    if engine is not None and _keeps(engine):
         context.is_disconnect = False
         context.invalidate_pool_on_disconnect = False
     return None
+
+
+def _keeps(engine: Engine) -> bool:
+    """A pool of one shared connection, or aiosqlite on any pool: aiosqlite
+    runs each call to its end in a thread of its own, so an interrupted await
+    leaves a connection as good as before. Closing it instead, from a task
+    that is being cancelled, can be cancelled itself, and would leave the
+    connection open outside the pool, holding its write lock (issue 16)."""
+    return isinstance(engine.pool, (StaticPool, SingletonThreadPool)) or (
+        engine.dialect.driver == "aiosqlite"
+    )
