@@ -454,6 +454,8 @@ def test_a_block_with_its_manager_given_and_another_open_is_refused(
 def test_a_stale_versioned_row_is_retried_as_zope_sqlalchemy_does(engine: Engine) -> None:
     if type(engine.pool).__name__ == "StaticPool":
         pytest.skip("one shared connection: nobody else can change the row meanwhile")
+    if engine.dialect.name == "sqlite" and sa.__version__ == "2.0.0":
+        pytest.skip("SQLAlchemy 2.0.0 cannot verify row versions on pysqlite (no updated rowcount)")
 
     class Base(DeclarativeBase):
         pass
