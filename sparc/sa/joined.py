@@ -294,16 +294,17 @@ def finish_block(
                 "(run the statement in a nested block to let it fail alone)"
             )
         try:
-            if savepoint is None or savepoint is WHOLE_TRANSACTION:
-                session.flush()
-            elif not savepoint.is_active:
+            if (
+                savepoint is None
+                or savepoint is WHOLE_TRANSACTION
                 # Rolled back by transaction.savepoint()'s rollback of a
                 # savepoint taken before the block: what the block did since
                 # lives in the transaction already.
-                session.flush()
-            elif session.get_nested_transaction() is not savepoint:
+                or not savepoint.is_active
                 # A savepoint taken inside the block (transaction.savepoint())
                 # is still open: keep ours open too, so that it stays valid.
+                or session.get_nested_transaction() is not savepoint
+            ):
                 session.flush()
             else:
                 sessions.release(savepoint, session)  # flush, then RELEASE SAVEPOINT
