@@ -19,8 +19,22 @@ LINE="host replication all 127.0.0.1/32 trust"
 
 log() { echo "replica: $*" >&2; }
 as_postgres() { runuser -u postgres -- "$@"; }
-answers() {  # port -> is the server there and in the state wanted (t: standby)
-    [ "$(as_postgres psql -h 127.0.0.1 -p "$1" -U postgres -Atc 'select pg_is_in_recovery()' 2>/dev/null)" = "$2" ]
+ask() {  # port, query -> the answer, empty if the server is not there
+    as_postgres psql -h 127.0.0.1 -p "$1" -U postgres -Atc "$2" 2>/dev/null || true
+}
+# A hot standby must have these at least as high as its primary, or it
+# pauses replay for good ("insufficient parameter settings") while still
+# answering as a standby: .ci/run raises max_prepared_transactions on the
+# primary, maybe after this replica was made.
+HOT="'max_connections','max_prepared_transactions','max_locks_per_transaction',\
+'max_worker_processes','max_wal_senders'"
+settings() {  # port -> "name = value" lines of the settings above
+    ask "$1" "select name || ' = ' || setting from pg_settings where name in ($HOT) order by name"
+}
+standby() { [ "$(ask "$PORT" 'select pg_is_in_recovery()')" = t ]; }
+sound() { standby && [ "$(settings "$PORT")" = "$(settings "$PRIMARY_PORT")" ]; }
+match_primary() {  # the replica's configuration takes the primary's values
+    settings "$PRIMARY_PORT" >"/etc/postgresql/$VERSION/$NAME/conf.d/primary.conf"
 }
 
 # Only the URL goes to stdout, because the caller reads it: the tools
@@ -36,11 +50,14 @@ answers() {  # port -> is the server there and in the state wanted (t: standby)
     fi
 
     if pg_lsclusters -h | awk -v v="$VERSION" -v n="$NAME" '$1==v && $2==n {f=1} END {exit !f}'; then
-        if ! answers "$PORT" t; then
+        if ! sound; then
+            log "cluster $VERSION/$NAME: (re)starting it with the primary's settings"
+            match_primary
+            pg_ctlcluster --skip-systemctl-redirect "$VERSION" "$NAME" stop 2>/dev/null || true
             pg_ctlcluster --skip-systemctl-redirect "$VERSION" "$NAME" start 2>/dev/null || true
-            for _ in $(seq 1 20); do answers "$PORT" t && break; sleep 0.5; done
+            for _ in $(seq 1 20); do sound && break; sleep 0.5; done
         fi
-        if answers "$PORT" t; then
+        if sound; then
             log "reusing cluster $VERSION/$NAME on port $PORT"
         else
             log "cluster $VERSION/$NAME is broken; making it again"
@@ -48,7 +65,7 @@ answers() {  # port -> is the server there and in the state wanted (t: standby)
         fi
     fi
 
-    if ! answers "$PORT" t; then
+    if ! sound; then
         log "creating cluster $VERSION/$NAME on port $PORT from a base backup of port $PRIMARY_PORT"
         pg_createcluster "$VERSION" "$NAME" -p "$PORT" >/dev/null
         DATA="/var/lib/postgresql/$VERSION/$NAME"
@@ -59,9 +76,10 @@ answers() {  # port -> is the server there and in the state wanted (t: standby)
         # Clients reach the replica as they reach the primary.
         cp "$HBA" "/etc/postgresql/$VERSION/$NAME/pg_hba.conf"
         chmod 700 "$DATA"
+        match_primary
         pg_ctlcluster --skip-systemctl-redirect "$VERSION" "$NAME" start
-        for _ in $(seq 1 60); do answers "$PORT" t && break; sleep 0.5; done
-        answers "$PORT" t || { log "the replica did not come up"; exit 1; }
+        for _ in $(seq 1 60); do sound && break; sleep 0.5; done
+        sound || { log "the replica did not come up"; exit 1; }
     fi
     # A test that delayed replay may have been interrupted: start undelayed.
     as_postgres psql -h 127.0.0.1 -p "$PORT" -U postgres -qAtc \
