@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.util import await_only
 from zope.component import getMultiAdapter, getUtility
 from zope.configuration import xmlconfig
 
@@ -395,11 +396,26 @@ class _SlowCommit(AsyncSession):
         await super().commit()
 
 
+class _SlowSyncCommit(Session):
+    def commit(self) -> None:
+        await_only(asyncio.sleep(0.2))  # the same, inside the greenlet
+        super().commit()
+
+
+# A block ends its session in one greenlet (the sync session's COMMIT and
+# close) unless the AsyncSession class is the user's own: both ways.
+SLOW_COMMITS = {
+    "async-session-class": {"class_": _SlowCommit},
+    "sync-session-class": {"sync_session_class": _SlowSyncCommit},
+}
+
+
+@pytest.mark.parametrize("slow", sorted(SLOW_COMMITS))
 def test_a_task_cancelled_while_its_block_commits_leaves_no_connection(
-    db: SimpleNamespace,
+    db: SimpleNamespace, slow: str
 ) -> None:
     tx = aio.AsyncScopedTransaction(db.engine, db.Base)
-    tx._factory = async_sessionmaker(db.engine, class_=_SlowCommit, expire_on_commit=False)
+    tx._factory = async_sessionmaker(db.engine, expire_on_commit=False, **SLOW_COMMITS[slow])
 
     async def victim(exiting: asyncio.Event) -> None:
         async with tx() as session:

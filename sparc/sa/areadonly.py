@@ -33,10 +33,9 @@ from sparc.sa.replicas import (
     do_orm_execute,
     guard,
     is_disconnect,
-    is_read_only_violation,
     parse_token,
     replica_set,
-    translate,
+    translated_violations,
     unguard,
 )
 
@@ -127,19 +126,14 @@ class AsyncReadOnlyBlock:
         if block is None:
             raise RuntimeError("this block was never entered")
         try:
-            await block.__aexit__(exc_type, exc, tb)
-        except Exception as error:
-            if is_read_only_violation(error):
-                raise translate(error) from error
-            raise
+            with translated_violations(exc):
+                await block.__aexit__(exc_type, exc, tb)
         finally:
             if self._guarded is not None:
                 unguard(self._guarded)
                 self._guarded = None
             if self._replica is not None and self._rs is not None and is_disconnect(exc):
                 self._rs.failed(self._replica, exc)  # type: ignore[arg-type]
-        if exc is not None and is_read_only_violation(exc):
-            raise translate(exc) from exc
         return False
 
 

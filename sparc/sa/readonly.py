@@ -44,10 +44,9 @@ from sparc.sa.replicas import (
     guard,
     install_guards,
     is_disconnect,
-    is_read_only_violation,
     parse_token,
     replica_set,
-    translate,
+    translated_violations,
     unguard,
 )
 from sparc.sa.retry import check_attempts, delay_before_next
@@ -163,15 +162,10 @@ class ReadOnlyBlock:
         if block is None:
             raise RuntimeError("this block was never entered")
         try:
-            block.__exit__(exc_type, exc, tb)
-        except Exception as error:
-            if is_read_only_violation(error):
-                raise translate(error) from error
-            raise
+            with translated_violations(exc):
+                block.__exit__(exc_type, exc, tb)
         finally:
             self._finish(exc)
-        if exc is not None and is_read_only_violation(exc):
-            raise translate(exc) from exc
 
     def _finish(self, exc: BaseException | None) -> None:
         guarded = self._guarded

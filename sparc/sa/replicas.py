@@ -43,13 +43,14 @@ carry the same promise, but that is not built yet.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -673,3 +674,18 @@ def translate(error: BaseException) -> ReadOnlyTransactionError:
         f"a read-only block (tx(readonly=True)) tried to write, and the database "
         f"refused: {first}; nothing was written. Write in a block without readonly=True"
     )
+
+
+@contextlib.contextmanager
+def translated_violations(in_flight: BaseException | None) -> Iterator[None]:
+    """Around a read-only block's end: a write the database refused, raised
+    by the end itself or already propagating (*in_flight*), reaches the
+    caller as :class:`ReadOnlyTransactionError`, with the original attached."""
+    try:
+        yield
+    except Exception as error:
+        if is_read_only_violation(error):
+            raise translate(error) from error
+        raise
+    if in_flight is not None and is_read_only_violation(in_flight):
+        raise translate(in_flight) from in_flight
