@@ -535,7 +535,6 @@ class _AsyncBlock:
 
     async def _exit_outermost(self, scope: _Scope, exc_type: type[BaseException] | None) -> None:
         manager = self._manager
-        session = scope.session
         if exc_type is not None or scope.doomed:
             # A cancellation (or another BaseException) may have interrupted a
             # statement half-way through the driver's protocol: such a
@@ -551,20 +550,19 @@ class _AsyncBlock:
                     "the transaction was rolled back"
                 )
             return
-        try:
-            if not session.sync_session._is_clean():
-                await session.flush()  # cancellable: nothing is committed yet
-            if _cancel_pending(scope.task):
-                # Requested while the task ran, not yet delivered: deliver it
-                # now, before COMMIT is sent (the block did not exit normally).
+        if _cancel_pending(scope.task):
+            # Requested while the task ran, not yet delivered: deliver it now,
+            # before anything is sent (the block did not exit normally).
+            try:
                 await asyncio.sleep(0)
-        except BaseException as exc:
-            discard = not isinstance(exc, Exception) and not _keeps_connection(manager, scope)
-            await manager._end_scope(scope, commit=False, discard=discard)
-            raise
-        # From here the outcome is the COMMIT's: a cancellation arriving while
-        # it runs waits for it; if it succeeded, the block exits normally and
-        # the cancellation is delivered at the task's next await.
+            except BaseException:
+                await manager._end_scope(scope, commit=False)
+                raise
+        # From here the outcome is the COMMIT's, which flushes what is pending
+        # first (in the same pass through the greenlet, one switch less than a
+        # flush of its own): a cancellation arriving meanwhile waits for it;
+        # if it succeeded, the block exits normally and the cancellation is
+        # delivered at the task's next await.
         await manager._end_scope(scope, commit=True)
 
 

@@ -217,8 +217,15 @@ def aborted(session: Session) -> bool:
     for connection, *_ in getattr(transaction, "_connections", {}).values():
         if connection.closed or connection.invalidated:
             continue
-        info = getattr(connection.connection.dbapi_connection, "info", None)
-        if getattr(info, "transaction_status", None) == _PG_INERROR:
+        dbapi_connection = connection.connection.dbapi_connection
+        # psycopg 3: libpq's own status, an int; its `info.transaction_status`
+        # builds an object and an enum member on every read. psycopg2: info.
+        pgconn = getattr(dbapi_connection, "pgconn", None)
+        if pgconn is not None:
+            status = pgconn.transaction_status
+        else:
+            status = getattr(getattr(dbapi_connection, "info", None), "transaction_status", None)
+        if status == _PG_INERROR:
             return True
     return False
 
