@@ -193,6 +193,43 @@ def test_readonly_block_runs_on_replica_and_costs_no_extra_statement(
         assert not on_standby(Session())
 
 
+def test_replica_lost_at_commit_is_marked_down_and_the_read_runs_elsewhere(
+    pair: SimpleNamespace,
+) -> None:
+    """A replica whose connection dies under a read-only block's COMMIT (its
+    statements went through) is marked down like one that died under a
+    statement, so that run(readonly=True) reads again on another server, not
+    on the same replica."""
+    import psycopg
+
+    rs = replica_set(pair.engine)
+    assert rs is not None
+    dialect = pair.replica.dialect
+    real_commit = type(dialect).do_commit
+    lost: list[int] = []
+
+    def commit_once_lost(dbapi_connection: Any) -> None:
+        if not lost:
+            lost.append(1)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        real_commit(dialect, dbapi_connection)
+
+    dialect.do_commit = commit_once_lost  # type: ignore[method-assign]
+    result: list[Any] = []
+    try:
+        # A scope that never wrote: its read goes to the replica first.
+        reader = threading.Thread(
+            target=lambda: result.append(pair.tx.run(on_standby, readonly=True))
+        )
+        reader.start()
+        reader.join()
+    finally:
+        del dialect.do_commit
+    assert lost == [1]
+    assert result == [False]  # read again, on the primary
+    assert rs.describe()[0]["state"] == "down"
+
+
 def test_write_on_replica_fails_with_the_documented_error(pair: SimpleNamespace) -> None:
     from sparc.sa.exceptions import ReadOnlyTransactionError
 

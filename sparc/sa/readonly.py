@@ -161,11 +161,17 @@ class ReadOnlyBlock:
         block = self._block
         if block is None:
             raise RuntimeError("this block was never entered")
+        ended = exc  # what the block ended with: its own error, or its end's
         try:
             with translated_violations(exc):
                 block.__exit__(exc_type, exc, tb)
+        except BaseException as error:
+            # The end itself failed: a replica that died under the COMMIT is
+            # marked down too, so that a read run again goes elsewhere.
+            ended = error
+            raise
         finally:
-            self._finish(exc)
+            self._finish(ended)
 
     def _finish(self, exc: BaseException | None) -> None:
         guarded = self._guarded
