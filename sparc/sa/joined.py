@@ -176,6 +176,11 @@ def _joinable(txn: Any) -> bool:
     # A transaction whose commit failed is still "joined", so that join()
     # raises TransactionFailedError rather than the block committing alone
     # (a retried request would write twice).
+    if not getattr(txn, "_after_commit", True) and not getattr(txn, "_after_abort", True):
+        # transaction's Transaction keeps its hooks in these lists until they
+        # have all run: with none registered, none is running, and the walk
+        # up a request's deep stack is not needed.
+        return True
     frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         if frame.f_code.co_name in _ENDING_HOOKS and frame.f_locals.get("self") is txn:
