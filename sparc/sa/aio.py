@@ -63,10 +63,10 @@ import logging
 import socket
 import sys
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from contextvars import ContextVar
 from types import FrameType, TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -92,94 +92,12 @@ from sparc.sa.interfaces import (
 from sparc.sa.keep import keep_shared_connection
 from sparc.sa.replicas import READONLY, is_disconnect, prepare
 from sparc.sa.retry import check_attempts, delay_before_next
+from sparc.sa.shielded import cancel_pending, end_session, finish, quietly, run_detached
 from sparc.sa.suspended import GENERATOR, check_owner, owner_of_block
 
 __all__ = ["AsyncScopedTransaction", "async_scoped_transaction"]
 
 logger = logging.getLogger(__name__)
-_T = TypeVar("_T")
-
-# Tasks that finish blocks for tasks that ended or were cancelled: held here
-# so that they are not garbage collected before they are done.
-_finishers: set[asyncio.Task[Any]] = set()
-
-
-async def _finish(work: Coroutine[Any, Any, _T], settled: bool = False) -> _T:
-    """Await ``work`` to its end, even when the calling task is cancelled.
-
-    ``work`` runs in a task of its own. If the caller is cancelled meanwhile,
-    the wait goes on until ``work`` is done. Then, by default, the
-    cancellation is raised, so it still reaches the caller. With ``settled``
-    (``work`` is a COMMIT whose outcome the caller must learn), ``work``'s
-    own outcome is returned or raised instead, and the cancellation is
-    requested again, so that it reaches the caller at its next await.
-
-    The caller waits on a bare future that the task's end resolves, rather
-    than on ``asyncio.shield()``, which builds the same thing with more
-    bookkeeping: this runs twice for every block.
-    """
-    loop = asyncio.get_running_loop()
-    task: asyncio.Task[_T] = loop.create_task(work)
-    _finishers.add(task)
-    task.add_done_callback(_finishers.discard)
-    cancelled: asyncio.CancelledError | None = None
-    while not task.done():
-        waiter = loop.create_future()
-        task.add_done_callback(_Wake(waiter))
-        try:
-            await waiter
-        except asyncio.CancelledError as exc:
-            cancelled = exc  # even if work is done by now: never lose it
-    if task.cancelled():
-        # Only a loop shutting down cancels our tasks: the caller stops too.
-        if cancelled is not None:
-            raise cancelled
-        task.result()  # raises the task's CancelledError
-    error = task.exception()
-    if cancelled is not None:
-        if not settled:
-            # the cancellation wins, with work's error attached
-            if error is None:
-                raise asyncio.CancelledError(*cancelled.args)
-            raise asyncio.CancelledError(*cancelled.args) from error
-        _cancel_later(cancelled)
-    if error is not None:
-        raise error
-    return task.result()
-
-
-class _Wake:
-    """A task's done callback that resolves a waiter, unless it is already
-    done (cancelled: its caller was cancelled and waits on a new one)."""
-
-    __slots__ = ("waiter",)
-
-    def __init__(self, waiter: asyncio.Future[None]) -> None:
-        self.waiter = waiter
-
-    def __call__(self, task: asyncio.Task[Any]) -> None:
-        if not self.waiter.done():
-            self.waiter.set_result(None)
-
-
-def _cancel_later(cancelled: asyncio.CancelledError) -> None:
-    """Request the cancellation that interrupted a wait again, so that it is
-    delivered at the current task's next await instead of being lost. On
-    Python 3.11+ the request it made is withdrawn first (``uncancel``), so
-    ``cancelling()`` counts it once, as ``asyncio.timeout()`` expects."""
-    task = asyncio.current_task()
-    if task is None:  # pragma: no cover - _finish runs in a task
-        return
-    uncancel = getattr(task, "uncancel", None)  # Python 3.11+
-    if uncancel is not None and task.cancelling():
-        uncancel()
-    task.cancel(*cancelled.args[:1])
-
-
-def _cancel_pending(task: asyncio.Task[Any]) -> bool:
-    """Whether a cancellation of *task* is requested and not yet delivered
-    (the task cancelled itself, or was cancelled while it ran)."""
-    return bool(getattr(task, "_must_cancel", False))
 
 
 class _EngineState:
@@ -454,7 +372,7 @@ class _AsyncBlock:
             # Take the connection now, in a task of its own: a cancellation
             # arriving while the driver connects must not leave a connection
             # half made (some drivers then leak it until garbage collection).
-            scope.connection = await _finish(scope.session.connection())
+            scope.connection = await finish(scope.session.connection())
         except BaseException:
             await manager._end_scope(scope, commit=False)
             raise
@@ -526,12 +444,12 @@ class _AsyncBlock:
             # CancelledError): RELEASE runs to its end, and a cancellation
             # arriving meanwhile is delivered at the task's next await.
             try:
-                await _finish(nested.commit(), settled=True)  # RELEASE SAVEPOINT
+                await finish(nested.commit(), settled=True)  # RELEASE SAVEPOINT
             except BaseException:
-                await _finish(_quietly(nested.rollback()))
+                await finish(quietly(nested.rollback()))
                 raise
         else:
-            await _finish(_quietly(nested.rollback()))
+            await finish(quietly(nested.rollback()))
 
     async def _exit_outermost(self, scope: _Scope, exc_type: type[BaseException] | None) -> None:
         manager = self._manager
@@ -550,7 +468,7 @@ class _AsyncBlock:
                     "the transaction was rolled back"
                 )
             return
-        if _cancel_pending(scope.task):
+        if cancel_pending(scope.task):
             # Requested while the task ran, not yet delivered: deliver it now,
             # before anything is sent (the block did not exit normally).
             try:
@@ -566,61 +484,11 @@ class _AsyncBlock:
         await manager._end_scope(scope, commit=True)
 
 
-def _plain_ends(session: AsyncSession) -> bool:
-    """Whether *session*'s COMMIT, ROLLBACK and close are AsyncSession's own,
-    so that running the sync session's in one greenlet skips nothing."""
-    cls = type(session)
-    return (
-        cls.commit is AsyncSession.commit
-        and cls.rollback is AsyncSession.rollback
-        and cls.close is AsyncSession.close
-    )
-
-
-def _commit_and_close(session: Session) -> None:
-    """COMMIT (rolled back if it fails), then close: a block's normal end,
-    run in one greenlet."""
-    try:
-        session.commit()
-    except BaseException:
-        try:
-            session.rollback()
-        except Exception:
-            logger.warning("sparc.sa: rolling back after a failed COMMIT failed", exc_info=True)
-        raise
-    finally:
-        try:
-            session.close()
-        except Exception:
-            logger.warning("sparc.sa: closing a session failed", exc_info=True)
-
-
-def _rollback_and_close(session: Session) -> None:
-    """ROLLBACK, then close; a failure of either is logged, not raised."""
-    try:
-        session.rollback()
-    except Exception:
-        logger.warning("sparc.sa: cleanup failed", exc_info=True)
-    finally:
-        try:
-            session.close()
-        except Exception:
-            logger.warning("sparc.sa: cleanup failed", exc_info=True)
-
-
 def _keeps_connection(manager: AsyncScopedTransaction, scope: _Scope) -> bool:
     """Whether an interrupted block's connection is rolled back and kept
     rather than discarded: aiosqlite runs each call to its end in its own
     thread, and an in-memory database lives in its one shared connection."""
     return scope.gate is not None or manager._engine.dialect.driver == "aiosqlite"
-
-
-async def _quietly(work: Awaitable[Any]) -> None:
-    """Await cleanup work; log its failure instead of raising it."""
-    try:
-        await work
-    except Exception:
-        logger.warning("sparc.sa: cleanup failed", exc_info=True)
 
 
 @implementer(ISAAsyncScopedTransaction)
@@ -757,32 +625,7 @@ class AsyncScopedTransaction:
             home.open.discard(scope)
         session = scope.session
         gate, scope.gate = scope.gate, None
-
-        async def end() -> None:
-            closed = False
-            try:
-                if discard:
-                    await _quietly(session.invalidate())
-                elif _plain_ends(session):
-                    # The end and the close in one pass through the greenlet:
-                    # a switch less per block than awaiting each in turn.
-                    await session.run_sync(_commit_and_close if commit else _rollback_and_close)
-                    closed = True
-                elif commit:  # an AsyncSession class of the user's: its methods run
-                    try:
-                        await session.commit()
-                    except BaseException:
-                        await _quietly(session.rollback())
-                        raise
-                else:
-                    await _quietly(session.rollback())
-            finally:
-                if not closed:
-                    await _quietly(session.close())
-                if gate is not None:
-                    gate.release()
-
-        await _finish(end(), settled=commit)
+        await finish(end_session(session, commit, discard, gate), settled=commit)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         """A task ended: roll back and close a block it left open."""
@@ -793,9 +636,7 @@ class AsyncScopedTransaction:
         for block in scope.blocks:
             block._state = _DONE
         logger.warning("sparc.sa: a task ended inside a block; its transaction was rolled back")
-        finisher = asyncio.ensure_future(self._end_scope(scope, commit=False))
-        _finishers.add(finisher)
-        finisher.add_done_callback(_finishers.discard)
+        run_detached(self._end_scope(scope, commit=False))
 
 
 _CACHE_ATTR = "_sparc_sa_async_managers"
