@@ -32,10 +32,9 @@ from sparc.sa.replicas import (
     check_readonly_arguments,
     do_orm_execute,
     guard,
-    is_disconnect,
     parse_token,
+    read_only_end,
     replica_set,
-    translated_violations,
     unguard,
 )
 
@@ -125,21 +124,13 @@ class AsyncReadOnlyBlock:
         block = self._block
         if block is None:
             raise RuntimeError("this block was never entered")
-        ended = exc  # what the block ended with: its own error, or its end's
         try:
-            with translated_violations(exc):
+            with read_only_end(self._rs, self._replica, exc):
                 await block.__aexit__(exc_type, exc, tb)
-        except BaseException as error:
-            # The end itself failed: a replica that died under the COMMIT is
-            # marked down too, so that a read run again goes elsewhere.
-            ended = error
-            raise
         finally:
             if self._guarded is not None:
                 unguard(self._guarded)
                 self._guarded = None
-            if self._replica is not None and self._rs is not None and is_disconnect(ended):
-                self._rs.failed(self._replica, ended)  # type: ignore[arg-type]
         return False
 
 

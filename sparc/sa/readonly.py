@@ -45,8 +45,8 @@ from sparc.sa.replicas import (
     install_guards,
     is_disconnect,
     parse_token,
+    read_only_end,
     replica_set,
-    translated_violations,
     unguard,
 )
 from sparc.sa.retry import check_attempts, delay_before_next
@@ -161,19 +161,13 @@ class ReadOnlyBlock:
         block = self._block
         if block is None:
             raise RuntimeError("this block was never entered")
-        ended = exc  # what the block ended with: its own error, or its end's
         try:
-            with translated_violations(exc):
+            with read_only_end(self._rs, self._replica, exc):
                 block.__exit__(exc_type, exc, tb)
-        except BaseException as error:
-            # The end itself failed: a replica that died under the COMMIT is
-            # marked down too, so that a read run again goes elsewhere.
-            ended = error
-            raise
         finally:
-            self._finish(ended)
+            self._finish()
 
-    def _finish(self, exc: BaseException | None) -> None:
+    def _finish(self) -> None:
         guarded = self._guarded
         if guarded is not None:
             self._guarded = None
@@ -184,8 +178,6 @@ class ReadOnlyBlock:
         if scope.session is self._block.session:
             scope.session = self._saved
         self._saved = None
-        if self._replica is not None and self._rs is not None and is_disconnect(exc):
-            self._rs.failed(self._replica, exc)  # type: ignore[arg-type]
 
 
 # One read-only sessionmaker per manager, made on first use. The lock keeps

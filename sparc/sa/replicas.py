@@ -677,15 +677,25 @@ def translate(error: BaseException) -> ReadOnlyTransactionError:
 
 
 @contextlib.contextmanager
-def translated_violations(in_flight: BaseException | None) -> Iterator[None]:
-    """Around a read-only block's end: a write the database refused, raised
-    by the end itself or already propagating (*in_flight*), reaches the
-    caller as :class:`ReadOnlyTransactionError`, with the original attached."""
+def read_only_end(
+    rs: ReplicaSet | None, replica: Replica | None, in_flight: BaseException | None
+) -> Iterator[None]:
+    """Around a read-only block's end (sync or asyncio): a write the database
+    refused, raised by the end itself or already propagating (*in_flight*),
+    reaches the caller as :class:`ReadOnlyTransactionError` with the original
+    attached; a replica whose connection was lost, under the block's
+    statements or under its COMMIT, is marked down, so that a read run again
+    goes elsewhere."""
+    ended = in_flight
     try:
         yield
-    except Exception as error:
-        if is_read_only_violation(error):
+    except BaseException as error:
+        ended = error
+        if isinstance(error, Exception) and is_read_only_violation(error):
             raise translate(error) from error
         raise
+    finally:
+        if replica is not None and rs is not None and is_disconnect(ended):
+            rs.failed(replica, ended)  # type: ignore[arg-type]
     if in_flight is not None and is_read_only_violation(in_flight):
         raise translate(in_flight) from in_flight
