@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import os
 import pathlib
@@ -41,7 +42,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from typing import Any
 
 import sqlalchemy as sa
@@ -50,7 +50,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run import counting_pings  # noqa: E402
+from run import sent_per_call  # noqa: E402
 
 from sparc.sa.engine import engine_from_config  # noqa: E402
 from tests.pyramid_app import ViewFailure, main, make_models  # noqa: E402
@@ -64,32 +64,6 @@ def median_interval(ordered: list[float]) -> tuple[float, float]:
     lo = max(0, int(n / 2 - half_width))
     hi = min(n - 1, int(n / 2 + half_width + 1) - 1)
     return ordered[lo], ordered[hi]
-
-
-def statements(app: Any, engine: sa.engine.Engine, n: int = 50) -> dict[str, float]:
-    """What one request sends, averaged over *n*: statements by first word,
-    COMMITs, and pings."""
-    counts: Counter[str] = Counter()
-
-    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        counts[statement.split(None, 1)[0].upper()] += 1
-
-    def on_commit(conn: Any) -> None:
-        counts["COMMIT"] += 1
-
-    sa.event.listen(engine, "before_cursor_execute", on_execute)
-    sa.event.listen(engine, "commit", on_commit)
-    try:
-        # Counted where only a ping actually sent arrives (bench/run.py):
-        # sparc.sa's liveness check wraps the engine's do_ping and often
-        # answers without pinging.
-        with counting_pings(engine, counts):
-            for _ in range(n):
-                app.get("/write")
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", on_execute)
-        sa.event.remove(engine, "commit", on_commit)
-    return {k: round(v / n, 2) for k, v in sorted(counts.items())}
 
 
 def _no_sync(dbapi_connection: Any, record: Any) -> None:
@@ -190,7 +164,8 @@ def measure(dsn: str, args: argparse.Namespace) -> None:
             profile(apps, args.profile)
         print("  statements per request:")
         for name, app in apps.items():
-            print(f"    {name:9} {statements(app, engines[name])}")
+            sent = sent_per_call(functools.partial(app.get, "/write"), engines[name])
+            print(f"    {name:9} {sent}")
     finally:
         models.Base.metadata.drop_all(ours)
         ours.dispose()

@@ -342,6 +342,29 @@ def counting_pings(engine: Engine, counts: Counter[str]) -> Iterator[None]:
             cls.do_ping = own  # type: ignore[method-assign]
 
 
+def sent_per_call(call: Callable[[], Any], engine: Engine, n: int = 50) -> dict[str, float]:
+    """What one *call* (a request, say) sends through *engine*, averaged over
+    *n*: statements by first word, COMMITs, and pings actually sent."""
+    counts: Counter[str] = Counter()
+
+    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        counts[statement.split(None, 1)[0].upper()] += 1
+
+    def on_commit(conn: Any) -> None:
+        counts["COMMIT"] += 1
+
+    sa.event.listen(engine, "before_cursor_execute", on_execute)
+    sa.event.listen(engine, "commit", on_commit)
+    try:
+        with counting_pings(engine, counts):
+            for _ in range(n):
+                call()
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", on_execute)
+        sa.event.remove(engine, "commit", on_commit)
+    return {k: round(v / n, 2) for k, v in sorted(counts.items())}
+
+
 def statements(
     engines: Engines, contenders: list[Contender], kinds: tuple[str, ...], n: int = 50
 ) -> dict[str, dict[str, dict[str, float]]]:

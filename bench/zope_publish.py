@@ -38,14 +38,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
 from typing import Any
 
 import sqlalchemy as sa
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import counting_pings  # noqa: E402
+from run import sent_per_call  # noqa: E402
 
 SITE = """<configure xmlns="http://namespaces.zope.org/zope"
            xmlns:browser="http://namespaces.zope.org/browser"
@@ -141,27 +140,6 @@ def median_interval(ordered: list[float]) -> tuple[float, float]:
     return ordered[lo], ordered[hi]
 
 
-def statements(app: Any, engine: sa.engine.Engine, url: str, n: int = 50) -> dict[str, float]:
-    counts: Counter[str] = Counter()
-
-    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        counts[statement.split(None, 1)[0].upper()] += 1
-
-    def on_commit(conn: Any) -> None:
-        counts["COMMIT"] += 1
-
-    sa.event.listen(engine, "before_cursor_execute", on_execute)
-    sa.event.listen(engine, "commit", on_commit)
-    try:
-        with counting_pings(engine, counts):
-            for _ in range(n):
-                app.get(url)
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", on_execute)
-        sa.event.remove(engine, "commit", on_commit)
-    return {k: v / n for k, v in sorted(counts.items())}
-
-
 def profile(app: Any, urls: dict[str, str], n: int) -> None:
     import cProfile
     import pstats
@@ -230,8 +208,8 @@ def main() -> None:
         if args.profile:
             profile(app, urls, args.profile)
         print("  statements per request:")
-        print(f"    sparc.sa {statements(app, ours, urls['sparc.sa'])}")
-        print(f"    zope     {statements(app, theirs, urls['zope'])}")
+        print(f"    sparc.sa {sent_per_call(lambda: app.get(urls['sparc.sa']), ours)}")
+        print(f"    zope     {sent_per_call(lambda: app.get(urls['zope']), theirs)}")
     finally:
         benchapp.Base.metadata.drop_all(ours)
         ours.dispose()
