@@ -12,7 +12,6 @@ wait for itself). A pool's gate is made on first use and kept on the pool.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -197,25 +196,23 @@ class ThreadGate:
 
 GATE_ATTR: Final = "_sparc_sa_gate"
 _MISSING: Final = object()
-# Makes sure two threads that first meet a pool agree on its one gate.
-_gate_lock = threading.Lock()
 
 
 def gate_for(pool: Pool) -> Gate | ThreadGate | None:
+    """*pool*'s one gate, made on first use. Two threads that first meet a
+    pool agree on its gate through ``dict.setdefault``, which is atomic; no
+    lock, so an interruption (a ``KeyboardInterrupt``) at any point here
+    cannot leave one held for the next block to wait on forever."""
     gate = pool.__dict__.get(GATE_ATTR, _MISSING)
     if gate is not _MISSING:
         return gate  # type: ignore[no-any-return]
-    with _gate_lock:
-        gate = pool.__dict__.get(GATE_ATTR, _MISSING)
-        if gate is _MISSING:
-            if isinstance(pool, StaticPool):
-                gate = Gate()
-            elif isinstance(pool, SingletonThreadPool):
-                gate = ThreadGate()
-            else:
-                gate = None
-            pool.__dict__[GATE_ATTR] = gate
-    return gate  # type: ignore[no-any-return]
+    if isinstance(pool, StaticPool):
+        gate = Gate()
+    elif isinstance(pool, SingletonThreadPool):
+        gate = ThreadGate()
+    else:
+        gate = None
+    return pool.__dict__.setdefault(GATE_ATTR, gate)  # type: ignore[no-any-return]
 
 
 def quiet_close(session: Session) -> None:
@@ -255,13 +252,3 @@ class GateCache:
 
     def current(self, pool: Pool) -> Gate | ThreadGate | None:
         return self.gate if pool is self.pool else self.refresh(pool)
-
-
-def _after_fork_in_child() -> None:
-    # A lock held by a thread at fork time stays held in the child, where that
-    # thread does not exist: start the child with a fresh one.
-    global _gate_lock
-    _gate_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -159,8 +159,10 @@ class ScopeRegistry:
 
 def close_abandoned(scope: Scope) -> None:
     """Close the session of a scope whose thread or task has ended."""
-    session = scope.session
-    if session is None or scope.forgotten:
+    # getattr: a scope whose __init__ was interrupted (a KeyboardInterrupt)
+    # is collected without some of its attributes.
+    session = getattr(scope, "session", None)
+    if session is None or getattr(scope, "forgotten", False):
         return
     if os.getpid() != scope.pid:
         # Inherited across fork (threads other than the forking one vanish in
