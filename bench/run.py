@@ -342,9 +342,36 @@ def counting_pings(engine: Engine, counts: Counter[str]) -> Iterator[None]:
             cls.do_ping = own  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def counting_rollbacks(engine: Engine, counts: Counter[str]) -> Iterator[None]:
+    """Count the ROLLBACKs *engine*'s driver sends, as ``counts["ROLLBACK"]``:
+    at the dialect class's do_rollback, which both a session's rollback and
+    the pool's reset on return call. psycopg sends nothing when no
+    transaction is open, so there only a rollback of an open one counts."""
+    cls = type(engine.dialect)
+    own = cls.__dict__.get("do_rollback")
+    inner = cls.do_rollback
+    psycopg = engine.dialect.driver == "psycopg"
+
+    def do_rollback(self: Any, dbapi_connection: Any) -> None:
+        if not psycopg or dbapi_connection.dbapi_connection.info.transaction_status != 0:
+            counts["ROLLBACK"] += 1
+        inner(self, dbapi_connection)
+
+    cls.do_rollback = do_rollback  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.do_rollback
+        else:
+            cls.do_rollback = own  # type: ignore[method-assign]
+
+
 def sent_per_call(call: Callable[[], Any], engine: Engine, n: int = 50) -> dict[str, float]:
     """What one *call* (a request, say) sends through *engine*, averaged over
-    *n*: statements by first word, COMMITs, and pings actually sent."""
+    *n*: statements by first word, COMMITs, ROLLBACKs and pings actually
+    sent (the pool's reset ROLLBACK included)."""
     counts: Counter[str] = Counter()
 
     def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -356,7 +383,7 @@ def sent_per_call(call: Callable[[], Any], engine: Engine, n: int = 50) -> dict[
     sa.event.listen(engine, "before_cursor_execute", on_execute)
     sa.event.listen(engine, "commit", on_commit)
     try:
-        with counting_pings(engine, counts):
+        with counting_pings(engine, counts), counting_rollbacks(engine, counts):
             for _ in range(n):
                 call()
     finally:
@@ -370,7 +397,10 @@ def statements(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """What each contender sends per transaction, counted on its own engine:
     on SQLite from SQLite's trace callback (the driver's own BEGIN included),
-    elsewhere from the engine's events; ``ping`` is the liveness check."""
+    elsewhere from the engine's events and the driver calls: BEGIN where
+    the driver sends one (psycopg; PyMySQL begins implicitly), and every
+    ROLLBACK sent, the pool's reset on return included; ``ping`` is the
+    liveness check."""
     counts: Counter[str] = Counter()
 
     def on_begin(conn: Any) -> None:
@@ -381,9 +411,6 @@ def statements(
 
     def on_commit(conn: Any) -> None:
         counts["COMMIT"] += 1
-
-    def on_rollback(conn: Any) -> None:
-        counts["ROLLBACK"] += 1
 
     traced: list[Any] = []
 
@@ -400,16 +427,15 @@ def statements(
         if sqlite:
             listeners = [("checkout", on_checkout)]
         else:
-            listeners = [
-                ("begin", on_begin),
-                ("before_cursor_execute", on_execute),
-                ("commit", on_commit),
-                ("rollback", on_rollback),
-            ]
+            listeners = [("before_cursor_execute", on_execute), ("commit", on_commit)]
+            if engine.dialect.name == "postgresql":
+                listeners.append(("begin", on_begin))
         for name, fn in listeners:
             sa.event.listen(engine, name, fn)
-        pinging = counting_pings(engine, counts)
-        pinging.__enter__()
+        pinging = contextlib.ExitStack()
+        pinging.enter_context(counting_pings(engine, counts))
+        if not sqlite:
+            pinging.enter_context(counting_rollbacks(engine, counts))
         try:
             for kind in kinds:
                 for contender in contenders:
@@ -424,7 +450,7 @@ def statements(
         finally:
             for name, fn in listeners:
                 sa.event.remove(engine, name, fn)
-            pinging.__exit__(None, None, None)
+            pinging.close()
             for dbapi_connection in traced:
                 dbapi_connection.set_trace_callback(None)
             traced.clear()

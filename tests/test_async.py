@@ -591,3 +591,123 @@ def test_missing_greenlet_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> No
     )
     with pytest.raises(ImportError, match=r"sparc\.sa\[async\]"):
         engine_from_config({"dsn": "sqlite+aiosqlite://"})
+
+
+# -- aiosqlite: the BEGIN a block sends -------------------------------------------
+
+
+@pytest.fixture(params=["factory", "create_async_engine"])
+def aiosqlite_file(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[Any]:
+    """A SQLite file in WAL mode (a writer beside a reader), an aiosqlite
+    engine from sparc.sa's factory or from plain ``create_async_engine()``
+    (whose connections are the driver's own), and a manager."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from sparc.sa.sqlitebegin import BeginningConnection
+
+    dsn = f"sqlite+aiosqlite:///{tmp_path / 'begin.db'}"
+    engine: Any = (
+        engine_from_config({"dsn": dsn}) if request.param == "factory" else create_async_engine(dsn)
+    )
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Item(Base):
+        __tablename__ = "item"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    async def setup() -> type[Any]:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            await conn.run_sync(Base.metadata.create_all)
+            raw = await conn.get_raw_connection()
+            return type(raw.driver_connection._connection)  # type: ignore[union-attr]
+
+    kind = asyncio.run(setup())
+    assert (kind is BeginningConnection) is (request.param == "factory")
+    yield SimpleNamespace(
+        engine=engine, Item=Item, tx=aio.async_scoped_transaction(engine, Base), via=request.param
+    )
+    asyncio.run(engine.dispose())
+
+
+def test_aiosqlite_a_blocks_reads_share_one_snapshot(aiosqlite_file: Any) -> None:
+    """A row another connection commits between two reads of one block is
+    not seen by the second read: the block began before its first read."""
+    db = aiosqlite_file
+    count = sa.select(sa.func.count()).select_from(db.Item)
+
+    async def main() -> tuple[int, int, int]:
+        async with db.tx() as session:
+            first = await session.scalar(count)
+            async with db.engine.begin() as other:
+                await other.execute(sa.insert(db.Item))
+            second = await session.scalar(count)
+        async with db.tx() as session:
+            after = await session.scalar(count)
+        return first, second, after
+
+    assert asyncio.run(main()) == (0, 0, 1)
+    assert db.engine.sync_engine.pool.checkedout() == 0
+
+
+def test_aiosqlite_a_block_that_sent_nothing_leaves_no_begin_behind(aiosqlite_file: Any) -> None:
+    """A block that took its connection and sent no statement: the next user
+    of that connection, outside any block, is not put in a transaction."""
+    db = aiosqlite_file
+
+    async def main() -> bool:
+        async with db.tx() as session:
+            await session.connection()
+        async with db.engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+            raw = await conn.get_raw_connection()
+            return bool(raw.driver_connection.in_transaction)  # type: ignore[union-attr]
+
+    assert asyncio.run(main()) is False
+
+
+def test_aiosqlite_a_reading_block_makes_no_more_trips_than_plain(
+    aiosqlite_file: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every call into aiosqlite's thread is one trip (counted at aiosqlite's
+    queue). A block that reads sends a BEGIN that plain
+    ``async_sessionmaker.begin()`` does not, and skips the pool's ROLLBACK
+    after its COMMIT (sparc.sa.resets): on the factory's engine the BEGIN
+    rides on the first statement's trip, so the block makes one trip fewer
+    than plain; elsewhere the BEGIN is a trip of its own."""
+    import aiosqlite
+
+    db = aiosqlite_file
+    trips = [0]
+    execute = aiosqlite.Connection._execute
+
+    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        trips[0] += 1
+        return await execute(self, fn, *args, **kwargs)
+
+    plain = async_sessionmaker(db.engine)
+
+    async def plain_read() -> None:
+        async with plain.begin() as session:
+            await session.get(db.Item, 1)
+
+    async def block_read() -> None:
+        async with db.tx() as session:
+            await session.get(db.Item, 1)
+
+    async def main() -> tuple[int, int]:
+        await plain_read()  # a connection in the pool
+        await block_read()
+        monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+        counts = []
+        for read in (plain_read, block_read):
+            trips[0] = 0
+            await read()
+            counts.append(trips[0])
+        return counts[0], counts[1]
+
+    plain_trips, block_trips = asyncio.run(main())
+    expected = plain_trips - 1 if db.via == "factory" else plain_trips
+    assert block_trips == expected, (plain_trips, block_trips)

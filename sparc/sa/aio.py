@@ -68,13 +68,12 @@ from contextvars import ContextVar
 from types import FrameType, TracebackType
 from typing import Any
 
-from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from zope.component import adapter
 from zope.interface import implementer
 
+from sparc.sa import resets, sqlitebegin
 from sparc.sa.cache import check_base, shared
 from sparc.sa.exceptions import (
     BlockOrderError,
@@ -196,55 +195,6 @@ def _shut_down(driver: Any) -> None:
     # aiosqlite: its thread holds the connection; a file database's lock is
     # released when the connection is collected.
 
-
-class _AioSqliteSession(Session):
-    """The sync session under an AsyncSession on aiosqlite; see _begin_on_aiosqlite."""
-
-
-_NEEDS_BEGIN = "sparc_sa_needs_begin"
-# pysqlite (and so aiosqlite) begins a transaction by itself before these.
-_SELF_BEGINNING = ("INSERT", "UPDATE", "DELETE", "REPLACE")
-
-
-def _begin_on_aiosqlite(session: Session, transaction: Any, connection: Any) -> None:
-    """aiosqlite inherits pysqlite's legacy transaction control, which begins a
-    transaction only before DML: reads would run outside the block's
-    transaction, and a SAVEPOINT outside one starts a transaction of its own
-    whose RELEASE commits. So a block's transaction begins before its first
-    statement (see _begin_before_first_statement)."""
-    if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
-        return
-    connection.info[_NEEDS_BEGIN] = True
-
-
-def _begin_before_first_statement(
-    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-) -> None:
-    """Send BEGIN before the first statement of a block's transaction, unless
-    that statement is DML, before which the driver begins by itself: a block
-    that starts by writing sends what plain SQLAlchemy sends."""
-    if not conn.info.pop(_NEEDS_BEGIN, False):
-        return
-    driver = conn.connection.driver_connection
-    if driver is None or driver.in_transaction:
-        return
-    if statement.lstrip()[:7].upper().startswith(_SELF_BEGINNING):
-        return
-    cursor.execute("BEGIN")
-
-
-def _forget_begin(dbapi_connection: Any, record: Any) -> None:
-    record.info.pop(_NEEDS_BEGIN, None)  # a block that sent nothing
-
-
-def _watch_aiosqlite(engine: AsyncEngine) -> None:
-    sync_engine = engine.sync_engine
-    if not sa_event.contains(sync_engine, "before_cursor_execute", _begin_before_first_statement):
-        sa_event.listen(sync_engine, "before_cursor_execute", _begin_before_first_statement)
-        sa_event.listen(sync_engine, "checkin", _forget_begin)
-
-
-sa_event.listen(_AioSqliteSession, "after_begin", _begin_on_aiosqlite)
 
 _NEW, _OPEN, _DONE = "new", "open", "done"
 
@@ -517,8 +467,12 @@ class AsyncScopedTransaction:
         self._Base = base
         session_options.setdefault("expire_on_commit", False)
         if engine.dialect.driver == "aiosqlite":
-            session_options.setdefault("sync_session_class", _AioSqliteSession)
-            _watch_aiosqlite(engine)
+            session_options.setdefault("sync_session_class", sqlitebegin.AioSqliteSession)
+            sqlitebegin.watch(engine)
+        # No pool reset ROLLBACK after a COMMIT or ROLLBACK of these sessions
+        # (an application's own sync_session_class is left as it is).
+        session_options.setdefault("sync_session_class", resets.BlockSession)
+        resets.install(engine.sync_engine)
         self._factory = async_sessionmaker(engine, **session_options)
         self._scopes: weakref.WeakKeyDictionary[asyncio.Task[Any], _Scope] = (
             weakref.WeakKeyDictionary()

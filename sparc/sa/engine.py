@@ -21,7 +21,7 @@ import zope.event
 from sqlalchemy.engine import URL, Engine
 from zope.component.factory import Factory
 
-from sparc.sa import fork, liveness, options, replicas
+from sparc.sa import fork, liveness, options, replicas, resets, sqlitebegin
 from sparc.sa.events import EngineCreatedEvent
 from sparc.sa.interfaces import ISAEngine
 from sparc.sa.legacy import package_path
@@ -105,6 +105,7 @@ def engine_from_config(
         options.unwrap(config).get("kwargs") or {}
     )
     engine = _create_engine(url, kwargs, shown)
+    resets.install(engine)
     if ours:
         liveness.install(engine)
     fork.track_engine(engine)
@@ -129,7 +130,13 @@ def _async_engine(url: URL, kwargs: dict[str, Any], shown: str) -> AsyncEngine:
         )
     from sqlalchemy.ext.asyncio import create_async_engine
 
+    # aiosqlite: a block's BEGIN rides on its first statement's trip to the
+    # driver's thread (sparc.sa.sqlitebegin).
+    beginning = sqlitebegin.use_beginning_connections(url, kwargs)
     engine: Any = _create_engine(url, kwargs, shown, create_async_engine)
+    if beginning:
+        sqlitebegin.mark(engine)
+    resets.install(engine.sync_engine)
     fork.track_engine(engine.sync_engine)
     logger.info(
         "created SQLAlchemy asyncio engine for %s (pool %s)",

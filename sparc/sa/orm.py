@@ -51,7 +51,7 @@ from sqlalchemy.pool import StaticPool
 from zope.component import adapter
 from zope.interface import implementer
 
-from sparc.sa import cache, fork, joined, sessions
+from sparc.sa import cache, fork, joined, resets, sessions
 from sparc.sa.block import Block
 from sparc.sa.cache import check_base
 from sparc.sa.exceptions import (
@@ -221,6 +221,9 @@ class ThreadLocalSASessionTransaction:
             # On StaticPool blocks take turns on the one connection, so their
             # reads are isolated without it; nested blocks still begin first.
             sa_event.listen(factory, "after_begin", sessions.begin_on_sqlite)
+        # No pool reset ROLLBACK after a COMMIT or ROLLBACK of these sessions.
+        resets.install(engine)
+        sa_event.listen(factory, "after_begin", resets.note_session_transaction)
         fork.track(self)
 
     def __repr__(self) -> str:
