@@ -282,8 +282,7 @@ class SessionDataManager:
             info.pop(sessions.JOINED, None)
             info.pop(sessions.IN_BLOCK, None)
             session.twophase = False
-            if session.__class__ is sessions.JoinedSession:
-                session.__class__ = Session  # type: ignore[assignment]
+            sessions.switch_back(session)
             first = self.scopes[0]
             try:
                 session.close()

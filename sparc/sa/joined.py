@@ -226,7 +226,7 @@ def join_scope(manager: Joiner, scope: Scope, txn: Any) -> SessionDataManager:
         scope.joined = dm
         session.info[sessions.JOINED] = True
         if manager.switches_class:
-            session.__class__ = sessions.JoinedSession
+            sessions.switch_to_joined(session)
         session.info[sessions.IN_BLOCK] = True  # a BEGIN first on pysqlite
         txn.join(dm)
         txn.set_data(engine, dm)
@@ -238,8 +238,7 @@ def join_scope(manager: Joiner, scope: Scope, txn: Any) -> SessionDataManager:
         scope.joined = None
         session.info.pop(sessions.JOINED, None)
         session.twophase = False
-        if session.__class__ is sessions.JoinedSession:
-            session.__class__ = Session  # type: ignore[assignment]
+        sessions.switch_back(session)
         if gate is not None:
             gate.release(scope)
         raise

@@ -10,6 +10,7 @@ a failed rollback is logged, and the error that caused it propagates.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event as sa_event
@@ -36,6 +37,8 @@ __all__ = [
     "release",
     "rollback",
     "rollback_savepoint",
+    "switch_back",
+    "switch_to_joined",
     "watch",
     "wrote",
 ]
@@ -82,6 +85,35 @@ class JoinedSession(Session):
         if not self.info.get(COMMITTING):
             raise JoinedTransactionError(_REFUSED_COMMIT)
         super().commit()
+
+
+# The class a session had before it switched to its JoinedSession class.
+_OWN_CLASS: Final = "sparc_sa_own_class"
+# A session class -> its JoinedSession subclass.
+_joined_classes: weakref.WeakKeyDictionary[type[Session], type[Session]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def switch_to_joined(session: Session) -> None:
+    """Make *session* a :class:`JoinedSession` while it is joined. The class
+    is a subclass of both JoinedSession and the session's own class (its
+    sessionmaker's), so that the sessionmaker's event listeners still apply."""
+    own = type(session)
+    if issubclass(own, JoinedSession):
+        return
+    joined = _joined_classes.get(own)
+    if joined is None:
+        made = type("JoinedSession", (JoinedSession, own), {"__module__": __name__})
+        joined = _joined_classes.setdefault(own, made)
+    session.info[_OWN_CLASS] = own
+    session.__class__ = joined
+
+
+def switch_back(session: Session) -> None:
+    """Give a session switched by :func:`switch_to_joined` its own class back."""
+    if isinstance(session, JoinedSession):
+        session.__class__ = session.info.pop(_OWN_CLASS, Session)
 
 
 def _note_flush(session: Session, flush_context: Any) -> None:
