@@ -36,7 +36,7 @@ from typing import Any, Final
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import SingletonThreadPool, StaticPool
+from sqlalchemy.pool import PoolProxiedConnection, SingletonThreadPool, StaticPool
 
 __all__ = ["BlockSession", "install", "is_installed", "note_session_transaction"]
 
@@ -49,10 +49,9 @@ def _marks(connection: Any) -> dict[str, Any] | None:
     """The per-checkout dict of a pooled connection; None for anything else:
     a raw DBAPI connection, or the ad-hoc wrapper SQLAlchemy uses while it
     sets up a dialect, which has none."""
-    try:
-        return connection.__dict__  # type: ignore[no-any-return]
-    except AttributeError:
+    if not isinstance(connection, PoolProxiedConnection):
         return None
+    return getattr(connection, "__dict__", None)
 
 
 def install(engine: Engine) -> None:
