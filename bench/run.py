@@ -320,52 +320,54 @@ def interleaved(
 
 
 @contextlib.contextmanager
-def counting_pings(engine: Engine, counts: Counter[str]) -> Iterator[None]:
-    """Count the pings *engine*'s dialect sends, as ``counts["ping"]``: at the
-    dialect class's do_ping, which SQLAlchemy's pre-ping and sparc.sa's
-    liveness check both call only when they do ping."""
+def counting_at(engine: Engine, name: str, count: Callable[[Any], None]) -> Iterator[None]:
+    """Call *count* with the connection each time the method *name* of
+    *engine*'s dialect class runs, before it runs; the class is restored
+    after. sparc.sa's per-engine wrappers (liveness, resets) call the class's
+    method, so only what reaches the driver is counted."""
     cls = type(engine.dialect)
-    own = cls.__dict__.get("do_ping")
-    inner = cls.do_ping
+    own = cls.__dict__.get(name)
+    inner = getattr(cls, name)
 
-    def do_ping(self: Any, dbapi_connection: Any) -> bool:
-        counts["ping"] += 1
-        return inner(self, dbapi_connection)  # type: ignore[no-any-return]
+    def counted(self: Any, dbapi_connection: Any) -> Any:
+        count(dbapi_connection)
+        return inner(self, dbapi_connection)
 
-    cls.do_ping = do_ping  # type: ignore[method-assign]
+    setattr(cls, name, counted)
     try:
         yield
     finally:
         if own is None:
-            del cls.do_ping
+            delattr(cls, name)
         else:
-            cls.do_ping = own  # type: ignore[method-assign]
+            setattr(cls, name, own)
 
 
-@contextlib.contextmanager
-def counting_rollbacks(engine: Engine, counts: Counter[str]) -> Iterator[None]:
+def counting_pings(engine: Engine, counts: Counter[str]) -> contextlib.AbstractContextManager[None]:
+    """Count the pings *engine*'s dialect sends, as ``counts["ping"]``: at the
+    dialect class's do_ping, which SQLAlchemy's pre-ping and sparc.sa's
+    liveness check both call only when they do ping."""
+
+    def count(dbapi_connection: Any) -> None:
+        counts["ping"] += 1
+
+    return counting_at(engine, "do_ping", count)
+
+
+def counting_rollbacks(
+    engine: Engine, counts: Counter[str]
+) -> contextlib.AbstractContextManager[None]:
     """Count the ROLLBACKs *engine*'s driver sends, as ``counts["ROLLBACK"]``:
     at the dialect class's do_rollback, which both a session's rollback and
     the pool's reset on return call. psycopg sends nothing when no
     transaction is open, so there only a rollback of an open one counts."""
-    cls = type(engine.dialect)
-    own = cls.__dict__.get("do_rollback")
-    inner = cls.do_rollback
     psycopg = engine.dialect.driver == "psycopg"
 
-    def do_rollback(self: Any, dbapi_connection: Any) -> None:
+    def count(dbapi_connection: Any) -> None:
         if not psycopg or dbapi_connection.dbapi_connection.info.transaction_status != 0:
             counts["ROLLBACK"] += 1
-        inner(self, dbapi_connection)
 
-    cls.do_rollback = do_rollback  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        if own is None:
-            del cls.do_rollback
-        else:
-            cls.do_rollback = own  # type: ignore[method-assign]
+    return counting_at(engine, "do_rollback", count)
 
 
 def sent_per_call(call: Callable[[], Any], engine: Engine, n: int = 50) -> dict[str, float]:

@@ -192,6 +192,20 @@ def transaction(engine: Engine, models: SimpleNamespace) -> ThreadLocalSASession
     return scoped_transaction(engine, models.Base)
 
 
+@pytest.fixture
+def joined(engine: Engine, models: SimpleNamespace) -> Iterator[ThreadLocalSASessionTransaction]:
+    """The shared manager (join='auto'), inside the ``transaction`` package's
+    thread manager in explicit mode; its transaction is aborted after."""
+    tm = pytest.importorskip("transaction").manager
+    tm.explicit = True
+    try:
+        yield scoped_transaction(engine, models.Base)
+    finally:
+        if tm.manager._txn is not None:
+            tm.abort()
+        tm.explicit = False
+
+
 def count_rows(engine: Engine, model: Any) -> int:
     """Rows as a fresh connection sees them, outside any session."""
     with engine.connect() as conn:

@@ -79,19 +79,6 @@ class VotingDataManager:
         self.log.append("tpc_abort")
 
 
-@pytest.fixture
-def joined(engine: Engine, models: Any) -> Iterator[ThreadLocalSASessionTransaction]:
-    """The shared manager (join='auto'), inside an explicit-mode manager."""
-    tm = transaction.manager
-    tm.explicit = True
-    try:
-        yield scoped_transaction(engine, models.Base)
-    finally:
-        if tm.manager._txn is not None:
-            tm.abort()
-        tm.explicit = False
-
-
 def test_the_default_manager_joins_an_explicit_transaction(
     engine: Engine, models: Any, joined: Any
 ) -> None:

@@ -171,7 +171,7 @@ def test_no_interrupted_block_leaves_a_mark_that_skips_a_later_reset(
 
 
 def test_a_joined_transaction_sends_no_rollback_after_its_commit_and_the_session_keeps_its_class(
-    engine: Engine, models: Any, transaction: Any, sent: list[str]
+    engine: Engine, models: Any, joined: Any, sent: list[str]
 ) -> None:
     """Joined to a transaction of the ``transaction`` package, as in a Zope
     request: the data manager's COMMIT is not followed by the pool's
@@ -179,23 +179,17 @@ def test_a_joined_transaction_sends_no_rollback_after_its_commit_and_the_session
     sessionmaker's class again (whose listeners, the pysqlite BEGIN and the
     mark above, apply to its later blocks)."""
     tm = pytest.importorskip("transaction").manager
-    own_class = type(transaction.session)
-    tm.explicit = True
-    try:
-        tm.begin()
-        with transaction():
-            transaction.session.add(models.Item(name="request"))
-        assert isinstance(transaction.session, own_class)  # a subclass while joined
-        tm.commit()
-    finally:
-        if tm.manager._txn is not None:
-            tm.abort()
-        tm.explicit = False
+    own_class = type(joined.session)
+    tm.begin()
+    with joined():
+        joined.session.add(models.Item(name="request"))
+    assert isinstance(joined.session, own_class)  # a subclass while joined
+    tm.commit()
     assert sent == ["COMMIT", *reset_after(engine)]
-    assert type(transaction.session) is own_class
+    assert type(joined.session) is own_class
     del sent[:]
-    with transaction():
-        transaction.session.add(models.Item(name="after"))
+    with joined():
+        joined.session.add(models.Item(name="after"))
     assert sent == ["COMMIT", *reset_after(engine)]
     assert names(engine, models.Item) == ["after", "request"]
     assert checked_out(engine) == 0
