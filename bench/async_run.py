@@ -17,7 +17,11 @@ statistics. Two workloads: ``insert`` (add one row) and
 ``get`` (read one row by primary key). The statements each contender sends
 per transaction are counted from the engine's events and printed beside the
 times (on SQLite, as SQLite's own trace callback saw them, the driver's
-implicit BEGIN included). Backends: aiosqlite on a file, and asyncpg when TEST_PG_DSN is set.
+implicit BEGIN included). ``ping`` is SQLAlchemy's liveness check on
+checkout: on asyncpg, since SQLAlchemy 2.0.21, a BEGIN, a ``;`` and a
+ROLLBACK, three round trips. ``ping=BEGIN`` marks sparc.sa's check of a
+block's checkout, which is the transaction's own BEGIN (sparc.sa.liveness).
+Backends: aiosqlite on a file, and asyncpg when TEST_PG_DSN is set.
 Nothing is asserted: this measures.
 """
 
@@ -129,10 +133,13 @@ async def count_statements(engine: AsyncEngine, txn: Txn, n: int = 20) -> dict[s
     def on_rollback(conn: Any) -> None:
         counts["ROLLBACK"] += 1
 
+    def on_begin(conn: Any) -> None:
+        counts["BEGIN"] += 1  # asyncpg and psycopg send one for each transaction
+
     sync = engine.sync_engine
     is_sqlite = sync.dialect.name == "sqlite"
     listeners = [("before_cursor_execute", on_execute), ("commit", on_commit)]
-    listeners.append(("rollback", on_rollback))
+    listeners += [("rollback", on_rollback), ("begin", on_begin)]
     if not is_sqlite:
         for name, fn in listeners:
             sa.event.listen(sync, name, fn)

@@ -343,15 +343,33 @@ def counting_at(engine: Engine, name: str, count: Callable[[Any], None]) -> Iter
             setattr(cls, name, own)
 
 
-def counting_pings(engine: Engine, counts: Counter[str]) -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def counting_pings(engine: Engine, counts: Counter[str]) -> Iterator[None]:
     """Count the pings *engine*'s dialect sends, as ``counts["ping"]``: at the
     dialect class's do_ping, which SQLAlchemy's pre-ping and sparc.sa's
-    liveness check both call only when they do ping."""
+    liveness check both call only when they do ping. A checkout that
+    sparc.sa checks with the transaction's BEGIN instead (PostgreSQL) counts
+    as ``counts["ping=BEGIN"]``: that BEGIN is counted as a BEGIN too, where
+    BEGINs are counted, and it is the only one the transaction sends."""
+    from sparc.sa import liveness
 
     def count(dbapi_connection: Any) -> None:
         counts["ping"] += 1
 
-    return counting_at(engine, "do_ping", count)
+    own = liveness._begins_session_transaction
+
+    def begins(checked: Engine) -> bool:
+        if own(checked):
+            counts["ping=BEGIN"] += 1
+            return True
+        return False
+
+    liveness._begins_session_transaction = begins  # type: ignore[assignment]
+    try:
+        with counting_at(engine, "do_ping", count):
+            yield
+    finally:
+        liveness._begins_session_transaction = own  # type: ignore[assignment]
 
 
 def counting_rollbacks(

@@ -12,17 +12,27 @@ to the request. Each view has an engine of its own, built alike; both keep
 the guarantee that a connection the server killed while it was idle in the
 pool is never seen by a request. How they check, ``--ping``:
 
-    same      both ping every checkout with SQLAlchemy's pool_pre_ping
-              (sparc.sa's engine is configured with pool_pre_ping="true")
-    default   the Zope stack pings every checkout; sparc.sa's engine has its
-              default liveness check, which skips the ping of a connection a
-              request took a moment ago and lets the publisher retry if it
-              died meanwhile (sparc.sa.liveness)
+    same       both check every checkout: both engines are configured with
+               pool_pre_ping (sparc.sa's with pool_pre_ping="true"). On
+               PostgreSQL sparc.sa's check of a block's checkout is the
+               transaction's BEGIN (sparc.sa.liveness), the Zope stack's a
+               ping of its own
+    sqlalchemy as ``same``, with sparc.sa's liveness wrapper taken off its
+               engine: both run SQLAlchemy's own ping, call for call
+    default    the Zope stack pings every checkout; sparc.sa's engine has its
+               default liveness check: the BEGIN on PostgreSQL, elsewhere no
+               ping for a connection a request took a moment ago (the
+               publisher retries if it died meanwhile)
 
 Rounds alternate the two in a shuffled order; the ratio is the median over
 rounds of sparc's time per request divided by zope's in the same round, with
-a 95% interval from the rounds' ratios. It also prints the statements each
-view sends per request. Nothing is asserted: this measures.
+a 95% interval from the rounds' ratios, by the wall clock and by this
+process's CPU clock (what the client spends; the servers' share of a round
+trip is in the wall time only). It also prints the statements each view
+sends per request. ``--control`` replaces sparc.sa's view by a second copy
+of the Zope stack's, on an engine of its own built alike: the ratio of two
+identical stacks shows how far this machine's noise alone moves the figure.
+Nothing is asserted: this measures.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ SITE = """<configure xmlns="http://namespaces.zope.org/zope"
   <sa:transaction name="bench" engine="bench" base="benchapp.Base" />
   <browser:page for="*" name="sparc" class="benchapp.SparcInsert" permission="zope.Public" />
   <browser:page for="*" name="zope" class="benchapp.ZopeInsert" permission="zope.Public" />
+  <browser:page for="*" name="control" class="benchapp.ControlInsert" permission="zope.Public" />
 </configure>
 """
 
@@ -93,17 +104,22 @@ class SparcInsert:
         return "ok"
 
 ZopeSession = named_scoped_session("bench-zope")
+ControlSession = named_scoped_session("bench-control")
 
 class ZopeInsert:
+    session = ZopeSession
     def __init__(self, context, request):
         self.context, self.request = context, request
     def __call__(self):
-        ZopeSession().add(Item(name="zope"))
+        self.session().add(Item(name="zope"))
         return "ok"
+
+class ControlInsert(ZopeInsert):
+    session = ControlSession
 """
 
 
-def start_zope(dsn: str, ping: str) -> tuple[Any, Any, Any]:
+def start_zope(dsn: str, ping: str) -> tuple[Any, tuple[sa.Engine, sa.Engine, sa.Engine], Any]:
     import webtest
     from z3c.saconfig import GloballyScopedSession
     from z3c.saconfig.interfaces import IScopedSession
@@ -116,7 +132,7 @@ def start_zope(dsn: str, ping: str) -> tuple[Any, Any, Any]:
     (home / "etc").mkdir()
     (home / "benchapp.py").write_text(APP.format(token=uuid.uuid4().hex[:10]))
     sys.path.insert(0, str(home))
-    same = 'pool_pre_ping="true" ' if ping == "same" else ""
+    same = 'pool_pre_ping="true" ' if ping != "default" else ""
     (home / "etc" / "site.zcml").write_text(SITE.format(dsn=dsn, ping=same))
     (home / "etc" / "zope.conf").write_text(CONF.format(home=home))
     app = make_wsgi_app({}, str(home / "etc" / "zope.conf"))
@@ -126,8 +142,11 @@ def start_zope(dsn: str, ping: str) -> tuple[Any, Any, Any]:
     # The Zope stack's engine: the same settings, SQLAlchemy's pre-ping.
     theirs = sa.create_engine(dsn, pool_size=4, pool_pre_ping=True)
     provideUtility(GloballyScopedSession(bind=theirs), IScopedSession, "bench-zope")
+    # --control's second copy of the Zope stack, on an engine of its own.
+    control = sa.create_engine(dsn, pool_size=4, pool_pre_ping=True)
+    provideUtility(GloballyScopedSession(bind=control), IScopedSession, "bench-control")
     benchapp.Base.metadata.create_all(ours)
-    return webtest.TestApp(app), (ours, theirs), benchapp
+    return webtest.TestApp(app), (ours, theirs, control), benchapp
 
 
 def median_interval(ordered: list[float]) -> tuple[float, float]:
@@ -158,9 +177,14 @@ def profile(app: Any, urls: dict[str, str], n: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dsn", default=os.environ.get("TEST_PG_DSN"))
-    parser.add_argument("--ping", choices=("same", "default"), default="same")
+    parser.add_argument("--ping", choices=("same", "sqlalchemy", "default"), default="same")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="measure a second copy of the Zope stack in sparc.sa's place (the noise alone)",
+    )
     parser.add_argument(
         "--profile",
         type=int,
@@ -171,13 +195,17 @@ def main() -> None:
     args = parser.parse_args()
     if not args.dsn:
         sys.exit("give --dsn, or set TEST_PG_DSN")
-    app, (ours, theirs), benchapp = start_zope(args.dsn, args.ping)
+    app, (ours, theirs, control), benchapp = start_zope(args.dsn, args.ping)
+    if args.ping == "sqlalchemy":
+        del ours.dialect.do_ping  # sparc.sa.liveness's wrapper: SQLAlchemy's own again
     try:
-        urls = {"sparc.sa": "/@@sparc", "zope": "/@@zope"}
+        first, first_engine = ("control", control) if args.control else ("sparc.sa", ours)
+        urls = {first: f"/@@{first.split('.')[0]}", "zope": "/@@zope"}
         for url in urls.values():  # warm up
             for _ in range(100):
                 app.get(url)
-        per_request: dict[str, list[float]] = {name: [] for name in urls}
+        wall: dict[str, list[float]] = {name: [] for name in urls}
+        cpu: dict[str, list[float]] = {name: [] for name in urls}
         order = list(urls)
         shuffle = random.Random(42).shuffle
         for _ in range(args.rounds):
@@ -185,35 +213,40 @@ def main() -> None:
             for name in order:
                 url = urls[name]
                 gc.collect()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 for _ in range(args.batch):
                     app.get(url)
-                per_request[name].append((time.perf_counter() - start) / args.batch * 1e6)
-        ratios = sorted(
-            s / z for s, z in zip(per_request["sparc.sa"], per_request["zope"], strict=True)
-        )
-        low, high = median_interval(ratios)
+                cpu[name].append((time.process_time() - start_cpu) / args.batch * 1e6)
+                wall[name].append((time.perf_counter() - start) / args.batch * 1e6)
         print(
             f"Python {platform.python_version()}, SQLAlchemy {sa.__version__}, "
             f"{ours.dialect.name} {'.'.join(map(str, ours.dialect.server_version_info or ()))}, "
             f"{args.rounds} rounds x {args.batch} requests, --ping {args.ping}"
+            + (", --control" if args.control else "")
         )
-        for name, samples in per_request.items():
-            print(f"  {name:9} {statistics.median(samples):8.1f} us per request (median)")
-        print(
-            f"  sparc.sa / zope: {statistics.median(ratios):.3f} "
-            f"[{low:.3f}-{high:.3f}], sparc.sa faster in "
-            f"{sum(r < 1 for r in ratios)} of {len(ratios)} rounds"
-        )
+        for clock, per_request in (("wall", wall), ("CPU", cpu)):
+            ratios = sorted(
+                s / z for s, z in zip(per_request[first], per_request["zope"], strict=True)
+            )
+            low, high = median_interval(ratios)
+            times = ", ".join(
+                f"{name} {statistics.median(samples):.1f}" for name, samples in per_request.items()
+            )
+            print(
+                f"  {clock:4} us per request (median): {times}\n"
+                f"       {first} / zope: {statistics.median(ratios):.3f} "
+                f"[{low:.3f}-{high:.3f}], {first} faster in "
+                f"{sum(r < 1 for r in ratios)} of {len(ratios)} rounds"
+            )
         if args.profile:
             profile(app, urls, args.profile)
         print("  statements per request:")
-        print(f"    sparc.sa {sent_per_call(lambda: app.get(urls['sparc.sa']), ours)}")
+        print(f"    {first:8} {sent_per_call(lambda: app.get(urls[first]), first_engine)}")
         print(f"    zope     {sent_per_call(lambda: app.get(urls['zope']), theirs)}")
     finally:
         benchapp.Base.metadata.drop_all(ours)
-        ours.dispose()
-        theirs.dispose()
+        for engine in (ours, theirs, control):
+            engine.dispose()
 
 
 if __name__ == "__main__":

@@ -175,18 +175,30 @@ def test_sqlite_file_keeps_sqlalchemys_defaults(tmp_path: pathlib.Path) -> None:
     assert type(engine.pool) is QueuePool and engine.pool._pre_ping is False
 
 
-def test_server_database_gets_a_liveness_check() -> None:
-    from sparc.sa.liveness import is_checked
+def test_server_database_gets_a_liveness_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sparc.sa.liveness import begins_on_checkout, is_checked, trusting_recent_connections
 
     engine = build({}, SERVER_URL)
-    # SQLAlchemy's pre-ping, with sparc.sa.liveness's shortcut for Zope
-    # requests on this engine's own dialect, and no pool event listener
+    # SQLAlchemy's pre-ping, with sparc.sa.liveness's additions on this
+    # engine's own dialect, and no pool event listener
     assert is_checked(engine) and engine.pool._pre_ping is True
-    assert "do_ping" in vars(engine.dialect)
+    assert "do_ping" in vars(engine.dialect) and begins_on_checkout(engine)
     assert not engine.pool.dispatch.checkout and not engine.pool.dispatch.checkin
-    # a configuration that asks for pool_pre_ping gets SQLAlchemy's alone
+    # a configuration that asks for pool_pre_ping: the same, but a Zope
+    # request never skips the ping of a connection returned a moment ago
     own = build({"pool_pre_ping": True}, SERVER_URL)
-    assert own.pool._pre_ping is True and "do_ping" not in vars(own.dialect)
+    assert own.pool._pre_ping is True and begins_on_checkout(own)
+    pings: list[object] = []
+    monkeypatch.setattr(type(own.dialect), "do_ping", lambda self, conn: pings.append(conn))
+
+    class Connection:  # what the wrapper sees of a DBAPI connection: weak references
+        pass
+
+    conn = Connection()
+    with trusting_recent_connections():
+        for checked in (engine, engine, own, own):
+            checked.dialect.do_ping(conn)
+    assert len(pings) == 3  # the factory's default trusted its second checkout
 
 
 # -- bad input --------------------------------------------------------------------

@@ -91,13 +91,17 @@ def test_zodb_and_postgresql_in_two_phase_commit_neither_when_a_vote_fails(
 def test_a_connection_killed_just_after_it_went_back_to_the_pool(
     backend: str, tmp_path: pathlib.Path
 ) -> None:
-    """A request skips the ping of a connection returned a moment ago. The
-    server kills that connection in between; the request meets it dead, the
-    publisher publishes it again on a fresh one, and the client sees one
-    success and one row."""
+    """The server kills a connection just after a request returned it.
+
+    MariaDB: a request skips the ping of a connection returned a moment
+    ago, so it meets the connection dead; the publisher publishes it again
+    on a fresh one. PostgreSQL: the request's check of its checkout is its
+    BEGIN, which meets the dead connection, and SQLAlchemy replaces it
+    before the view runs. Either way the client sees one success and one
+    row."""
     seen = run(backend_dsn(backend, tmp_path), "killed")
     assert seen["status"] == "200"
     assert seen["rows"] == 1
-    assert seen["attempts"] == 2, "the dead connection was not met: the test proved nothing"
+    assert seen["attempts"] == (1 if backend == "postgresql" else 2), seen
     assert seen["new connection"]
     assert seen["checked_out"] == 0

@@ -73,7 +73,7 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from zope.component import adapter
 from zope.interface import implementer
 
-from sparc.sa import resets, sqlitebegin
+from sparc.sa import resets, sessions, sqlitebegin
 from sparc.sa.cache import check_base, shared
 from sparc.sa.exceptions import (
     BlockOrderError,
@@ -469,9 +469,10 @@ class AsyncScopedTransaction:
         if engine.dialect.driver == "aiosqlite":
             session_options.setdefault("sync_session_class", sqlitebegin.AioSqliteSession)
             sqlitebegin.watch(engine)
-        # No pool reset ROLLBACK after a COMMIT or ROLLBACK of these sessions
-        # (an application's own sync_session_class is left as it is).
-        session_options.setdefault("sync_session_class", resets.BlockSession)
+        # No pool reset ROLLBACK after a COMMIT or ROLLBACK of these sessions,
+        # and on PostgreSQL a checkout's ping is the BEGIN (an application's
+        # own sync_session_class is left as it is).
+        session_options.setdefault("sync_session_class", sessions.BlockSession)
         resets.install(engine.sync_engine)
         self._factory = async_sessionmaker(engine, **session_options)
         self._scopes: weakref.WeakKeyDictionary[asyncio.Task[Any], _Scope] = (

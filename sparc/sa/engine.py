@@ -98,16 +98,14 @@ def engine_from_config(
         if replica_options is not None:
             replicas.attach(aengine.sync_engine, replica_options, engine_from_config)
         return aengine
-    # SQLAlchemy's pre-ping, plus the Zope-request shortcut of
-    # sparc.sa.liveness, unless the configuration asked for pool_pre_ping
-    # itself (then SQLAlchemy's alone).
-    ours = kwargs.get("pool_pre_ping") is True and "pool_pre_ping" not in (
-        options.unwrap(config).get("kwargs") or {}
-    )
+    # SQLAlchemy's pre-ping with sparc.sa.liveness's additions: a block's
+    # BEGIN as its ping (PostgreSQL), and the Zope-request shortcut unless
+    # the configuration asked for pool_pre_ping itself.
+    asked = "pool_pre_ping" in (options.unwrap(config).get("kwargs") or {})
     engine = _create_engine(url, kwargs, shown)
     resets.install(engine)
-    if ours:
-        liveness.install(engine)
+    if kwargs.get("pool_pre_ping") is True:
+        liveness.install(engine, trust_recent=not asked)
     fork.track_engine(engine)
     if replica_options is not None:
         replicas.attach(engine, replica_options, engine_from_config)
@@ -137,6 +135,8 @@ def _async_engine(url: URL, kwargs: dict[str, Any], shown: str) -> AsyncEngine:
     if beginning:
         sqlitebegin.mark(engine)
     resets.install(engine.sync_engine)
+    if kwargs.get("pool_pre_ping") is True:
+        liveness.install(engine.sync_engine, trust_recent=False)
     fork.track_engine(engine.sync_engine)
     logger.info(
         "created SQLAlchemy asyncio engine for %s (pool %s)",

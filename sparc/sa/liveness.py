@@ -19,37 +19,85 @@ outside a Zope request runs SQLAlchemy's code path unchanged: no pool event
 listener, nothing per checkout or checkin beyond what ``pool_pre_ping``
 itself costs (see docs/benchmarks.rst).
 
-A configuration that sets ``pool_pre_ping`` itself gets SQLAlchemy's own,
-pinging every checkout.
+A configuration that sets ``pool_pre_ping`` itself gets SQLAlchemy's own
+ping on every checkout, without that shortcut (and with the one below).
+
+**The ping that is the BEGIN** (PostgreSQL with psycopg 3 or asyncpg). A
+ping is a round trip of its own: psycopg sends ``;`` outside any transaction
+and then, before the first statement, the transaction's BEGIN; SQLAlchemy's
+asyncpg adapter sends BEGIN, ``;`` and ROLLBACK (since SQLAlchemy 2.0.21)
+and then BEGIN again. When the checkout is the one a session of
+sparc.sa's (:class:`sparc.sa.sessions.BlockSession`) makes to begin its
+transaction, the check is that transaction's own BEGIN, sent as the
+connection leaves the pool, the one the driver would have sent before the
+first statement: if the connection died in the pool,
+the BEGIN fails as the ping would, and SQLAlchemy replaces the connection
+exactly as after a failed ping. A block's one-row insert then takes three
+round trips (BEGIN, INSERT, COMMIT) where a pinged ``sessionmaker.begin()``
+takes four on psycopg and six on asyncpg (four before SQLAlchemy 2.0.21).
+
+Which checkout is the session's own is read from the call stack: the ping
+runs inside SQLAlchemy's ``SessionTransaction._connection_for_bind``, which
+takes the connection for a session's transaction and begins it, and whose
+arguments say how. That is the only place where nothing can come between
+the checkout and the transaction's begin: a flag set by the session before
+it asks for a connection would also be seen by any other checkout in
+between (``engine.connect()`` or ``raw_connection()`` in application code,
+which may go on to switch the connection to autocommit, refused once a
+transaction has begun). Looking costs about ten frames per checkout.
+
+Not when anything could still change how the transaction begins, which the
+driver only allows before it has begun: a checkout with execution options
+(``session.connection(execution_options=...)``, or the session's own), on
+an engine whose own execution options set a connection characteristic
+(isolation level, read-only, deferrable), for a two-phase session or a
+read-only block, or for anything but a session of sparc.sa's. Those are
+pinged as above.
 """
 
 from __future__ import annotations
 
 import contextvars
+import sys
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any, Final
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm.session import SessionTransaction
+from sqlalchemy.util import concurrency
 
-__all__ = ["RECENT", "install", "is_checked", "trusting_recent_connections"]
+from sparc.sa.replicas import READONLY
+from sparc.sa.sessions import BlockSession
+
+__all__ = [
+    "RECENT",
+    "begins_on_checkout",
+    "install",
+    "is_checked",
+    "trusting_recent_connections",
+]
 
 #: Seconds since a Zope request last took it within which a joined
 #: transaction's connection is not pinged.
 RECENT: Final = 1.0
 
 _MARK: Final = "_sparc_sa_liveness"
+_BEGINS: Final = "_sparc_sa_begins_on_checkout"
 _trust_recent: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "sparc.sa trust recent connections", default=False
 )
 
 
-def install(engine: Engine) -> None:
-    """Check *engine*'s connections on checkout (see the module docstring).
+def install(engine: Engine, *, trust_recent: bool = True) -> None:
+    """Check *engine*'s connections on checkout (see the module docstring);
+    *trust_recent*: with the shortcut for Zope requests.
 
-    *engine* must have been created with ``pool_pre_ping=True``.
+    *engine* must have been created with ``pool_pre_ping=True``; for an
+    ``AsyncEngine``, pass its ``sync_engine``.
     """
     dialect = engine.dialect
     # SQLAlchemy's pre-ping calls the dialect's do_ping (2.1 through
@@ -62,10 +110,22 @@ def install(engine: Engine) -> None:
     # an entry goes with its connection. Only joined checkouts write here.
     taken_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
+    begin = _begin_for(engine)
+    loaded_dbapi_error = dialect.loaded_dbapi.Error
+
     def checked_ping(dbapi_connection: Any) -> bool:
         # SQLAlchemy's pre-ping calls this for every checkout of a connection
         # that is not fresh from connect(); outside Zope requests, it pings.
-        if _trust_recent.get():
+        if begin is not None and _begins_session_transaction(engine):
+            try:
+                if begin(dbapi_connection):
+                    return True
+            except loaded_dbapi_error as error:
+                # As SQLAlchemy's ping: a disconnect replaces the connection.
+                if dialect.is_disconnect(error, dbapi_connection, None):
+                    return False
+                raise
+        if trust_recent and _trust_recent.get():
             now = time.monotonic()
             try:
                 last = taken_at.get(dbapi_connection)
@@ -80,6 +140,12 @@ def install(engine: Engine) -> None:
     # An instance attribute shadows the method for this engine's dialect only.
     dialect.do_ping = checked_ping  # type: ignore[method-assign]
     engine.__dict__[_MARK] = True
+    engine.__dict__[_BEGINS] = begin is not None
+
+
+def begins_on_checkout(engine: Engine) -> bool:
+    """Whether a block's checkout from *engine* is checked by its BEGIN."""
+    return bool(engine.__dict__.get(_BEGINS))
 
 
 def is_checked(engine: Engine) -> bool:
@@ -95,3 +161,102 @@ def trusting_recent_connections() -> Iterator[None]:
         yield
     finally:
         _trust_recent.reset(token)
+
+
+# -- the ping that is the BEGIN ----------------------------------------------------------
+
+_IDLE: Final = 0  # libpq's PQTRANS_IDLE: no transaction open
+# Frames between the ping and SessionTransaction._connection_for_bind: 8 on
+# SQLAlchemy 2.1, 6 on 2.0; the rest is room for a version that adds some.
+_DEPTH: Final = 16
+
+
+def _begins_session_transaction(engine: Engine) -> bool:
+    """Whether the checkout being pinged is the one a BlockSession makes on
+    *engine* to begin its transaction, as it is (see the module docstring)."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(_DEPTH):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_connection_for_bind":
+            local = frame.f_locals
+            transaction = local.get("self")
+            if not isinstance(transaction, SessionTransaction):
+                return False  # Session's own: SessionTransaction's is further in
+            session = transaction.session
+            return (
+                local.get("bind") is engine
+                and transaction._parent is None
+                and not local.get("execution_options")
+                and not getattr(session, "execution_options", None)
+                and isinstance(session, BlockSession)
+                and not session.twophase
+                and not session.info.get(READONLY)
+            )
+        frame = frame.f_back
+    return False
+
+
+def _begin_for(engine: Engine) -> Callable[[Any], bool] | None:
+    """How to begin a transaction as the ping of *engine*'s connections;
+    None where it cannot (see the module docstring)."""
+    dialect = engine.dialect
+    if dialect.name != "postgresql":
+        return None
+    characteristics = getattr(dialect, "connection_characteristics", {})
+    if set(engine.get_execution_options()) & set(characteristics):
+        return None  # set on each connection after checkout: before any BEGIN
+    if dialect.driver == "psycopg":
+        import psycopg
+
+        if not hasattr(psycopg.Connection, "_start_query"):  # pragma: no cover
+            return None  # a psycopg without it: the ping as usual
+        return _begin_psycopg_async if dialect.is_async else _begin_psycopg
+    if dialect.driver == "asyncpg":
+        return _begin_asyncpg
+    return None
+
+
+def _begin_psycopg(connection: Any) -> bool:
+    """Send psycopg's own BEGIN now, as it would before the first statement
+    (the same command: isolation level, READ ONLY, DEFERRABLE as set)."""
+    if connection.autocommit or connection.pgconn.transaction_status != _IDLE:
+        return False
+    with connection.lock:
+        connection.wait(connection._start_query())
+    return True
+
+
+def _begin_psycopg_async(adapter: Any) -> bool:
+    connection = adapter._connection  # SQLAlchemy's adapter of an AsyncConnection
+    if connection.autocommit or connection.pgconn.transaction_status != _IDLE:
+        return False
+    _await_for(adapter)(_start_psycopg_async(connection))
+    return True
+
+
+async def _start_psycopg_async(connection: Any) -> None:
+    async with connection.lock:
+        await connection.wait(connection._start_query())
+
+
+def _begin_asyncpg(adapter: Any) -> bool:
+    """Start SQLAlchemy's adapter's transaction now, as its first statement
+    would (asyncpg's ``Transaction``, with the adapter's isolation level,
+    read-only and deferrable settings)."""
+    if adapter.isolation_level == "autocommit":
+        return False
+    started = getattr(adapter, "_started", None)  # SQLAlchemy 2.0 only
+    if started or (started is None and adapter._transaction is not None):
+        return False
+    _await_for(adapter)(adapter._start_transaction())
+    return True
+
+
+def _await_for(adapter: Any) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """The adapter's way to wait for a coroutine from sync code: its own
+    (SQLAlchemy 2.0), else SQLAlchemy's ``await_`` (2.1; ``await_only`` in 2.0)."""
+    own = getattr(type(adapter), "await_", None)
+    if own is not None:
+        return own  # type: ignore[no-any-return]
+    return getattr(concurrency, "await_", None) or concurrency.await_only

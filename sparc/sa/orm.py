@@ -193,7 +193,7 @@ class ThreadLocalSASessionTransaction:
         self._base_ref = weakref.ref(base)
         self._base_name = f"{base.__module__}.{base.__qualname__}"
         session_options.setdefault("expire_on_commit", False)
-        own_class = session_options.get("class_", Session)
+        own_class = session_options.setdefault("class_", sessions.BlockSession)
         factory = self.new_session = sessionmaker(bind=engine, **session_options)
         self.scopes = ScopeRegistry(engine)
         self._Session = scoped_session(factory)
@@ -211,7 +211,7 @@ class ThreadLocalSASessionTransaction:
         )
         # A Session class of the application's own cannot switch to
         # JoinedSession; it gets a listener instead.
-        self.switches_class = own_class is Session
+        self.switches_class = own_class in (Session, sessions.BlockSession)
         #: PostgreSQL via psycopg: a transaction the server aborted is never
         #: COMMITted (which would silently roll it back).
         self.checks_aborted = sessions.checks_aborted(engine)
@@ -221,9 +221,11 @@ class ThreadLocalSASessionTransaction:
             # On StaticPool blocks take turns on the one connection, so their
             # reads are isolated without it; nested blocks still begin first.
             sa_event.listen(factory, "after_begin", sessions.begin_on_sqlite)
-        # No pool reset ROLLBACK after a COMMIT or ROLLBACK of these sessions.
+        # No pool reset ROLLBACK after a COMMIT or ROLLBACK of these sessions
+        # (BlockSession marks its connections; another class gets a listener).
         resets.install(engine)
-        sa_event.listen(factory, "after_begin", resets.note_session_transaction)
+        if not issubclass(own_class, sessions.BlockSession):
+            sa_event.listen(factory, "after_begin", resets.note_session_transaction)
         fork.track(self)
 
     def __repr__(self) -> str:

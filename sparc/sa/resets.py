@@ -33,12 +33,11 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection, SingletonThreadPool, StaticPool
 
-__all__ = ["BlockSession", "install", "is_installed", "note_session_transaction"]
+__all__ = ["install", "is_installed", "note_session_transaction"]
 
 _OURS: Final = "_sparc_sa_session_transaction"
 _ENDED: Final = "_sparc_sa_transaction_ended"
@@ -110,11 +109,3 @@ def note_session_transaction(session: Session, transaction: Any, connection: Any
     marks = _marks(connection.connection)
     if marks is not None:
         marks[_OURS] = True
-
-
-class BlockSession(Session):
-    """The sync session under the asyncio manager's ``AsyncSession``: it
-    marks its connections as :func:`note_session_transaction` does."""
-
-
-sa_event.listen(BlockSession, "after_begin", note_session_transaction)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
+from sparc.sa import resets
 from sparc.sa.exceptions import JoinedTransactionError
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ __all__ = [
     "IN_BLOCK",
     "JOINED",
     "WROTE",
+    "BlockSession",
     "JoinedSession",
     "aborted",
     "begin_nested",
@@ -73,6 +75,21 @@ def wrote(session: Session) -> bool:
     they happened in, so a transaction that ended takes its note along."""
     noted = session.info.get(WROTE)
     return noted is not None and noted is session.get_transaction()
+
+
+class BlockSession(Session):
+    """The class of the sessions of sparc.sa's transaction managers, unless
+    the application names its own (``class_``, or ``sync_session_class``
+    under asyncio).
+
+    * Its connections are marked for :mod:`sparc.sa.resets`: no pool reset
+      ROLLBACK after its own COMMIT or ROLLBACK.
+    * On PostgreSQL, the liveness check of the checkout that begins its
+      transaction is that transaction's BEGIN (:mod:`sparc.sa.liveness`).
+    """
+
+
+sa_event.listen(BlockSession, "after_begin", resets.note_session_transaction)
 
 
 class JoinedSession(Session):

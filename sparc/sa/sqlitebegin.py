@@ -28,7 +28,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
-from sparc.sa.resets import BlockSession
+from sparc.sa.sessions import BlockSession
 
 if TYPE_CHECKING:  # needs greenlet at run time; engine.py imports this module
     from sqlalchemy.ext.asyncio import AsyncEngine

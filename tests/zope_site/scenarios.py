@@ -212,8 +212,10 @@ def scenario_twophase(dsn: str) -> dict[str, Any]:
 
 def scenario_killed(dsn: str) -> dict[str, Any]:
     """The server kills the pooled connection just after a request returned
-    it; the next request, which skips the ping for a connection used a
-    moment ago, meets the dead connection and is published again."""
+    it; the next request meets the dead connection: at its BEGIN on
+    PostgreSQL, which replaces it, or (skipping the ping of a connection
+    used a moment ago) at its first statement elsewhere, and the request is
+    published again."""
     import sqlalchemy as sa
     import zopeapp
 
