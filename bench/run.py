@@ -356,20 +356,23 @@ def counting_pings(engine: Engine, counts: Counter[str]) -> Iterator[None]:
     def count(dbapi_connection: Any) -> None:
         counts["ping"] += 1
 
-    own = liveness._begins_session_transaction
+    own = dict(liveness.BEGINS)
 
-    def begins(checked: Engine) -> bool:
-        if own(checked):
-            counts["ping=BEGIN"] += 1
-            return True
-        return False
+    def counted(begin: Callable[[Any], bool]) -> Callable[[Any], bool]:
+        def begins(dbapi_connection: Any) -> bool:
+            if begin(dbapi_connection):
+                counts["ping=BEGIN"] += 1
+                return True
+            return False
 
-    liveness._begins_session_transaction = begins  # type: ignore[assignment]
+        return begins
+
+    liveness.BEGINS.update({driver: counted(begin) for driver, begin in own.items()})
     try:
         with counting_at(engine, "do_ping", count):
             yield
     finally:
-        liveness._begins_session_transaction = own  # type: ignore[assignment]
+        liveness.BEGINS.update(own)
 
 
 def counting_rollbacks(

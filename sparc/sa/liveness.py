@@ -86,7 +86,7 @@ __all__ = [
 RECENT: Final = 1.0
 
 _MARK: Final = "_sparc_sa_liveness"
-_BEGINS: Final = "_sparc_sa_begins_on_checkout"
+_BEGINS_MARK: Final = "_sparc_sa_begins_on_checkout"
 _trust_recent: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "sparc.sa trust recent connections", default=False
 )
@@ -110,7 +110,7 @@ def install(engine: Engine, *, trust_recent: bool = True) -> None:
     # an entry goes with its connection. Only joined checkouts write here.
     taken_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
-    begin = _begin_for(engine)
+    begin = _begin_for(engine)  # a key of BEGINS, looked up on each use
     loaded_dbapi_error = dialect.loaded_dbapi.Error
 
     def checked_ping(dbapi_connection: Any) -> bool:
@@ -118,7 +118,7 @@ def install(engine: Engine, *, trust_recent: bool = True) -> None:
         # that is not fresh from connect(); outside Zope requests, it pings.
         if begin is not None and _begins_session_transaction(engine):
             try:
-                if begin(dbapi_connection):
+                if BEGINS[begin](dbapi_connection):
                     return True
             except loaded_dbapi_error as error:
                 # As SQLAlchemy's ping: a disconnect replaces the connection.
@@ -140,12 +140,12 @@ def install(engine: Engine, *, trust_recent: bool = True) -> None:
     # An instance attribute shadows the method for this engine's dialect only.
     dialect.do_ping = checked_ping  # type: ignore[method-assign]
     engine.__dict__[_MARK] = True
-    engine.__dict__[_BEGINS] = begin is not None
+    engine.__dict__[_BEGINS_MARK] = begin is not None
 
 
 def begins_on_checkout(engine: Engine) -> bool:
     """Whether a block's checkout from *engine* is checked by its BEGIN."""
-    return bool(engine.__dict__.get(_BEGINS))
+    return bool(engine.__dict__.get(_BEGINS_MARK))
 
 
 def is_checked(engine: Engine) -> bool:
@@ -218,9 +218,9 @@ def _is_session_checkout(frame: FrameType, engine: Engine) -> bool:
     )
 
 
-def _begin_for(engine: Engine) -> Callable[[Any], bool] | None:
-    """How to begin a transaction as the ping of *engine*'s connections;
-    None where it cannot (see the module docstring)."""
+def _begin_for(engine: Engine) -> str | None:
+    """The key in :data:`BEGINS` of how to begin a transaction as the ping
+    of *engine*'s connections; None where it cannot (see the module docstring)."""
     dialect = engine.dialect
     if dialect.name != "postgresql":
         return None
@@ -232,9 +232,9 @@ def _begin_for(engine: Engine) -> Callable[[Any], bool] | None:
 
         if not hasattr(psycopg.Connection, "_start_query"):  # pragma: no cover
             return None  # a psycopg without it: the ping as usual
-        return _begin_psycopg_async if dialect.is_async else _begin_psycopg
+        return "psycopg_async" if dialect.is_async else "psycopg"
     if dialect.driver == "asyncpg":
-        return _begin_asyncpg
+        return "asyncpg"
     return None
 
 
@@ -281,3 +281,13 @@ def _await_for(adapter: Any) -> Callable[[Coroutine[Any, Any, Any]], Any]:
     if own is not None:
         return own  # type: ignore[no-any-return]
     return getattr(concurrency, "await_", None) or concurrency.await_only
+
+
+#: How each driver begins a transaction as the ping: True if it did, False
+#: if it cannot now (the caller pings). Looked up on each checkout, so that
+#: bench/ can count these BEGINs.
+BEGINS: dict[str, Callable[[Any], bool]] = {
+    "psycopg": _begin_psycopg,
+    "psycopg_async": _begin_psycopg_async,
+    "asyncpg": _begin_asyncpg,
+}
