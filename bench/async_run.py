@@ -51,7 +51,7 @@ from sqlalchemy.util import await_only
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import counting_pings  # noqa: E402
+from run import counting_pings, sent  # noqa: E402
 
 DEFAULT_JSON = HERE / "results" / "async-latest.json"
 
@@ -285,10 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             for contender, us in found["per_txn_us"].items():
                 low, high = found["ratio_95ci"][contender]
                 cpu_low, cpu_high = found["cpu_ratio_95ci"][contender]
-                sends = ", ".join(
-                    k if v == 1 else f"{k} x{v:g}"
-                    for k, v in found["statements"][contender].items()
-                )
+                sends = sent(found["statements"][contender])
                 print(
                     f"{name:18} {kind:8} {contender:12} {us:8.1f}  "
                     f"{found['ratio'][contender]:.3f} [{low:.3f}, {high:.3f}]     "

@@ -481,7 +481,15 @@ def statements(
 
 
 def sent(counts: dict[str, float]) -> str:
-    return ", ".join(k if v == 1 else f"{k} x{v:g}" for k, v in counts.items()) or "nothing"
+    """*counts* in order, as text. A BEGIN that was also the liveness check
+    (``ping=BEGIN``, counted as a BEGIN too) shows once, as "BEGIN (ping)"."""
+    shown = dict(counts)
+    as_ping = shown.pop("ping=BEGIN", 0)
+    if as_ping and shown.get("BEGIN") == as_ping:
+        shown = {("BEGIN (ping)" if k == "BEGIN" else k): v for k, v in shown.items()}
+    elif as_ping:
+        shown["ping=BEGIN"] = as_ping
+    return ", ".join(k if v == 1 else f"{k} x{v:g}" for k, v in shown.items()) or "nothing"
 
 
 def memory(

@@ -54,7 +54,7 @@ import sqlalchemy as sa
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import sent_per_call  # noqa: E402
+from run import sent, sent_per_call  # noqa: E402
 
 SITE = """<configure xmlns="http://namespaces.zope.org/zope"
            xmlns:browser="http://namespaces.zope.org/browser"
@@ -241,8 +241,8 @@ def main() -> None:
         if args.profile:
             profile(app, urls, args.profile)
         print("  statements per request:")
-        print(f"    {first:8} {sent_per_call(lambda: app.get(urls[first]), first_engine)}")
-        print(f"    zope     {sent_per_call(lambda: app.get(urls['zope']), theirs)}")
+        print(f"    {first:8} {sent(sent_per_call(lambda: app.get(urls[first]), first_engine))}")
+        print(f"    zope     {sent(sent_per_call(lambda: app.get(urls['zope']), theirs))}")
     finally:
         benchapp.Base.metadata.drop_all(ours)
         for engine in (ours, theirs, control):
