@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import sqlalchemy as sa
@@ -174,6 +175,56 @@ def profile(app: Any, urls: dict[str, str], n: int) -> None:
         stats.sort_stats("tottime").print_stats(12)
 
 
+def layers(app: Any, urls: dict[str, str], n: int) -> None:
+    """Time each stack's own entry points inside the request: the view, a
+    block's entry and exit, each data manager's two-phase steps, and
+    zope.sqlalchemy's join; the rest of a request is Zope's, alike for both."""
+    import functools
+
+    import benchapp
+    import zope.sqlalchemy.datamanager as zsa_dm
+
+    import sparc.sa.block as sparc_block
+    import sparc.sa.datamanager as sparc_dm
+
+    spent: Counter[str] = Counter()
+
+    def clock(owner: Any, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        @functools.wraps(inner)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter_ns()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter_ns() - start
+
+        setattr(owner, name, timed)
+
+    steps = ("tpc_begin", "commit", "tpc_vote", "tpc_finish", "abort")
+    for name in ("__enter__", "__exit__"):
+        clock(sparc_block.Block, name, f"sparc.sa block {name}")
+    for name in steps:
+        clock(sparc_dm.SessionDataManager, name, f"sparc.sa data manager {name}")
+        clock(zsa_dm.SessionDataManager, name, f"zope.sqlalchemy data manager {name}")
+    clock(zsa_dm, "join_transaction", "zope.sqlalchemy join_transaction")
+    clock(benchapp.SparcInsert, "__call__", "sparc.sa view")
+    clock(benchapp.ZopeInsert, "__call__", "zope view")
+    whole: Counter[str] = Counter()
+    for _ in range(2):
+        for name, url in urls.items():
+            start = time.perf_counter_ns()
+            for _ in range(n // 2):
+                app.get(url)
+            whole[name] += time.perf_counter_ns() - start
+    print(f"  --- inside the request, us per request over {n} of each (wall clock):")
+    for label in sorted(spent):
+        print(f"    {label:40} {spent[label] / n / 1000:8.1f}")
+    for name, total in whole.items():
+        print(f"    {name + ' request, whole':40} {total / n / 1000:8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dsn", default=os.environ.get("TEST_PG_DSN"))
@@ -191,6 +242,13 @@ def main() -> None:
         default=0,
         metavar="N",
         help="also profile N requests of each view and print where the time goes",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N requests of each view at each stack's entry points",
     )
     args = parser.parse_args()
     if not args.dsn:
@@ -240,6 +298,8 @@ def main() -> None:
             )
         if args.profile:
             profile(app, urls, args.profile)
+        if args.layers:
+            layers(app, urls, args.layers)
         print("  statements per request:")
         print(f"    {first:8} {sent(sent_per_call(lambda: app.get(urls[first]), first_engine))}")
         print(f"    zope     {sent(sent_per_call(lambda: app.get(urls['zope']), theirs))}")
