@@ -46,13 +46,19 @@ from run import Models, counting_pings, own_engine
 #: medians of the full run in docs/benchmarks.rst (2026-11-30, inserts); a
 #: hot path fails above FACTOR times its figure.
 LIMITS: dict[str, float] = {
-    "sqlite, held": 0.92,
-    "sqlite, lookup": 0.96,
-    "postgresql, held": 0.96,
+    "sqlite, held": 0.90,
+    "sqlite, lookup": 0.93,
+    "postgresql, held": 0.83,
 }
 FACTOR = 2.0
-#: What every contender sends per one-row insert transaction.
-SENT = {"sqlite": "BEGIN INSERT COMMIT", "postgresql": "ping BEGIN INSERT COMMIT"}
+#: What each contender sends per one-row insert transaction: on PostgreSQL
+#: sparc.sa's BEGIN is also its ping (sparc.sa.liveness).
+SENT = {
+    ("sqlite", "plain"): "BEGIN INSERT COMMIT",
+    ("sqlite", "sparc.sa"): "BEGIN INSERT COMMIT",
+    ("postgresql", "plain"): "ping BEGIN INSERT COMMIT",
+    ("postgresql", "sparc.sa"): "BEGIN(ping) INSERT COMMIT",
+}
 
 Txn = Callable[[], None]
 
@@ -129,6 +135,11 @@ def sent(engine: sa.engine.Engine, txn: Txn, n: int = 20) -> str:
     finally:
         for name, fn in hooks:
             sa.event.remove(engine, name, fn)
+    as_ping = seen.pop("ping=BEGIN", 0)
+    if as_ping and as_ping == seen.get("BEGIN"):
+        seen = Counter({("BEGIN(ping)" if k == "BEGIN" else k): v for k, v in seen.items()})
+    elif as_ping:
+        seen["ping=BEGIN"] = as_ping
     return " ".join(k if v == n else f"{k}x{v / n:g}" for k, v in seen.items())
 
 
@@ -163,8 +174,8 @@ def check(backend: str, dsn: str, rounds: int, batch: int, inject_us: float) -> 
         del txns["lookup"]  # the same manager code; the server adds only noise
     failures: list[str] = []
     try:
-        expected = SENT[backend]
         for name, txn in txns.items():
+            expected = SENT[backend, "plain" if name == "plain" else "sparc.sa"]
             got = sent(theirs if name == "plain" else ours, txn)
             status = "ok" if got == expected else "FAILED"
             print(f"  {backend}, {name}: sends {got} (expected {expected}) {status}")
