@@ -138,10 +138,9 @@ def scenario_serializable(dsn: str) -> dict[str, Any]:
 
     # Four clients on one row conflict a lot: allow the publisher more retries
     # than its default 3, so that every request ends committed. About 110
-    # attempts make the 40 commits here (64% of attempts conflict), so a
-    # request losing 21 times in a row is a few runs per thousand if conflicts
-    # were independent, and they cluster under load; with 100
-    # retries, never in practice. (CI failed once with 20.)
+    # attempts make the 40 commits here (64% of attempts conflict): were the
+    # conflicts independent, a request would lose 21 times in a row in a few
+    # runs per thousand. CI failed once with 20 retries; 100 leave room.
     app = start(dsn, engine_options='isolation_level="SERIALIZABLE" pool_size="4"', retries=100)
     eng = engine()
     zopeapp.Base.metadata.create_all(eng)
