@@ -40,7 +40,7 @@ from typing import Any
 import sqlalchemy as sa
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import Models, counting_pings, own_engine
+from run import Models, counting_pings, own_engine, ping_begins_merged
 
 #: Documented ratios (sparc.sa / plain on its own engine, CPU time), the
 #: medians of the full run in docs/benchmarks.rst (2026-11-30, inserts); a
@@ -135,12 +135,8 @@ def sent(engine: sa.engine.Engine, txn: Txn, n: int = 20) -> str:
     finally:
         for name, fn in hooks:
             sa.event.remove(engine, name, fn)
-    as_ping = seen.pop("ping=BEGIN", 0)
-    if as_ping and as_ping == seen.get("BEGIN"):
-        seen = Counter({("BEGIN(ping)" if k == "BEGIN" else k): v for k, v in seen.items()})
-    elif as_ping:
-        seen["ping=BEGIN"] = as_ping
-    return " ".join(k if v == n else f"{k}x{v / n:g}" for k, v in seen.items())
+    shown = ping_begins_merged(seen, "BEGIN(ping)")
+    return " ".join(k if v == n else f"{k}x{v / n:g}" for k, v in shown.items())
 
 
 def paired_ratios(txns: dict[str, Txn], rounds: int, batch: int) -> dict[str, float]:

@@ -56,7 +56,7 @@ import time
 import tracemalloc
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -480,15 +480,23 @@ def statements(
     return out
 
 
-def sent(counts: dict[str, float]) -> str:
-    """*counts* in order, as text. A BEGIN that was also the liveness check
-    (``ping=BEGIN``, counted as a BEGIN too) shows once, as "BEGIN (ping)"."""
+def ping_begins_merged(
+    counts: Mapping[str, float], label: str = "BEGIN (ping)"
+) -> dict[str, float]:
+    """*counts* with a BEGIN that was also the liveness check (``ping=BEGIN``,
+    counted as a BEGIN too) shown once, as *label*, in the BEGIN's place."""
     shown = dict(counts)
     as_ping = shown.pop("ping=BEGIN", 0)
     if as_ping and shown.get("BEGIN") == as_ping:
-        shown = {("BEGIN (ping)" if k == "BEGIN" else k): v for k, v in shown.items()}
-    elif as_ping:
+        return {(label if k == "BEGIN" else k): v for k, v in shown.items()}
+    if as_ping:
         shown["ping=BEGIN"] = as_ping
+    return shown
+
+
+def sent(counts: dict[str, float]) -> str:
+    """*counts* in order, as text (see :func:`ping_begins_merged`)."""
+    shown = ping_begins_merged(counts)
     return ", ".join(k if v == 1 else f"{k} x{v:g}" for k, v in shown.items()) or "nothing"
 
 
