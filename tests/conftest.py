@@ -206,6 +206,19 @@ def joined(engine: Engine, models: SimpleNamespace) -> Iterator[ThreadLocalSASes
         tm.explicit = False
 
 
+def managed_engine(dsn: str, **kwargs: Any) -> Iterator[tuple[Engine, Any, Any]]:
+    """The body of a fixture: a factory engine with *kwargs*, models created
+    on it and their manager; after the test, the tables dropped and nothing
+    left checked out."""
+    engine = make_engine(dsn, **kwargs)
+    ns = build_models()
+    ns.Base.metadata.create_all(engine)
+    yield engine, ns, scoped_transaction(engine, ns.Base)
+    ns.Base.metadata.drop_all(engine)
+    assert engine.pool.checkedout() == 0
+    engine.dispose()
+
+
 def count_rows(engine: Engine, model: Any) -> int:
     """Rows as a fresh connection sees them, outside any session."""
     with engine.connect() as conn:

@@ -24,7 +24,7 @@ from sparc.sa import liveness
 from sparc.sa.engine import engine_from_config
 from sparc.sa.orm import scoped_transaction
 
-from .conftest import build_models, make_engine, names, server_dsn
+from .conftest import build_models, make_engine, managed_engine, names, server_dsn
 from .test_async import async_database
 from .test_faults import backend_id, kill
 
@@ -33,13 +33,7 @@ from .test_faults import backend_id, kill
 def pg() -> Iterator[tuple[Engine, Any, Any]]:
     """A factory engine with one connection, so that each checkout reuses
     (and pings) the one before; models; a manager."""
-    engine = make_engine(server_dsn("postgresql"), pool_size=1, max_overflow=0)
-    ns = build_models()
-    ns.Base.metadata.create_all(engine)
-    yield engine, ns, scoped_transaction(engine, ns.Base)
-    ns.Base.metadata.drop_all(engine)
-    assert engine.pool.checkedout() == 0
-    engine.dispose()
+    yield from managed_engine(server_dsn("postgresql"), pool_size=1, max_overflow=0)
 
 
 @contextmanager

@@ -14,8 +14,6 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sparc.sa.orm import scoped_transaction
-
 from .conftest import (
     SERVERS,
     backend_dsn,
@@ -23,6 +21,7 @@ from .conftest import (
     checked_out,
     count_rows,
     make_engine,
+    managed_engine,
     names,
 )
 
@@ -38,15 +37,9 @@ def pooled(
     request: pytest.FixtureRequest, tmp_path: pathlib.Path
 ) -> Iterator[tuple[Engine, Any, Any]]:
     """An engine with a pool of 5 and no overflow, a Base and its manager."""
-    engine = make_engine(
+    yield from managed_engine(
         backend_dsn(request.param, tmp_path), pool_size=5, max_overflow=0, pool_timeout=10
     )
-    ns = build_models()
-    ns.Base.metadata.create_all(engine)
-    yield engine, ns, scoped_transaction(engine, ns.Base)
-    ns.Base.metadata.drop_all(engine)
-    assert engine.pool.checkedout() == 0
-    engine.dispose()
 
 
 @pytest.fixture
