@@ -390,15 +390,19 @@ def test_a_failure_at_either_vote_commits_neither_side(
 
 
 def test_auto_joins_while_a_request_is_being_published(engine: Engine, models: Any) -> None:
-    """ZPublisher begins the transaction and sets the request (zope.globalrequest)."""
+    """ZPublisher begins the transaction (implicit mode) and sets the request
+    (zope.globalrequest); a transaction that merely exists because something
+    called transaction.get() is not joined, request or not (sparc.sa.begun)."""
     globalrequest = pytest.importorskip("zope.globalrequest")
     manager = scoped_transaction(engine, models.Base)
-    transaction.begin()  # implicit mode, as ZPublisher's manager is
+    transaction.abort()
     try:
-        with manager():
-            manager.session.add(models.Item(name="no request: committed now"))
-        assert manager._scope().joined is None
         globalrequest.setRequest(object())
+        transaction.get()  # what opening a ZODB connection does
+        with manager():
+            manager.session.add(models.Item(name="not begun: committed now"))
+        assert manager._scope().joined is None
+        transaction.begin()  # implicit mode, as ZPublisher's manager is
         with manager():
             manager.session.add(models.Item(name="in a request"))
         assert manager._scope().joined is not None
@@ -406,7 +410,7 @@ def test_auto_joins_while_a_request_is_being_published(engine: Engine, models: A
     finally:
         globalrequest.clearRequest()
         transaction.abort()
-    assert names(engine, models.Item) == ["no request: committed now"]
+    assert names(engine, models.Item) == ["not begun: committed now"]
     assert checked_out(engine) == 0
 
 

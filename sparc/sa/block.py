@@ -29,7 +29,7 @@ from typing import Any, Final, Protocol
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session
 
-from sparc.sa import joined
+from sparc.sa import begun, joined
 from sparc.sa.exceptions import (
     AbortedTransactionError,
     BlockOrderError,
@@ -188,7 +188,11 @@ class Block:
             running = False
             if module is not None:
                 tm = module.manager  # the thread's TransactionManager is tm.manager
-                running = getattr(tm, "manager", tm).__dict__.get("_txn") is not None
+                inner = getattr(tm, "manager", tm)
+                if scope.watched is not inner:  # once per thread: see sparc.sa.begun
+                    begun.watch(inner)
+                    scope.watched = inner
+                running = inner.__dict__.get("_txn") is not None
             if running or join == "always" or self._tm is not None or "pyramid_tm" in sys.modules:
                 txn = joined.transaction_to_join(join, self._tm)
                 if txn is not None:

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 from zope.interface import implementer
 
-from sparc.sa import sessions
+from sparc.sa import begun, sessions
 from sparc.sa.exceptions import (
     AbortedTransactionError,
     BlockOrderError,
@@ -123,6 +123,7 @@ class SessionDataManager:
         self.transaction_manager = (
             getattr(txn, "_manager", None) or sys.modules["transaction"].manager
         )
+        begun.note_open(self)  # reported at exit if its transaction never ends
 
     @property
     def ended(self) -> bool:

@@ -61,7 +61,7 @@ from typing import Any, Final, Protocol
 
 from sqlalchemy.orm import Session
 
-from sparc.sa import liveness, sessions
+from sparc.sa import begun, liveness, sessions
 from sparc.sa.datamanager import WHOLE_TRANSACTION, SessionDataManager
 from sparc.sa.exceptions import (
     AbortedTransactionError,
@@ -136,14 +136,16 @@ def _thread_transaction(tm: Any, mode: str) -> Any:
     if mode == "always":
         return tm.get()
     txn, inner = _running(tm)
+    begun.watch(inner)
     if txn is None:
         return None
     if getattr(inner, "explicit", False):
-        return txn
-    globalrequest = sys.modules.get("zope.globalrequest")
-    if globalrequest is not None and globalrequest.getRequest() is not None:
-        return txn  # ZPublisher sets the request around begin() ... commit()
-    return None
+        return txn  # explicit mode: only begin() makes a transaction
+    if begun.began(txn) is begun.NOT_BEGUN:
+        # It exists because something called transaction.get() (opening a
+        # ZODB connection does): nobody promised to commit it.
+        return None
+    return txn
 
 
 def _request_transaction() -> Any:

@@ -51,7 +51,7 @@ from sqlalchemy.pool import StaticPool
 from zope.component import adapter
 from zope.interface import implementer
 
-from sparc.sa import cache, fork, joined, resets, sessions
+from sparc.sa import begun, cache, fork, joined, resets, sessions
 from sparc.sa.block import Block
 from sparc.sa.cache import check_base
 from sparc.sa.exceptions import (
@@ -379,12 +379,43 @@ class ThreadLocalSASessionTransaction:
                 "committed later by an unrelated block. Pass the block's session to the "
                 "worker, or open a block (`with tx():`) in the worker"
             )
+        if self._join != "never" and not scope.forgotten:
+            txn = self._running_transaction(scope)
+            if txn is not None:
+                # Used outside any block while the application's transaction
+                # runs (request.dbsession.add() in a view): the session goes
+                # with that transaction, committed or aborted with it, as
+                # zope.sqlalchemy's registered session does.
+                dm = joined.join_scope(self, scope, txn)
+                dm.fresh = False  # it may write outside any block
+                return dm.session
         session = scope.session
         if session is None:
             session = scope.session = self.new_session()
         if sessions.WATCHED not in session.info:
             sessions.watch(session)
         return session
+
+    def _running_transaction(self, scope: Scope) -> Any:
+        """The transaction of the ``transaction`` package that this scope's
+        work joins now (see :mod:`sparc.sa.joined`), or None; cheap when the
+        application runs none."""
+        module = sys.modules.get("transaction")
+        if module is not None:
+            tm = module.manager
+            inner = getattr(tm, "manager", tm)
+            if scope.watched is not inner:
+                begun.watch(inner)
+                scope.watched = inner
+            if (
+                inner.__dict__.get("_txn") is None
+                and self._join != "always"
+                and "pyramid_tm" not in sys.modules
+            ):
+                return None
+        elif self._join != "always" and "pyramid_tm" not in sys.modules:
+            return None
+        return joined.transaction_to_join(self._join)
 
     def current_gate(self) -> Gate | ThreadGate | None:
         """The gate of the engine's current pool (None for most pools)."""

@@ -67,6 +67,7 @@ class Scope:
         "pid",
         "session",
         "thread",
+        "watched",
     )
 
     def __init__(self, engine: Engine) -> None:
@@ -84,6 +85,9 @@ class Scope:
         self.pid = os.getpid()
         self.thread = _get_ident()
         self.engine = engine
+        # The thread's manager of the `transaction` package, once its begins
+        # are watched (sparc.sa.begun): asked once per scope, not per block.
+        self.watched: Any = None
 
     def cancel_open_blocks(self) -> None:
         """Empty the stack; every block still open on it raises when it ends."""
