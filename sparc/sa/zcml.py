@@ -44,6 +44,7 @@ from sparc.sa.interfaces import (
     ISAEngine,
     ISAScopedTransaction,
 )
+from sparc.sa.mismatch import NotRegisteredError
 from sparc.sa.orm import (
     JOIN_MODES,
     ThreadLocalSASessionTransaction,
@@ -284,6 +285,15 @@ def transaction(
     )
 
 
+def _query_manager(engine: Any, base: type[Any], interface: Any) -> Any:
+    """The registered manager, or None where only sparc.sa's explaining
+    adapter (sparc.sa.mismatch.install_hints) stands."""
+    try:
+        return queryMultiAdapter((engine, base), interface)
+    except NotRegisteredError:
+        return None
+
+
 def _register_transaction(
     name: str,
     engine_name: str,
@@ -305,7 +315,7 @@ def _register_transaction(
             f"attribute 'engine': no <sa:engine> named {engine_name!r} is registered"
             + (f"; registered engines: {', '.join(known)}" if known else "")
         )
-    manager = queryMultiAdapter((found, base), ISAScopedTransaction)
+    manager = _query_manager(found, base, ISAScopedTransaction)
     if manager is None:  # sparc.sa's adapter is not registered in this site
         manager = scoped_transaction(found, base)
     if isinstance(manager, ThreadLocalSASessionTransaction):
@@ -333,7 +343,7 @@ def _register_async_transaction(
             f"engine {engine_name or '(unnamed)'!r} is an AsyncEngine, whose blocks "
             "commit by themselves"
         )
-    manager = queryMultiAdapter((engine, base), ISAAsyncScopedTransaction)
+    manager = _query_manager(engine, base, ISAAsyncScopedTransaction)
     if manager is None:  # sparc.sa's adapter is not registered in this site
         manager = async_scoped_transaction(engine, base)
     handler("registerUtility", manager, ISAAsyncScopedTransaction, name, info)
