@@ -287,12 +287,7 @@ def _create_engine(
         )
     except ImportError as exc:
         error = f"the database driver for {shown} cannot be imported: {exc}"
-        package = _ASYNC_DRIVERS.get(url.get_driver_name())
-        extra = _DRIVER_EXTRAS.get(url.get_backend_name())
-        if package:
-            error += f"; install it, e.g. with: pip install 'sparc.sa[async]' {package}"
-        elif extra:
-            error += f"; install it, e.g. with: pip install 'sparc.sa[{extra}]'"
+        error += driver_hint(url.get_driver_name())
         kind = ImportError
     except Exception as exc:
         # Anything else is a value create_engine() could not use (a module or
@@ -306,16 +301,71 @@ def _create_engine(
     raise kind(error)
 
 
-#: The extra of sparc.sa that installs a driver for each backend.
-_DRIVER_EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
-#: The package that provides each asyncio driver.
-_ASYNC_DRIVERS = {
-    "asyncpg": "asyncpg",
-    "psycopg_async": "'psycopg[binary]'",
-    "aiosqlite": "aiosqlite",
-    "asyncmy": "asyncmy",
-    "aiomysql": "aiomysql",
+#: The package that provides each driver (SQLAlchemy's driver name), the
+#: sparc.sa extra that installs it if there is one, and what else to say.
+_DRIVER_PACKAGES: dict[str, tuple[str, str | None, str]] = {
+    "psycopg": ("'psycopg[binary]'", "postgresql", ""),
+    "psycopg_async": ("'psycopg[binary]'", "async", ""),
+    "psycopg2": (
+        "psycopg2",
+        None,
+        " (or psycopg2-binary); or name psycopg 3 in the dsn, postgresql+psycopg://, "
+        "and pip install 'sparc.sa[postgresql]'",
+    ),
+    "psycopg2cffi": ("psycopg2cffi", None, ""),
+    "pg8000": ("pg8000", None, ""),
+    "asyncpg": ("asyncpg", "async", ""),
+    "pymysql": ("PyMySQL", "mysql", ""),
+    "mysqldb": (
+        "mysqlclient",
+        None,
+        " (it provides the MySQLdb module, the default driver of mysql:// and "
+        "mariadb://); or name PyMySQL in the dsn, mysql+pymysql://, and pip install "
+        "'sparc.sa[mysql]'",
+    ),
+    "mysqlconnector": ("mysql-connector-python", None, ""),
+    "mariadbconnector": ("mariadb", None, ""),
+    "aiomysql": ("aiomysql", "async", ""),
+    "asyncmy": ("asyncmy", "async", ""),
+    "aiosqlite": ("aiosqlite", "async", ""),
+    "pyodbc": ("pyodbc", None, " (and an ODBC driver for the database)"),
+    "aioodbc": ("aioodbc", "async", ""),
+    "pymssql": ("pymssql", None, ""),
+    "cx_oracle": (
+        "cx_Oracle",
+        None,
+        "; or its successor, oracledb: name it in the dsn, oracle+oracledb://, "
+        "and pip install oracledb",
+    ),
+    "oracledb": ("oracledb", None, ""),
+    "oracledb_async": ("oracledb", "async", ""),
 }
+
+
+def driver_hint(driver: str) -> str:
+    """What to install for SQLAlchemy's *driver* (``'mysqldb'``, ``'psycopg'``
+    ...), as the end of an error message; empty for a driver not listed."""
+    if driver == "pysqlite":
+        return (
+            "; the sqlite3 module comes with Python, and this Python was built "
+            "without it: install the SQLite development files and rebuild Python, "
+            "or use a Python that has it"
+        )
+    known = _DRIVER_PACKAGES.get(driver)
+    if known is None:
+        return ""
+    package, extra, more = known
+    if extra == "async":
+        return (
+            f"; the {driver} driver is provided by {package}: "
+            f"pip install 'sparc.sa[async]' {package}{more}"
+        )
+    if extra is not None:
+        return (
+            f"; the {driver} driver is provided by {package}: pip install {package}, "
+            f"or pip install 'sparc.sa[{extra}]'{more}"
+        )
+    return f"; the {driver} driver is provided by {package}: pip install {package}{more}"
 
 
 def _suggest(name: str) -> str | None:
