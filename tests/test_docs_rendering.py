@@ -27,3 +27,21 @@ def test_no_accidental_mailto_links(page: pathlib.Path) -> None:
         if str(node.get("refuri", "")).startswith("mailto:")
     ]
     assert mailto == [], f"{page.name} renders mailto: links for {sorted(set(mailto))}"
+
+
+@pytest.mark.parametrize(
+    "variable", ["TEST_PG_DSN", "TEST_MYSQL_DSN", "TEST_PG_REPLICA_DSN", "SPARC_SA_ORIGINAL_1X"]
+)
+def test_every_variable_a_skip_reason_names_is_documented(variable: str) -> None:
+    """A skip reason that says "set X" points to DEVELOPERS.md, which says
+    what X holds."""
+    text = (DOCS.parent / "DEVELOPERS.md").read_text(encoding="utf-8")
+    assert f"export {variable}=" in text
+
+
+def test_the_1x_doctests_skip_reason_points_to_its_section() -> None:
+    developers = (DOCS.parent / "DEVELOPERS.md").read_text(encoding="utf-8")
+    legacy = (DOCS.parent / "tests" / "test_legacy.py").read_text(encoding="utf-8")
+    section = "sparc.sa 1.3.2's own doctests"
+    assert f"## {section}" in developers
+    assert section in legacy and "DEVELOPERS.md" in legacy
