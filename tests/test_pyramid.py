@@ -6,7 +6,7 @@ cookiecutter's zope.sqlalchemy way.
 Each request leaves the rows its outcome calls for: a write 1; a write then
 an exception 0; a TransientError on the first attempt 1; a real
 serialization failure (40001, PostgreSQL SERIALIZABLE) on the first attempt
-1; a TransientError on every attempt 0. Both wirings, with the cookiecutter's
+1; a TransientError on every attempt 0; a write then ``request.tm.doom()`` 0. Both wirings, with the cookiecutter's
 ``pyramid_tm.explicit_manager`` hook and with pyramid_tm's default manager,
 on SQLite (in memory and on a file), PostgreSQL and MariaDB.
 
@@ -51,6 +51,7 @@ SCENARIOS: dict[str, tuple[str, int, type[BaseException] | None]] = {
     "transient-first-attempt": ("/transient", 1, None),
     "serialization-failure-first-attempt": ("/serialize", 1, None),
     "transient-every-attempt": ("/always", 0, TransientError),
+    "doomed": ("/doom", 0, None),
 }
 APP_BACKENDS = ("sqlite", "sqlite-file", "postgresql", "mysql")
 
@@ -122,7 +123,7 @@ def test_rows_of_the_issue_in_one_app(
     pyramid_env: SimpleNamespace, manager: str, wiring: str
 ) -> None:
     """The five requests one after another in one app, as the issue counted
-    them: 1, 0, 1, 1, 0 new rows (the serialization case on PostgreSQL only;
+    them, and a doomed one: 1, 0, 1, 1, 0, 0 new rows (the serialization case on PostgreSQL only;
     MariaDB runs the other four)."""
     env = pyramid_env
     app = webtest.TestApp(
@@ -265,7 +266,7 @@ def test_included_app_rows_per_request(
 def test_included_app_over_waitress(included_env: SimpleNamespace) -> None:
     """The same requests over HTTP, served by waitress on 127.0.0.1 (its
     worker threads, a connection per request): 1, 0, 1, 1 (PostgreSQL), 0 new
-    rows, and 500 for the requests that fail."""
+    rows, then 0 for the doomed one, and 500 for the requests that fail."""
     import urllib.error
     import urllib.request
 

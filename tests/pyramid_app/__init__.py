@@ -18,6 +18,7 @@ The views are the same five in both, each writing one ``Item`` row:
                40001) on the first attempt: between the view's read and its
                write, another connection updates and commits the row it read
 ``/always``    a write, then a TransientError on every attempt
+``/doom``      a write, then ``request.tm.doom()``, and the view returns
 =============  =============================================================
 
 ``included_main(settings, models=..., lookup=...)`` is the cookiecutter app
@@ -156,6 +157,12 @@ def sparc_always(request: Request) -> Response:
     raise TransientError("never works")
 
 
+def sparc_doom(request: Request) -> Response:
+    _sparc_write(request, "doom")
+    request.tm.doom()
+    return Response("ok")
+
+
 # -- the zope.sqlalchemy views (the cookiecutter's wiring) ------------------------------
 
 
@@ -194,7 +201,13 @@ def zsa_always(request: Request) -> Response:
     raise TransientError("never works")
 
 
-VIEWS = ("write", "fail", "transient", "serialize", "always")
+def zsa_doom(request: Request) -> Response:
+    _zsa_write(request, "doom")
+    request.tm.doom()
+    return Response("ok")
+
+
+VIEWS = ("write", "fail", "transient", "serialize", "always", "doom")
 
 
 def _include_zsa(config: Configurator, engine: Engine) -> None:
@@ -293,6 +306,12 @@ def included_serialize(request: Request) -> Response:
 def included_always(request: Request) -> Response:
     _included_write(request, "always")
     raise TransientError("never works")
+
+
+def included_doom(request: Request) -> Response:
+    _included_write(request, "doom")
+    request.tm.doom()
+    return Response("ok")
 
 
 def included_main(
