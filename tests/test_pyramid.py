@@ -6,11 +6,12 @@ cookiecutter's zope.sqlalchemy way.
 Each request leaves the rows its outcome calls for: a write 1; a write then
 an exception 0; a TransientError on the first attempt 1; a real
 serialization failure (40001, PostgreSQL SERIALIZABLE) on the first attempt
-1; a TransientError on every attempt 0; a write then ``request.tm.doom()`` 0. Both wirings, with the cookiecutter's
+1; a TransientError on every attempt 0; a write then ``request.tm.doom()``
+0. Both wirings, with the cookiecutter's
 ``pyramid_tm.explicit_manager`` hook and with pyramid_tm's default manager,
 on SQLite (in memory and on a file), PostgreSQL and MariaDB.
 
-The same five requests, and the same rows, with the cookiecutter app migrated
+The same six requests, and the same rows, with the cookiecutter app migrated
 to ``config.include("sparc.sa")`` (the engine built from its ``sqlalchemy.``
 settings, views using ``request.tx`` or, after ``config.hook_zca()``, the
 plain lookup), through WebTest and through a real waitress server on
