@@ -45,3 +45,26 @@ def test_the_1x_doctests_skip_reason_points_to_its_section() -> None:
     section = "sparc.sa 1.3.2's own doctests"
     assert f"## {section}" in developers
     assert section in legacy and "DEVELOPERS.md" in legacy
+
+
+def _references() -> list[tuple[str, str, str]]:
+    import re
+
+    found = []
+    for page in PAGES:
+        for path, name in re.findall(r"``(tests/[\w/]+\.py)::(\w+)``", page.read_text()):
+            found.append((page.name, path, name))
+    return found
+
+
+@pytest.mark.parametrize(("page", "path", "name"), _references())
+def test_every_test_a_page_names_exists(page: str, path: str, name: str) -> None:
+    """The tests named beside a claim, on any page, exist (as on the
+    Guarantees page, which tests/test_docs.py checks)."""
+    import ast
+
+    file = DOCS.parent / path
+    assert file.is_file(), f"{page}: {path} does not exist"
+    tree = ast.parse(file.read_text())
+    names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert name in names, f"{page}: {path}::{name} does not exist"

@@ -466,3 +466,18 @@ def test_import_sparc_sa_does_not_import_pyramid() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_an_engine_handed_over_in_the_settings_is_registered_as_is() -> None:
+    """``sparc.sa.engine`` (the cookiecutter's ``dbengine`` test hook): that
+    engine, and none built from the ``sqlalchemy.`` settings; anything else
+    there is refused with the setting's name."""
+    from sparc.sa.engine import engine_from_config
+    from sparc.sa.interfaces import ISAEngine
+
+    mine = engine_from_config({"dsn": "sqlite://"})
+    app = _bare_app({"sparc.sa.engine": mine, "sqlalchemy.url": "postgresql+nosuch://h/d"})
+    assert app.registry.getUtility(ISAEngine) is mine
+    mine.dispose()
+    with pytest.raises(TypeError, match=r"setting 'sparc\.sa\.engine' must be an engine"):
+        _bare_app({"sparc.sa.engine": "sqlite://"})

@@ -46,12 +46,22 @@ if TYPE_CHECKING:
     from pyramid.config import Configurator
     from pyramid.request import Request
 
-__all__ = ["BASE_SETTING", "PREFIX_SETTING", "get_engine", "includeme", "request_transaction"]
+__all__ = [
+    "BASE_SETTING",
+    "ENGINE_SETTING",
+    "PREFIX_SETTING",
+    "get_engine",
+    "includeme",
+    "request_transaction",
+]
 
 #: The setting naming the declarative base of ``request.tx``.
 BASE_SETTING = "sparc.sa.base"
 #: The setting that changes the engine settings' prefix from ``sqlalchemy.``.
 PREFIX_SETTING = "sparc.sa.prefix"
+#: The setting that hands over an engine made elsewhere (a test fixture's,
+#: as the cookiecutter's ``dbengine`` setting does): no engine is built.
+ENGINE_SETTING = "sparc.sa.engine"
 
 
 def includeme(config: Configurator) -> None:
@@ -64,8 +74,15 @@ def includeme(config: Configurator) -> None:
     mismatch.note_pyramid_registry()
     mismatch.install_hints()
     prefix = settings.get(PREFIX_SETTING, DEFAULT_PREFIX)
-    if any(isinstance(key, str) and key.startswith(prefix) for key in settings):
+    engine = settings.get(ENGINE_SETTING)
+    if engine is None and any(isinstance(key, str) and key.startswith(prefix) for key in settings):
         engine = engine_from_config(settings, prefix)
+    if engine is not None:
+        if not (ISAEngine.providedBy(engine) or ISAAsyncEngine.providedBy(engine)):
+            raise TypeError(
+                f"setting {ENGINE_SETTING!r} must be an engine (sqlalchemy.engine.Engine "
+                f"or AsyncEngine), got {type(engine).__name__}"
+            )
         kind = ISAAsyncEngine if hasattr(engine, "sync_engine") else ISAEngine
         registry.registerUtility(engine, kind)
     base = settings.get(BASE_SETTING)
