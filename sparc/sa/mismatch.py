@@ -132,8 +132,3 @@ def install_hints(registry: Any = None) -> None:
         for factory, required, provided in _HINTS:
             if target.adapters.lookup(required, provided) is None:
                 target.registerAdapter(factory, required, provided)
-
-
-def is_hint(factory: Any) -> bool:
-    """Whether *factory* is one of the explaining adapters."""
-    return any(factory is hint for hint, _required, _provided in _HINTS)
