@@ -294,6 +294,8 @@ def test_included_app_over_waitress(included_env: SimpleNamespace) -> None:
             seen.append(count_rows(env.engine, env.models.Item) - before)
     finally:
         server.shutdown()
+        server.runner.join(timeout=10)
+    assert not server.runner.is_alive(), "waitress did not stop"
     expected = [
         r
         for n, (_p, r, _e) in SCENARIOS.items()
