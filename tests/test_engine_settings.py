@@ -103,3 +103,10 @@ def test_a_bad_url_names_the_setting_not_the_password() -> None:
 def test_settings_that_are_not_a_mapping() -> None:
     with pytest.raises(TypeError, match=r"needs a mapping of settings"):
         engine_from_config(["sqlalchemy.url=sqlite://"], "sqlalchemy.")  # type: ignore[arg-type]
+
+
+def test_settings_under_another_prefix_without_it_say_to_name_it() -> None:
+    with pytest.raises(
+        ValueError, match=r"name their prefix: engine_from_config\(settings, 'db\.'\)"
+    ):
+        engine_from_config({"db.url": "sqlite://", "db.echo": "true"})
