@@ -9,8 +9,10 @@ how.
 from __future__ import annotations
 
 import gc
+import os
 import pathlib
 import re
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -88,6 +90,63 @@ SERVER_VARIABLES = {"TEST_PG_DSN": "PostgreSQL", "TEST_MYSQL_DSN": "MariaDB/MySQ
 _UNSET_SERVER = re.compile(r"\b(TEST_\w+_DSN) is not set\b")
 
 
+#: Where the servers usually answer (DEVELOPERS.md): with a variable unset,
+#: the server there is used if it answers at once.
+USUAL_SERVERS = {
+    "TEST_PG_DSN": "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+    "TEST_MYSQL_DSN": "mysql+pymysql://root@127.0.0.1:3306/test",
+}
+#: What the probe found for each unset variable: True, it answered and the
+#: variable now names it; False, nothing answered.
+PROBED: dict[str, bool] = {}
+
+
+def answers(dsn: str) -> bool:
+    """Whether a server accepts a connection and a SELECT at *dsn*, within
+    about two seconds (half a second when nothing listens at all)."""
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    url = sa.make_url(dsn)
+    try:
+        with socket.create_connection((url.host or "127.0.0.1", url.port or 0), timeout=0.5):
+            pass
+    except OSError:
+        return False
+    engine = sa.create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 2})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+    finally:
+        engine.dispose()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """An unset server variable is set to the usual local address when a
+    server answers there; set (even empty), it is left alone."""
+    for variable, dsn in USUAL_SERVERS.items():
+        if variable in os.environ:
+            continue
+        PROBED[variable] = answers(dsn)
+        if PROBED[variable]:
+            os.environ[variable] = dsn
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = []
+    for variable, found in PROBED.items():
+        what = SERVER_VARIABLES[variable]
+        if found:
+            lines.append(
+                f"{variable} was unset; {what} answers at {USUAL_SERVERS[variable]}, so its "
+                f"cases run there ({variable}= empty skips them)"
+            )
+    return lines
+
+
 def skip_reason(report: pytest.TestReport) -> str:
     """The reason a test was skipped, as ``pytest -rs`` would show it."""
     longrepr = report.longrepr
@@ -106,6 +165,11 @@ def skip_summary(reports: list[pytest.TestReport]) -> list[str]:
             variable = server.group(1)
             what = SERVER_VARIABLES.get(variable, "server")
             reason = f"{variable} is not set: set it to run the {what} cases (DEVELOPERS.md)"
+            if PROBED.get(variable) is False:
+                reason = (
+                    f"{variable} is not set and nothing answers at "
+                    f"{USUAL_SERVERS[variable]}: set it to run the {what} cases (DEVELOPERS.md)"
+                )
         counts[reason] += 1
     width = len(str(max(counts.values(), default=0)))
     return [f"{count:>{width}} {reason}" for reason, count in counts.most_common()]

@@ -582,6 +582,10 @@ def threads(
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
+    # docs/benchmarks.rst pastes these tables: an escaped @ keeps Sphinx from
+    # making "plain@sparc" a mailto: link.
+    header = [str(x).replace("@", "\\@") for x in header]
+    rows = [[str(x).replace("@", "\\@") for x in r] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     line = "  ".join("=" * w for w in widths)  # a reStructuredText simple table
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

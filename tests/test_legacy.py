@@ -235,7 +235,8 @@ def test_original_1_3_2_doctest(name: str, capsys: pytest.CaptureFixture[str]) -
     if not path.is_file():
         pytest.skip(
             f"sparc.sa 1.3.2's doctests are not at {ORIGINAL} "
-            "(set SPARC_SA_ORIGINAL_1X to the folder holding them)"
+            "(set SPARC_SA_ORIGINAL_1X to the folder holding them: see DEVELOPERS.md, "
+            "section: sparc.sa 1.3.2's own doctests)"
         )
     xmlconfig.file("ftesting.zcml", package=sparc.sa)
     result = doctest.testfile(

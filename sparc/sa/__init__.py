@@ -90,6 +90,12 @@ _HOMES = {
 }
 
 
+def includeme(config: Any) -> None:
+    """``config.include("sparc.sa")`` in a Pyramid application; see
+    :mod:`sparc.sa.pyramid` (imported here, not at ``import sparc.sa``)."""
+    _importlib.import_module("sparc.sa.pyramid").includeme(config)
+
+
 def __getattr__(name: str) -> Any:
     """A public name, or a submodule (``sparc.sa.orm`` after ``import sparc.sa``)."""
     home = _HOMES.get(name)

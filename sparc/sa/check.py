@@ -369,11 +369,22 @@ def engines_for(target: str) -> list[tuple[str, Engine | AsyncEngine]]:
         raise ConfigProblem(options.hide_secrets_in_text(f"{type(exc).__name__}: {exc}")) from None
 
 
+def installed_version() -> str:
+    """sparc.sa's version as installed (its distribution's metadata)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sparc.sa")
+    except metadata.PackageNotFoundError:
+        return "(not installed: no distribution metadata for sparc.sa)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sparc-sa",
         description="sparc.sa: SQLAlchemy engines and scoped transactions for Zope.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = commands.add_parser(
         "check",

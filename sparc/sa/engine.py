@@ -21,7 +21,7 @@ import zope.event
 from sqlalchemy.engine import URL, Engine
 from zope.component.factory import Factory
 
-from sparc.sa import fork, liveness, options, replicas, resets, sqlitebegin
+from sparc.sa import fork, liveness, mismatch, options, replicas, resets, sqlitebegin
 from sparc.sa.events import EngineCreatedEvent
 from sparc.sa.interfaces import ISAEngine
 from sparc.sa.legacy import package_path
@@ -30,11 +30,13 @@ if TYPE_CHECKING:  # needs greenlet at run time
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
+    "DEFAULT_PREFIX",
     "FACTORY_NAME",
     "ISAEngine",
     "SAEngineFromConfig",
     "SAEngineFromConfigFactory",
     "engine_from_config",
+    "from_prefixed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,12 +53,21 @@ _CONFIGURATION = re.compile(r"using configuration (?P<combo>[\w/]+)")
 
 
 def engine_from_config(
-    config: Mapping[str, Any] | None = None,
-    /,
+    configuration: Mapping[str, Any] | None = None,
+    prefix: str | None = None,
     *,
     SQLAlchemyEngine: Mapping[str, Any] | None = None,
+    **kwargs: Any,
 ) -> Engine | AsyncEngine:
     """Build a SQLAlchemy engine from ``{'dsn': ..., 'kwargs': {...}}``.
+
+    SQLAlchemy's own signature is accepted too, as Pyramid's cookiecutter
+    calls it: ``engine_from_config(settings, 'sqlalchemy.', **overrides)``
+    (``prefix`` and ``configuration`` may also be passed by keyword). The
+    keys that start with *prefix* are the engine's: ``<prefix>url`` is the
+    DSN, every other one a create_engine() option, and keyword arguments
+    override them. A mapping without ``'dsn'`` whose keys start with
+    ``'sqlalchemy.'`` is read that way even without a prefix.
 
     A DSN that names an asyncio driver (``postgresql+asyncpg``,
     ``postgresql+psycopg_async``, ``sqlite+aiosqlite``, ``mysql+asyncmy``,
@@ -84,12 +95,15 @@ def engine_from_config(
        String values are converted, the defaults above are applied, bad input
        fails early with a message naming the key, and the event is notified.
     """
+    config = configuration
     if SQLAlchemyEngine is not None:
         if config is not None:
             raise TypeError(
                 "pass the engine config either positionally or as SQLAlchemyEngine=..., not both"
             )
         config = SQLAlchemyEngine
+    if prefix is not None or kwargs or _is_prefixed(config):
+        config = from_prefixed(config, "sqlalchemy." if prefix is None else prefix, kwargs)
     section, replica_options = replicas.split_config(options.unwrap(config))
     url, kwargs = options.normalize(section)
     shown = options.hide_dsn(url)
@@ -116,7 +130,82 @@ def engine_from_config(
         "on" if liveness.is_checked(engine) else "off",
     )
     zope.event.notify(EngineCreatedEvent(engine, {"dsn": shown, "kwargs": options.redact(kwargs)}))
+    # Where no manager adapter is registered, a lookup with this engine says
+    # what to include instead of a bare ComponentLookupError.
+    mismatch.install_hints()
     return engine
+
+
+#: SQLAlchemy's default prefix for engine_from_config(settings, prefix).
+DEFAULT_PREFIX = "sqlalchemy."
+
+
+def _is_prefixed(config: object) -> bool:
+    """A mapping in SQLAlchemy's shape (``sqlalchemy.url`` ...) rather than 1.x's."""
+    return (
+        isinstance(config, Mapping)
+        and "dsn" not in config
+        and options.WRAPPER_KEY not in config
+        and any(isinstance(k, str) and k.startswith(DEFAULT_PREFIX) for k in config)
+    )
+
+
+def from_prefixed(
+    configuration: object, prefix: str, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``{'dsn': ..., 'kwargs': {...}}`` from SQLAlchemy's shape: the keys of
+    *configuration* that start with *prefix* (``<prefix>url`` the DSN, the
+    others create_engine() options), then *overrides* on top.
+
+    Each value is converted as the factory converts it, and an error names
+    the setting it came from (``'sqlalchemy.pool_size'``), never a password.
+    """
+    if not isinstance(configuration, Mapping):
+        raise TypeError(
+            f"engine_from_config(configuration, prefix={prefix!r}) needs a mapping of "
+            f"settings such as {{{prefix + 'url'!r}: 'dialect+driver://...'}}, "
+            f"got {type(configuration).__name__}"
+        )
+    if not isinstance(prefix, str):
+        raise TypeError(
+            f"prefix must be a string such as 'sqlalchemy.', got {type(prefix).__name__}"
+        )
+    section: dict[str, Any] = {
+        key[len(prefix) :]: value
+        for key, value in configuration.items()
+        if isinstance(key, str) and key.startswith(prefix)
+    }
+    section.update(overrides or {})
+    dsn = section.pop("url", None)
+    if dsn in (None, ""):
+        found = sorted(prefix + key for key in section)
+        raise ValueError(
+            f"engine configuration has no {prefix + 'url'!r}: expected a SQLAlchemy URL "
+            "such as 'postgresql+psycopg://user:password@host/dbname' or 'sqlite://'"
+            + (
+                f"; settings with the prefix {prefix!r}: {', '.join(map(repr, found))}"
+                if found
+                else f"; no setting starts with {prefix!r}"
+            )
+        )
+
+    def where(name: str) -> str:
+        if name in (overrides or {}):
+            return f"keyword argument {name!r}"
+        return f"setting {prefix + name!r}"
+
+    try:
+        url = options.parse_dsn(dsn)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where('url')}: {exc}") from None
+    for name, value in section.items():
+        # Converted here only to name the setting in the error; the factory
+        # converts the original value again.
+        try:
+            options.convert_option(url, name, value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where(name)}: {exc}") from None
+    return {"dsn": dsn, "kwargs": section}
 
 
 def _async_engine(url: URL, kwargs: dict[str, Any], shown: str) -> AsyncEngine:
@@ -144,6 +233,7 @@ def _async_engine(url: URL, kwargs: dict[str, Any], shown: str) -> AsyncEngine:
         type(engine.sync_engine.pool).__name__,
     )
     zope.event.notify(EngineCreatedEvent(engine, {"dsn": shown, "kwargs": options.redact(kwargs)}))
+    mismatch.install_hints()
     return engine  # type: ignore[no-any-return]
 
 
@@ -197,12 +287,7 @@ def _create_engine(
         )
     except ImportError as exc:
         error = f"the database driver for {shown} cannot be imported: {exc}"
-        package = _ASYNC_DRIVERS.get(url.get_driver_name())
-        extra = _DRIVER_EXTRAS.get(url.get_backend_name())
-        if package:
-            error += f"; install it, e.g. with: pip install 'sparc.sa[async]' {package}"
-        elif extra:
-            error += f"; install it, e.g. with: pip install 'sparc.sa[{extra}]'"
+        error += driver_hint(url.get_driver_name())
         kind = ImportError
     except Exception as exc:
         # Anything else is a value create_engine() could not use (a module or
@@ -216,16 +301,71 @@ def _create_engine(
     raise kind(error)
 
 
-#: The extra of sparc.sa that installs a driver for each backend.
-_DRIVER_EXTRAS = {"postgresql": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
-#: The package that provides each asyncio driver.
-_ASYNC_DRIVERS = {
-    "asyncpg": "asyncpg",
-    "psycopg_async": "'psycopg[binary]'",
-    "aiosqlite": "aiosqlite",
-    "asyncmy": "asyncmy",
-    "aiomysql": "aiomysql",
+#: The package that provides each driver (SQLAlchemy's driver name), the
+#: sparc.sa extra that installs it if there is one, and what else to say.
+_DRIVER_PACKAGES: dict[str, tuple[str, str | None, str]] = {
+    "psycopg": ("'psycopg[binary]'", "postgresql", ""),
+    "psycopg_async": ("'psycopg[binary]'", "async", ""),
+    "psycopg2": (
+        "psycopg2",
+        None,
+        " (or psycopg2-binary); or name psycopg 3 in the dsn, postgresql+psycopg://, "
+        "and pip install 'sparc.sa[postgresql]'",
+    ),
+    "psycopg2cffi": ("psycopg2cffi", None, ""),
+    "pg8000": ("pg8000", None, ""),
+    "asyncpg": ("asyncpg", "async", ""),
+    "pymysql": ("PyMySQL", "mysql", ""),
+    "mysqldb": (
+        "mysqlclient",
+        None,
+        " (it provides the MySQLdb module, the default driver of mysql:// and "
+        "mariadb://); or name PyMySQL in the dsn, mysql+pymysql://, and pip install "
+        "'sparc.sa[mysql]'",
+    ),
+    "mysqlconnector": ("mysql-connector-python", None, ""),
+    "mariadbconnector": ("mariadb", None, ""),
+    "aiomysql": ("aiomysql", "async", ""),
+    "asyncmy": ("asyncmy", "async", ""),
+    "aiosqlite": ("aiosqlite", "async", ""),
+    "pyodbc": ("pyodbc", None, " (and an ODBC driver for the database)"),
+    "aioodbc": ("aioodbc", "async", ""),
+    "pymssql": ("pymssql", None, ""),
+    "cx_oracle": (
+        "cx_Oracle",
+        None,
+        "; or its successor, oracledb: name it in the dsn, oracle+oracledb://, "
+        "and pip install oracledb",
+    ),
+    "oracledb": ("oracledb", None, ""),
+    "oracledb_async": ("oracledb", "async", ""),
 }
+
+
+def driver_hint(driver: str) -> str:
+    """What to install for SQLAlchemy's *driver* (``'mysqldb'``, ``'psycopg'``
+    ...), as the end of an error message; empty for a driver not listed."""
+    if driver == "pysqlite":
+        return (
+            "; the sqlite3 module comes with Python, and this Python was built "
+            "without it: install the SQLite development files and rebuild Python, "
+            "or use a Python that has it"
+        )
+    known = _DRIVER_PACKAGES.get(driver)
+    if known is None:
+        return ""
+    package, extra, more = known
+    if extra == "async":
+        return (
+            f"; the {driver} driver is provided by {package}: "
+            f"pip install 'sparc.sa[async]' {package}{more}"
+        )
+    if extra is not None:
+        return (
+            f"; the {driver} driver is provided by {package}: pip install {package}, "
+            f"or pip install 'sparc.sa[{extra}]'{more}"
+        )
+    return f"; the {driver} driver is provided by {package}: pip install {package}{more}"
 
 
 def _suggest(name: str) -> str | None:

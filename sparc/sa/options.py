@@ -126,10 +126,19 @@ def unwrap(config: object) -> Mapping[str, Any]:
         config = inner
     unknown = sorted(str(k) for k in config if k not in _CONFIG_KEYS)
     if unknown:
+        # Settings in SQLAlchemy's shape under another prefix ('db.url'):
+        # say how to pass them.
+        prefixes = sorted({k[: -len("url")] for k in unknown if k.endswith(".url")})
         raise ValueError(
             f"unknown engine config key(s) {', '.join(map(repr, unknown))}: "
             "expected 'dsn' and optionally 'kwargs' (the create_engine() options), "
             "'replicas', 'replica_max_lag' and 'replica_wait'"
+            + (
+                f"; for settings in SQLAlchemy's shape, name their prefix: "
+                f"engine_from_config(settings, {prefixes[0]!r})"
+                if prefixes
+                else ""
+            )
         )
     return config
 

@@ -23,6 +23,7 @@ and line of the directive, at configuration time.
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -44,6 +45,7 @@ from sparc.sa.interfaces import (
     ISAEngine,
     ISAScopedTransaction,
 )
+from sparc.sa.mismatch import NotRegisteredError
 from sparc.sa.orm import (
     JOIN_MODES,
     ThreadLocalSASessionTransaction,
@@ -137,6 +139,36 @@ class ITransactionDirective(Interface):
     )
 
 
+# Unknown attributes reach the handler, which says what was meant (instead of
+# zope.configuration's bare "Unrecognized parameters").
+ITransactionDirective.setTaggedValue("keyword_arguments", True)
+
+#: Attribute names other tools use, and what sparc.sa calls them.
+_RENAMED = {
+    ("engine", "url"): ("dsn", " (z3c.saconfig's <db:engine url=...> is <sa:engine dsn=...>)"),
+    ("transaction", "two_phase"): ("twophase", ""),
+    ("transaction", "engine_name"): ("engine", ""),
+}
+
+
+def _did_you_mean(directive: str, attribute: str, known: list[str]) -> str:
+    renamed = _RENAMED.get((directive, attribute))
+    if renamed is not None:
+        return f"; did you mean {renamed[0]!r}{renamed[1]}?"
+    close = difflib.get_close_matches(attribute, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else "."
+
+
+def _unknown_attribute(directive: str, attribute: str, known: list[str]) -> ConfigurationError:
+    return ConfigurationError(
+        f"<sa:{directive}> has no attribute {attribute!r}"
+        + _did_you_mean(directive, attribute, known)
+        + f" Its attributes are {', '.join(map(repr, known))}"
+        + (", and any create_engine() option" if directive == "engine" else "")
+        + "."
+    )
+
+
 class _SecretFreeInfo(ParserInfo):
     """The directive's location and source, as zope.configuration shows them
     in errors and conflicts, with passwords hidden: a DSN in the ZCML file
@@ -184,6 +216,16 @@ def engine(
             section = options.read_config_file(path)
         except ValueError as exc:
             raise ConfigurationError(f"attribute 'config': {exc}") from None
+    for attribute in attributes:
+        # An attribute that is no create_engine() option and looks like one
+        # of ours, or that z3c.saconfig calls differently: a misspelling.
+        own = ["dsn", "config", "name"]
+        if attribute in options.KNOWN_OPTIONS or attribute in REPLICA_KEYS or "." in attribute:
+            continue
+        if ("engine", attribute) in _RENAMED or difflib.get_close_matches(
+            attribute, own, n=1, cutoff=0.6
+        ):
+            raise _unknown_attribute("engine", attribute, own)
     dsn = _expand("dsn", dsn) if dsn else section.get("dsn")
     if not dsn:
         raise ConfigurationError(
@@ -247,9 +289,12 @@ def transaction(
     engine: str = "",
     join: str | None = None,
     twophase: str | None = None,
+    **unknown: str,
 ) -> None:
     """Handle ``<sa:transaction>``."""
     _protect(_context)
+    for attribute in sorted(unknown):
+        raise _unknown_attribute("transaction", attribute, list(ITransactionDirective.names()))
     base = _expand("base", base)
     engine = _expand("engine", engine)
     name = _expand("name", name)
@@ -284,6 +329,15 @@ def transaction(
     )
 
 
+def _query_manager(engine: Any, base: type[Any], interface: Any) -> Any:
+    """The registered manager, or None where only sparc.sa's explaining
+    adapter (sparc.sa.mismatch.install_hints) stands."""
+    try:
+        return queryMultiAdapter((engine, base), interface)
+    except NotRegisteredError:
+        return None
+
+
 def _register_transaction(
     name: str,
     engine_name: str,
@@ -305,7 +359,7 @@ def _register_transaction(
             f"attribute 'engine': no <sa:engine> named {engine_name!r} is registered"
             + (f"; registered engines: {', '.join(known)}" if known else "")
         )
-    manager = queryMultiAdapter((found, base), ISAScopedTransaction)
+    manager = _query_manager(found, base, ISAScopedTransaction)
     if manager is None:  # sparc.sa's adapter is not registered in this site
         manager = scoped_transaction(found, base)
     if isinstance(manager, ThreadLocalSASessionTransaction):
@@ -333,7 +387,7 @@ def _register_async_transaction(
             f"engine {engine_name or '(unnamed)'!r} is an AsyncEngine, whose blocks "
             "commit by themselves"
         )
-    manager = queryMultiAdapter((engine, base), ISAAsyncScopedTransaction)
+    manager = _query_manager(engine, base, ISAAsyncScopedTransaction)
     if manager is None:  # sparc.sa's adapter is not registered in this site
         manager = async_scoped_transaction(engine, base)
     handler("registerUtility", manager, ISAAsyncScopedTransaction, name, info)

@@ -18,7 +18,14 @@ The views are the same five in both, each writing one ``Item`` row:
                40001) on the first attempt: between the view's read and its
                write, another connection updates and commits the row it read
 ``/always``    a write, then a TransientError on every attempt
+``/doom``      a write, then ``request.tm.doom()``, and the view returns
 =============  =============================================================
+
+``included_main(settings, models=..., lookup=...)`` is the cookiecutter app
+migrated to ``config.include("sparc.sa")``: the engine comes from the
+``sqlalchemy.`` settings, and views reach the manager as ``request.tx``
+(``lookup="request"``) or, after ``config.hook_zca()``, with
+zope.component's plain ``getMultiAdapter`` (``lookup="hook_zca"``).
 
 ``main(engine=..., wiring=..., manager=...)`` builds the WSGI app;
 ``manager="explicit"`` sets the cookiecutter's ``tm.manager_hook =
@@ -44,10 +51,11 @@ from zope.configuration import xmlconfig
 
 from sparc.sa.interfaces import ISAScopedTransaction
 
-__all__ = ["WIRINGS", "ViewFailure", "main", "make_models"]
+__all__ = ["LOOKUPS", "WIRINGS", "ViewFailure", "included_main", "main", "make_models"]
 
 WIRINGS = ("sparc", "zsa")
 MANAGERS = ("explicit", "default")
+LOOKUPS = ("request", "hook_zca")
 
 
 class ViewFailure(Exception):
@@ -149,6 +157,12 @@ def sparc_always(request: Request) -> Response:
     raise TransientError("never works")
 
 
+def sparc_doom(request: Request) -> Response:
+    _sparc_write(request, "doom")
+    request.tm.doom()
+    return Response("ok")
+
+
 # -- the zope.sqlalchemy views (the cookiecutter's wiring) ------------------------------
 
 
@@ -187,7 +201,13 @@ def zsa_always(request: Request) -> Response:
     raise TransientError("never works")
 
 
-VIEWS = ("write", "fail", "transient", "serialize", "always")
+def zsa_doom(request: Request) -> Response:
+    _zsa_write(request, "doom")
+    request.tm.doom()
+    return Response("ok")
+
+
+VIEWS = ("write", "fail", "transient", "serialize", "always", "doom")
 
 
 def _include_zsa(config: Configurator, engine: Engine) -> None:
@@ -233,4 +253,88 @@ def main(
         for name in VIEWS:
             config.add_route(name, f"/{name}")
             config.add_view(views[f"{wiring}_{name}"], route_name=name)
+        return config.make_wsgi_app()
+
+
+# -- the cookiecutter app migrated: config.include("sparc.sa") ---------------------
+
+
+def _included_tx(request: Request) -> Any:
+    if request.registry["lookup"] == "request":
+        return request.tx
+    # After config.hook_zca(), zope.component's lookups use the request's
+    # registry: the README's lookup works unchanged.
+    from zope.component import getUtility
+
+    from sparc.sa.interfaces import ISAEngine
+
+    return getMultiAdapter(
+        (getUtility(ISAEngine), request.registry["models"].Base), ISAScopedTransaction
+    )
+
+
+def _included_write(request: Request, name: str) -> None:
+    tx = _included_tx(request)
+    with tx():
+        tx.session.add(request.registry["models"].Item(name=name))
+
+
+def included_write(request: Request) -> Response:
+    _included_write(request, "write")
+    return Response("ok")
+
+
+def included_fail(request: Request) -> Response:
+    _included_write(request, "fail")
+    raise ViewFailure("the view failed after its write")
+
+
+def included_transient(request: Request) -> Response:
+    _included_write(request, "transient")
+    if _first_attempt(request):
+        raise TransientError("try again")
+    return Response("ok")
+
+
+def included_serialize(request: Request) -> Response:
+    tx = _included_tx(request)
+    with tx():
+        _serialize_steps(request, tx.session, tx.engine, request.registry["models"])
+    return Response("ok")
+
+
+def included_always(request: Request) -> Response:
+    _included_write(request, "always")
+    raise TransientError("never works")
+
+
+def included_doom(request: Request) -> Response:
+    _included_write(request, "doom")
+    request.tm.doom()
+    return Response("ok")
+
+
+def included_main(
+    settings: dict[str, Any], *, models: SimpleNamespace, lookup: str, attempts: int = 3
+) -> Any:
+    """The cookiecutter's ``main()`` and ``models/__init__.py`` ``includeme``,
+    migrated: *settings* hold ``sqlalchemy.url`` and the engine options."""
+    if lookup not in LOOKUPS:
+        raise ValueError(f"lookup must be one of {LOOKUPS}, got {lookup!r}")
+    settings = dict(settings)
+    settings["tm.manager_hook"] = "pyramid_tm.explicit_manager"
+    settings["retry.attempts"] = attempts
+    settings["sparc.sa.base"] = models.Base
+    with Configurator(settings=settings) as config:
+        if lookup == "hook_zca":
+            config.hook_zca()
+        config.include("pyramid_tm")
+        config.include("pyramid_retry")
+        config.include("sparc.sa")
+        config.registry["models"] = models
+        config.registry["lookup"] = lookup
+        views = globals()
+        for name in VIEWS:
+            config.add_route(name, f"/{name}")
+            config.add_view(views[f"included_{name}"], route_name=name)
         return config.make_wsgi_app()
