@@ -66,11 +66,15 @@ class Scope:
         "joined",
         "pid",
         "session",
+        "set_aside",
         "thread",
     )
 
     def __init__(self, engine: Engine) -> None:
         self.session: Session | None = None
+        # The scope's own session while an outermost read-only block runs in
+        # a session of its own (sparc.sa.readonly): closed with the scope too.
+        self.set_aside: Session | None = None
         # The open blocks, outermost first. Held weakly: a block whose `with`
         # statement is gone without its __exit__ having run (interrupted before
         # it began) dies, and its __del__ rolls it back instead of wedging us.
@@ -153,6 +157,8 @@ class ScopeRegistry:
             if scope is not None:
                 scope.forgotten = True
                 fork.orphan(scope.session)
+                if scope.set_aside is not None:
+                    fork.orphan(scope.set_aside)
         self.tasks = {}
         self.local = threading.local()
 
@@ -161,8 +167,19 @@ def close_abandoned(scope: Scope) -> None:
     """Close the session of a scope whose thread or task has ended."""
     # getattr: a scope whose __init__ was interrupted (a KeyboardInterrupt)
     # is collected without some of its attributes.
+    if getattr(scope, "forgotten", False):
+        return
+    aside = getattr(scope, "set_aside", None)
+    if aside is not None:
+        # Set aside by a read-only block still open: no block uses it, and
+        # nothing of the ended thread or task will again.
+        scope.set_aside = None
+        if os.getpid() != scope.pid:
+            fork.orphan(aside)
+        elif not sys.is_finalizing():
+            _close_session(scope.engine, aside)
     session = getattr(scope, "session", None)
-    if session is None or getattr(scope, "forgotten", False):
+    if session is None:
         return
     if os.getpid() != scope.pid:
         # Inherited across fork (threads other than the forking one vanish in
