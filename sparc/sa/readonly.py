@@ -148,6 +148,8 @@ class ReadOnlyBlock:
         rs = self._rs
         interrupted = scope.interrupted
         saved = self._saved = scope.set_aside = scope.session
+        if saved is not None:
+            manager.scopes.watch_set_aside(scope)
         block = self._block = Block(manager, True, readonly=True)
         opened = False
         try:

@@ -136,6 +136,12 @@ class ScopeRegistry:
                 _link_greenlet(scope)
         return scope
 
+    def watch_set_aside(self, scope: Scope) -> None:
+        """Close *scope*'s set-aside session when its thread ends, even while
+        a block holds the scope (a task's ending closes it already)."""
+        if isinstance(scope, ThreadScope) and getattr(self.local, "scope", None) is scope:
+            self.local.set_aside_watch = SetAsideWatch(scope)
+
     def existing(self) -> Scope | None:
         """The current scope if it was made already, else None."""
         if _get_running_loop() is not None:
@@ -169,15 +175,7 @@ def close_abandoned(scope: Scope) -> None:
     # is collected without some of its attributes.
     if getattr(scope, "forgotten", False):
         return
-    aside = getattr(scope, "set_aside", None)
-    if aside is not None:
-        # Set aside by a read-only block still open: no block uses it, and
-        # nothing of the ended thread or task will again.
-        scope.set_aside = None
-        if os.getpid() != scope.pid:
-            fork.orphan(aside)
-        elif not sys.is_finalizing():
-            _close_session(scope.engine, aside)
+    close_set_aside(scope)
     session = getattr(scope, "session", None)
     if session is None:
         return
@@ -205,6 +203,35 @@ def close_abandoned(scope: Scope) -> None:
         gevent.spawn(_close_session, scope.engine, session)
         return
     _close_session(scope.engine, session)
+
+
+def close_set_aside(scope: Scope) -> None:
+    """Close the session a read-only block still open set aside, once the
+    scope's thread or task has ended: no block uses it, and nothing of the
+    ended thread or task will again."""
+    aside = getattr(scope, "set_aside", None)
+    if aside is None or getattr(scope, "forgotten", False):
+        return
+    scope.set_aside = None
+    if os.getpid() != scope.pid:
+        fork.orphan(aside)
+    elif not sys.is_finalizing():
+        _close_session(scope.engine, aside)
+
+
+class SetAsideWatch:
+    """Kept in a thread's ``threading.local`` while a read-only block has set
+    the thread's session aside. The block still open holds the scope, so the
+    scope outlives the thread; this does not, and closes that session as
+    the thread ends."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+
+    def __del__(self) -> None:
+        close_set_aside(self.scope)
 
 
 def _close_session(engine: Engine, session: Session) -> None:
