@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
 from sparc.sa.engine import engine_from_config
-from sparc.sa.exceptions import ReadOnlyTransactionError, StaleSnapshotError
+from sparc.sa.exceptions import StaleSnapshotError
 from sparc.sa.orm import ThreadLocalSASessionTransaction
 from sparc.sa.replicas import ReplicaSet, replica_set, replicas
 from tests.conftest import build_models
@@ -84,7 +84,8 @@ def test_replica_with_the_other_kind_of_driver_is_refused_naming_it(
     primary: str, replica: str
 ) -> None:
     pytest.importorskip("asyncpg")
-    with pytest.raises(ValueError, match=r"replica postgresql\+\w+://app:\*\*\*@r1/app has") as info:
+    named = r"replica postgresql\+\w+://app:\*\*\*@r1/app has"
+    with pytest.raises(ValueError, match=named) as info:
         engine_from_config({"dsn": primary, "replicas": [replica.format(pw=PASSWORD)]})
     assert PASSWORD not in str(info.value)
     assert "asyncio" in str(info.value) and "synchronous" in str(info.value)
@@ -92,7 +93,7 @@ def test_replica_with_the_other_kind_of_driver_is_refused_naming_it(
 
 @pytest.mark.parametrize("wait", ["inf", float("inf"), "nan", "-1"])
 def test_replica_wait_must_be_finite(wait: object) -> None:
-    with pytest.raises(ValueError, match="'replica_wait' must be a number of seconds.*finite"):
+    with pytest.raises(ValueError, match=r"'replica_wait' must be a number of seconds.*finite"):
         engine_from_config(
             {"dsn": "postgresql+psycopg://h/db", "replicas": [], "replica_wait": wait}
         )
@@ -438,7 +439,7 @@ def test_nested_token_in_a_repeatable_read_outer_block_is_refused(
             with tx(readonly=True, after=token):
                 pass
 
-    with pytest.raises(StaleSnapshotError, match="REPEATABLE READ|repeatable read"):
+    with pytest.raises(StaleSnapshotError, match=r"\(repeatable read\)"):
         in_thread(nested)
 
 
