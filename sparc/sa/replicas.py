@@ -95,7 +95,9 @@ _MAX_BACKOFF: Final = 5.0
 #: Seconds between two measurements of a replica's replay lag.
 CHECK_INTERVAL: Final = 1.0
 
-_TOKEN = re.compile(r"^pg:([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\.([0-9a-f]{8})$")
+# The check is optional in the form: a token made before tokens carried one
+# (or cut right before it) is well formed, and read on the primary.
+_TOKEN = re.compile(r"^pg:([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})(?:\.([0-9a-f]{8}))?$")
 #: A position no replica reaches: the read goes to the primary.
 PRIMARY_ONLY: Final = 1 << 63
 _READING = frozenset({"select", "show", "values", "explain", "table", "fetch", "set", "with"})
@@ -162,7 +164,7 @@ def read_token(token: str | None) -> tuple[int, str]:
             f"'pg:0/3000148.1f2e3d4c', got {token[:40]!r}"
         )
     position = (int(match.group(1), 16) << 32) | int(match.group(2), 16)
-    return position, match.group(3)
+    return position, match.group(3) or ""
 
 
 def parse_token(token: str | None) -> int:
@@ -413,8 +415,9 @@ class ReplicaSet:
             return 0
         if check != token_check(position, self.load_identity()[0]):
             logger.warning(
-                "a commit token failed its check (cut, altered, or made by another "
-                "database cluster); this read runs on the primary"
+                "a commit token failed its check (cut, altered, made by another "
+                "database cluster, or before tokens carried a check); this read "
+                "runs on the primary"
             )
             return PRIMARY_ONLY
         return position
