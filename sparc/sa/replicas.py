@@ -456,7 +456,18 @@ class ReplicaSet:
         or is not a standby of this primary."""
         self.stats["checks"] += 1
         standby, replayed, lag, system, timeline = connection.exec_driver_sql(_CHECK).one()
-        primary_system, primary_timeline = self.load_identity()
+        try:
+            primary_system, primary_timeline = self.load_identity()
+        except (sa_exc.DBAPIError, OSError) as error:
+            # The primary is not answering: nothing to compare the replica
+            # with, and nothing wrong with the replica itself.
+            logger.warning(
+                "could not read the primary's system identifier to check replica %s "
+                "(%s); this read does not use it",
+                replica.name,
+                type(error).__name__,
+            )
+            raise _Unusable from None
         if not standby:
             self.foreign(replica, "not in recovery: promoted, or not a standby")
         if str(system) != primary_system:
@@ -631,7 +642,9 @@ def nested_wait(
     if where is not None and need <= where[1]:
         return None  # the outer block's snapshot includes it, whatever the isolation
     connection = session.connection()
-    isolation = connection.exec_driver_sql("SHOW transaction_isolation").scalar()
+    isolation = _isolation(connection)
+    if isolation is None:
+        return None  # no replicas, no position to compare on this database
     if isolation != "read committed":
         raise StaleSnapshotError(
             f"a read-only block with after=token inside an open block of this scope runs "
@@ -660,6 +673,14 @@ def nested_wait(
             f"replica_wait ({rs.wait} s), and the outer block cannot move to the "
             "primary; open the tokened block outside the other block"
         ) from None
+
+
+def _isolation(connection: Any) -> str | None:
+    """The isolation level of *connection*'s transaction, as PostgreSQL
+    spells it ('read committed'); None on a database without positions."""
+    if connection.dialect.name != "postgresql":
+        return None
+    return str(connection.exec_driver_sql("SHOW transaction_isolation").scalar())
 
 
 # -- what the primary wrote --------------------------------------------------------
