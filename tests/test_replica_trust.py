@@ -33,7 +33,7 @@ from sqlalchemy.engine import Engine, make_url
 from sparc.sa.engine import engine_from_config
 from sparc.sa.exceptions import StaleSnapshotError
 from sparc.sa.orm import ThreadLocalSASessionTransaction
-from sparc.sa.replicas import ReplicaSet, replica_set, replicas
+from sparc.sa.replicas import ReplicaSet, commit_token, replica_set, replicas
 from tests.conftest import build_models
 from tests.test_replicas import PASSWORD, control, pair_dsns, wait_caught_up
 
@@ -461,7 +461,7 @@ def test_nested_token_async_honoured_or_refused(faults: SimpleNamespace) -> None
         set_paused(replica_dsn, True)
         async with atx() as session:
             session.add(Item(name="mine"))
-        token = atx.commit_token
+        token = commit_token(engine)
         assert token is not None
 
         async def nested(resume_after: float | None) -> tuple[int, list[str]]:
@@ -483,6 +483,49 @@ def test_nested_token_async_honoured_or_refused(faults: SimpleNamespace) -> None
                 faults.port,
                 ["mine"],
             )
+        finally:
+            set_paused(replica_dsn, False)
+            checked_in(engine, *replicas(engine))
+            for each in (engine, *replicas(engine)):
+                await each.dispose()
+
+    asyncio.run(main())
+
+
+def test_async_commit_token_carries_a_task_s_write_to_another_task(
+    faults: SimpleNamespace,
+) -> None:
+    """atx.commit_token, given to a task that never wrote, makes its read see
+    the write while the replica has not replayed it."""
+    pytest.importorskip("asyncpg")
+    from sparc.sa.aio import AsyncScopedTransaction
+
+    def to_async(dsn: str) -> str:
+        return make_url(dsn).set(drivername="postgresql+asyncpg").render_as_string(False)
+
+    primary_dsn, replica_dsn = fault_dsns()
+    engine: Any = engine_from_config(
+        {"dsn": to_async(primary_dsn), "replicas": [to_async(replica_dsn)], "replica_wait": 0}
+    )
+    Item = faults.models.Item
+    atx = AsyncScopedTransaction(engine, faults.models.Base)
+
+    async def main() -> None:
+        set_paused(replica_dsn, True)
+        try:
+            assert atx.commit_token is None
+            async with atx() as session:
+                session.add(Item(name="mine"))
+            token = atx.commit_token
+            assert token is not None and token.startswith("pg:")
+
+            async def read(after: str | None) -> list[str]:
+                async with atx(readonly=True, after=after) as session:
+                    return list((await session.scalars(sa.select(Item.name))).all())
+
+            fresh = contextvars.Context
+            assert await asyncio.create_task(read(None), context=fresh()) == []  # the replica
+            assert await asyncio.create_task(read(token), context=fresh()) == ["mine"]
         finally:
             set_paused(replica_dsn, False)
             checked_in(engine, *replicas(engine))
