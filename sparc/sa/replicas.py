@@ -33,6 +33,16 @@ Health
     lag is measured at most once a second (as part of the first query of a
     block), and a replica further behind is skipped until it catches up.
 
+Standbys of this primary only
+    The same check, made when a replica is first used, at most once a
+    second after that, and whenever a block needs more than it was seen to
+    replay, also asks whether it is in recovery, and its system identifier
+    and timeline: a server that is not a standby of this primary (promoted,
+    another cluster, another timeline) is "foreign", logged once and
+    skipped until it is one again. Tokens carry a digest of their position
+    and the primary's system identifier; one that fails it reads on the
+    primary.
+
 Balance
     Read-only blocks take the healthy replicas in turn (round robin).
 
