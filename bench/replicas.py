@@ -1,6 +1,9 @@
 """Read replicas: what a read-only block costs, and what positions prevent.
 
-    TEST_PG_DSN=... TEST_PG_REPLICA_DSN=... .venv/bin/python bench/replicas.py [--quick]
+    TEST_PG_DSN=... TEST_PG_REPLICA_DSN=... .venv/bin/python bench/replicas.py [--quick] [--cost]
+
+(``--cost``: part 1 only, which changes nothing on the replica. Part 2 delays
+the replica's replay: point TEST_PG_REPLICA_DSN at a replica of your own.)
 
 1. A one-row read on the replica through ``tx(readonly=True)`` (a scope that
    never wrote: no position check) against a plain ``sessionmaker`` bound to
@@ -35,9 +38,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sparc.sa.engine import engine_from_config
 from sparc.sa.orm import ThreadLocalSASessionTransaction
-from sparc.sa.replicas import lsn_to_int, replica_set, replicas
+from sparc.sa.replicas import lsn_to_int, replica_set, replicas, token_check
 
 QUICK = "--quick" in sys.argv
+COST_ONLY = "--cost" in sys.argv  # part 1 only: no replay delay set on the replica
 _batches = itertools.count(1)
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -102,12 +106,15 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any) -> None:
                 session.get(Row, 1)
         return time.perf_counter() - start
 
+    # A token for position 1, with the check it must carry.
+    token = f"pg:0/1.{token_check(1, rs.load_identity()[0])}"
+
     def ours(check: bool) -> float:
         start = time.perf_counter()
         for _ in range(n):
             if check:
                 rs.replicas[0].replayed = 0  # as if a newer commit had to be awaited
-            with tx(readonly=True, after="pg:0/1" if check else None) as S:
+            with tx(readonly=True, after=token if check else None) as S:
                 S.get(Row, 1)
         return time.perf_counter() - start
 
@@ -258,7 +265,8 @@ def main() -> None:
         tx = ThreadLocalSASessionTransaction(primary, Base)
         print(f"SQLAlchemy {sa.__version__}, Python {sys.version.split()[0]}")
         cost(tx, replica)
-        sweep(tx, primary, replica, replica_dsn)
+        if not COST_ONLY:
+            sweep(tx, primary, replica, replica_dsn)
     finally:
         Base.metadata.drop_all(primary)
         primary.dispose()

@@ -162,6 +162,31 @@ def pair() -> Iterator[SimpleNamespace]:
         each.dispose()
 
 
+@pytest.fixture
+def fault_pair() -> Iterator[SimpleNamespace]:
+    """As `pair`, on the throwaway replica that fault tests may stop."""
+    primary_dsn = os.environ.get("TEST_PG_DSN")
+    replica_dsn = os.environ.get("TEST_PG_FAULT_REPLICA_DSN")
+    if not primary_dsn or not replica_dsn:
+        pytest.skip(
+            "TEST_PG_DSN and TEST_PG_FAULT_REPLICA_DSN are not both set, so there is no "
+            "throwaway replica to stop (.ci/run makes one)"
+        )
+    engine = engine_from_config({"dsn": primary_dsn, "replicas": [replica_dsn]})
+    assert isinstance(engine, Engine)
+    models = build_models()
+    models.Base.metadata.create_all(engine)
+    wait_caught_up(engine, replica_dsn)
+    tx = ThreadLocalSASessionTransaction(engine, models.Base)
+    yield SimpleNamespace(
+        engine=engine, replica=replicas(engine)[0], replica_dsn=replica_dsn, models=models, tx=tx
+    )
+    models.Base.metadata.drop_all(engine)
+    for each in (engine, *replicas(engine)):
+        assert each.pool.checkedout() == 0
+        each.dispose()
+
+
 def on_standby(session: Session) -> bool:
     return bool(session.execute(sa.text("SELECT pg_is_in_recovery()")).scalar())
 
@@ -184,10 +209,16 @@ def test_readonly_block_runs_on_replica_and_costs_no_extra_statement(
             return Session.scalars(sa.select(Item.name)).all()
 
     result: list[Any] = []
-    reader = threading.Thread(target=lambda: result.append(read()))  # a scope that never wrote
+
+    def reads() -> None:  # a scope that never wrote
+        result.append(read())  # the replica's first block checks it is a standby of ours
+        del sent[:]
+        result.append(read())  # the next ones, within CHECK_INTERVAL, check nothing
+
+    reader = threading.Thread(target=reads)
     reader.start()
     reader.join()
-    assert result == [[]]
+    assert result == [[], []]
     assert len(sent) == 2  # the two statements of the block, no position check
     with tx() as Session:  # a writing block stays on the primary
         assert not on_standby(Session())
@@ -454,20 +485,23 @@ def test_lagging_replica_is_skipped(
 
 
 def test_replica_killed_mid_load_loses_no_read_and_comes_back(
-    pair: SimpleNamespace,
+    fault_pair: SimpleNamespace,
 ) -> None:
     """8 threads read through run(readonly=True) while the replica is stopped
     (clients disconnected) and started again: no read fails, and reads go
-    back to the replica within seconds of it answering again."""
+    back to the replica within seconds of it answering again. The replica
+    stopped is the throwaway one (TEST_PG_FAULT_REPLICA_DSN), never the
+    shared replica other runs read."""
     import shutil
     import subprocess
 
+    pair = fault_pair
     if shutil.which("pg_ctlcluster") is None or os.geteuid() != 0:
         pytest.skip("stopping the replica needs root and Debian's pg_ctlcluster")
     version = subprocess.run(
         ["sh", "-c", "ls /etc/postgresql | sort -n | tail -1"], capture_output=True, text=True
     ).stdout.strip()
-    cluster = os.environ.get("PG_REPLICA_CLUSTER", "replica")
+    cluster = os.environ.get("TEST_PG_FAULT_REPLICA_CLUSTER", "replica_faults")
     rs = replica_set(pair.engine)
     assert rs is not None
     with pair.tx() as Session:

@@ -89,7 +89,7 @@ from sparc.sa.interfaces import (
     ISADeclarativeMeta,
 )
 from sparc.sa.keep import keep_shared_connection
-from sparc.sa.replicas import READONLY, is_disconnect, prepare
+from sparc.sa.replicas import READONLY, commit_token, is_disconnect, prepare
 from sparc.sa.retry import check_attempts, delay_before_next
 from sparc.sa.shielded import cancel_pending, end_session, finish, quietly, run_detached
 from sparc.sa.suspended import GENERATOR, check_owner, owner_of_block
@@ -503,6 +503,14 @@ class AsyncScopedTransaction:
                 "use `async with tx() as session:`"
             )
         return scope.session
+
+    @property
+    def commit_token(self) -> str | None:
+        """The WAL position of this task's latest commit on an engine with
+        replicas, as a string for ``atx(readonly=True, after=token)`` (or the
+        threaded manager's ``tx``) in another task, request or process; None
+        when this task wrote nothing."""
+        return commit_token(self._engine)
 
     def __call__(
         self, savepoint: bool = True, *, readonly: bool = False, after: str | None = None

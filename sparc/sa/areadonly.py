@@ -19,9 +19,12 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
+from sqlalchemy.util import greenlet_spawn
 
 from sparc.sa.aio import AsyncScopedTransaction, _AsyncBlock
 from sparc.sa.replicas import (
+    ON_REPLICA,
+    PRIMARY_ONLY,
     READONLY,
     Replica,
     ReplicaSet,
@@ -32,8 +35,9 @@ from sparc.sa.replicas import (
     check_readonly_arguments,
     do_orm_execute,
     guard,
-    parse_token,
+    nested_wait,
     read_only_end,
+    read_token,
     replica_set,
     unguard,
 )
@@ -54,7 +58,7 @@ class AsyncReadOnlyBlock:
 
     def __init__(self, manager: AsyncScopedTransaction, after: str | None = None) -> None:
         self._manager = manager
-        self._after = parse_token(after)
+        self._after = read_token(after)
         self._block: _AsyncBlock | None = None
         self._guarded: Session | None = None
         self._replica: Replica | None = None
@@ -73,31 +77,58 @@ class AsyncReadOnlyBlock:
             # In the writing transaction around it, to see its uncommitted work.
             block = self._block = _AsyncBlock(manager, True, readonly=True)
             session = await block.__aenter__()
-            self._guarded = session.sync_session
-            guard(self._guarded)
+            guarded = self._guarded = session.sync_session
+            guard(guarded)
+            if self._after[0]:
+                try:
+                    await self._honour(session)
+                except BaseException as error:
+                    self._guarded = None
+                    unguard(guarded)
+                    await block.__aexit__(type(error), error, error.__traceback__)
+                    raise
             return session
         rs = self._rs = replica_set(manager.engine)
         if rs is not None:
-            need = max(rs.position(), self._after)
-            for replica in rs.candidates():
-                on_replica = await self._on_replica(manager, rs, replica, need)
-                if on_replica is not None:
-                    rs.stats["replica"] += 1
-                    return on_replica
+            need = max(rs.position(), await greenlet_spawn(rs.token_need, self._after))
+            if need != PRIMARY_ONLY:
+                for replica in rs.candidates():
+                    on_replica = await self._on_replica(manager, rs, replica, need)
+                    if on_replica is not None:
+                        rs.stats["replica"] += 1
+                        return on_replica
             rs.stats["primary"] += 1
         block = self._block = _AsyncBlock(manager, True, readonly=True, factory=_factory(manager))
         return await block.__aenter__()
 
+    async def _honour(self, session: AsyncSession) -> None:
+        """A token inside an open block (see :func:`sparc.sa.replicas.nested_wait`)."""
+        rs = replica_set(self._manager.engine)
+        if rs is None:
+            need = self._after[0]
+        else:
+            need = max(rs.position(), await greenlet_spawn(rs.token_need, self._after))
+        deadline = time.monotonic() + (rs.wait if rs is not None else 0.0)
+        while (
+            pause := await session.run_sync(lambda s: nested_wait(rs, s, need, deadline))
+        ) is not None:
+            await asyncio.sleep(pause)
+
     async def _on_replica(
         self, manager: AsyncScopedTransaction, rs: ReplicaSet, replica: Replica, need: int
     ) -> AsyncSession | None:
+        """The block on *replica* once it has replayed *need*; None if it
+        cannot serve it now. A cancellation (a timeout around the block, say)
+        while it connects or waits ends the block first: the task keeps no
+        block open and no replica connection."""
         block = _AsyncBlock(manager, True, readonly=True, factory=_factory(manager, replica))
         try:
             session = await block.__aenter__()  # connects
-        except sa_exc.DBAPIError as error:
+        except (sa_exc.DBAPIError, OSError) as error:
             rs.failed(replica, error)
             return None
         try:
+            floor = replica.replayed
             if rs.needs_check(replica, need):
                 deadline = time.monotonic() + rs.wait
                 while not await session.run_sync(
@@ -106,11 +137,16 @@ class AsyncReadOnlyBlock:
                     pause = rs.waited(deadline)
                     await session.rollback()  # the next check's snapshot is newer
                     await asyncio.sleep(pause)
-        except (_Unusable, sa_exc.DBAPIError) as error:
-            if isinstance(error, sa_exc.DBAPIError):
+                floor = max(floor, need)
+            session.sync_session.info[ON_REPLICA] = (replica, floor)
+        except BaseException as error:
+            unusable = isinstance(error, (_Unusable, sa_exc.DBAPIError, OSError))
+            if unusable and not isinstance(error, _Unusable):
                 rs.failed(replica, error)
             await block.__aexit__(type(error), error, error.__traceback__)
-            return None
+            if unusable:
+                return None
+            raise
         self._block = block
         self._replica = replica
         return session
@@ -141,8 +177,8 @@ _FACTORIES: Final = "_sparc_sa_readonly_factories"
 
 
 def _factory(manager: AsyncScopedTransaction, replica: Replica | None = None) -> Any:
-    factories: dict[int, Any] = manager.__dict__.setdefault(_FACTORIES, {})
-    key = id(replica)
+    factories: dict[Replica | None, Any] = manager.__dict__.setdefault(_FACTORIES, {})
+    key = replica
     factory = factories.get(key)
     if factory is None:
         with _lock:

@@ -22,6 +22,7 @@ __all__ = [
     "JoinedTransactionError",
     "ReadOnlyTransactionError",
     "RetryableDatabaseError",
+    "StaleSnapshotError",
     "SuspendedBlockError",
 ]
 
@@ -168,4 +169,16 @@ class ReadOnlyTransactionError(RuntimeError):
     block runs on a replica or on the primary (in a READ ONLY transaction).
     Nothing the block did is written; the original database error, if any,
     is its ``__cause__``.
+    """
+
+
+class StaleSnapshotError(RuntimeError):
+    """A read-only block given a commit token (``after=token``) was opened
+    inside an open block whose transaction cannot be shown to see the
+    token's commit: its snapshot was taken already (REPEATABLE READ or
+    SERIALIZABLE), or it runs on a replica that did not replay that far in
+    time. Raised rather than reading without the token's write; open the
+    tokened block outside the other one.
+
+    .. versionadded:: 2.0
     """

@@ -165,6 +165,11 @@ class ISAAsyncScopedTransaction(Interface):
         "The current task's AsyncSession: the one of its innermost open block. "
         "Outside any block of the task it raises CrossScopeSessionError."
     )
+    commit_token = Attribute(
+        "The position of the current task's latest commit on an engine with "
+        "replicas, as a string for ``tx(readonly=True, after=token)`` in another "
+        "task, request or process; None when the task wrote nothing."
+    )
 
     def __call__(savepoint: bool = True) -> Any:
         """Return an asynchronous context manager for one block of work.

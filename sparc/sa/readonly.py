@@ -37,6 +37,8 @@ from sqlalchemy.pool import StaticPool
 
 from sparc.sa.block import Block
 from sparc.sa.replicas import (
+    ON_REPLICA,
+    PRIMARY_ONLY,
     READONLY,
     Replica,
     ReplicaSet,
@@ -44,8 +46,9 @@ from sparc.sa.replicas import (
     guard,
     install_guards,
     is_disconnect,
-    parse_token,
+    nested_wait,
     read_only_end,
+    read_token,
     replica_set,
     unguard,
 )
@@ -68,7 +71,7 @@ class ReadOnlyBlock:
 
     def __init__(self, manager: Any, after: str | None = None) -> None:
         self._manager = manager
-        self._after = parse_token(after)
+        self._after = read_token(after)
         self._block: Block | None = None
         self._guarded: Session | None = None
         self._replica: Replica | None = None
@@ -96,59 +99,105 @@ class ReadOnlyBlock:
             entered = block.__enter__()
             guarded = self._guarded = block.session
             guard(guarded)
+            if self._after[0]:
+                try:
+                    self._honour(guarded)
+                except BaseException as error:
+                    self._guarded = None
+                    unguard(guarded)
+                    block.__exit__(type(error), error, error.__traceback__)
+                    raise
             return entered
         factory = _factory(manager)
         rs = self._rs = replica_set(manager.engine)
         if rs is not None:
-            need = max(rs.position(), self._after)
-            for replica in rs.candidates():
-                on_replica = self._open(manager, scope, factory, replica, need)
-                if on_replica is not None:
-                    rs.stats["replica"] += 1
-                    return on_replica
+            need = max(rs.position(), rs.token_need(self._after))
+            if need != PRIMARY_ONLY:
+                for replica in rs.candidates():
+                    on_replica = self._open(manager, scope, factory, replica, need)
+                    if on_replica is not None:
+                        rs.stats["replica"] += 1
+                        return on_replica
             rs.stats["primary"] += 1
         on_primary = self._open(manager, scope, factory, None, 0)
         assert on_primary is not None
         return on_primary
 
+    def _honour(self, session: Session) -> None:
+        """A token inside an open block: seen by that block's transaction, or
+        StaleSnapshotError (see :func:`sparc.sa.replicas.nested_wait`)."""
+        rs = replica_set(self._manager.engine)
+        need = self._after[0] if rs is None else max(rs.position(), rs.token_need(self._after))
+        deadline = time.monotonic() + (rs.wait if rs is not None else 0.0)
+        while (pause := nested_wait(rs, session, need, deadline)) is not None:
+            time.sleep(pause)
+
     def _open(
         self, manager: Any, scope: Scope, factory: Any, replica: Replica | None, need: int
     ) -> scoped_session[Session] | None:
         """Open the block in a session of its own, on *replica* or on the
-        primary; None if the replica cannot serve it now."""
+        primary; None if the replica cannot serve it now. Whatever stops it
+        (the replica, an interruption while it waits) leaves the scope as it
+        was: its own session back, the block's connection returned."""
         if replica is None:
             session: Session = factory()
             session.info[READONLY] = True  # a READ ONLY transaction (replicas.after_begin)
         else:
             session = factory(bind=replica.sync_engine)
             session.info[READONLY] = "replica"
-        saved = self._saved = scope.session
-        scope.session = session
-        block = self._block = Block(manager, True, readonly=True)
-        try:
-            entered = block.__enter__()
-        except BaseException:
-            scope.session = saved
-            session.close()
-            raise
-        if replica is None:
-            return entered
         rs = self._rs
-        assert rs is not None
+        interrupted = scope.interrupted
+        saved = self._saved = scope.set_aside = scope.session
+        if saved is not None:
+            manager.scopes.watch_set_aside(scope)
+        block = self._block = Block(manager, True, readonly=True)
+        opened = False
         try:
+            scope.session = session
+            entered = block.__enter__()
+            opened = True
+            if replica is None:
+                return entered
+            assert rs is not None
+            # Connected as the block opens (a pooled connection: no round
+            # trip), so that a replica refusing connections is skipped here
+            # rather than failing the caller's first statement.
+            session.connection()
+            floor = replica.replayed
             if rs.needs_check(replica, need):
                 rs.check(replica, session, need)
-        except (_Unusable, sa_exc.DBAPIError) as error:
-            if isinstance(error, sa_exc.DBAPIError):
+                floor = max(floor, need)
+            session.info[ON_REPLICA] = (replica, floor)
+        except BaseException as error:
+            unusable = replica is not None and isinstance(
+                error, (_Unusable, sa_exc.DBAPIError, OSError)
+            )
+            if unusable and not isinstance(error, _Unusable):
+                assert rs is not None and replica is not None
                 rs.failed(replica, error)
             try:
-                block.__exit__(type(error), error, error.__traceback__)
-            except Exception:  # pragma: no cover - a rollback on a dead connection
+                if opened:
+                    block.__exit__(type(error), error, error.__traceback__)
+                else:
+                    session.close()
+            except Exception:
+                if not unusable:
+                    raise
                 logger.debug("ending an unusable replica's block failed", exc_info=True)
             finally:
                 scope.session = saved
-                self._saved = None
-            return None
+                scope.set_aside = self._saved = None
+                self._block = None
+                if replica is not None and scope.interrupted > interrupted:
+                    # Interrupted on the replica's connection, not the
+                    # primary's: if inside its pool, the replica's pool is
+                    # the one to replace.
+                    if scope.interrupted == 2:
+                        replica.sync_engine.dispose()
+                    scope.interrupted = interrupted
+            if unusable:
+                return None
+            raise
         self._replica = replica
         return entered
 
@@ -177,6 +226,8 @@ class ReadOnlyBlock:
         assert scope is not None and self._block is not None
         if scope.session is self._block.session:
             scope.session = self._saved
+        if scope.set_aside is self._saved:
+            scope.set_aside = None
         self._saved = None
 
 

@@ -33,6 +33,16 @@ Health
     lag is measured at most once a second (as part of the first query of a
     block), and a replica further behind is skipped until it catches up.
 
+Standbys of this primary only
+    The same check, made when a replica is first used, at most once a
+    second after that, and whenever a block needs more than it was seen to
+    replay, also asks whether it is in recovery, and its system identifier
+    and timeline: a server that is not a standby of this primary (promoted,
+    another cluster, another timeline) is "foreign", logged once and
+    skipped until it is one again. Tokens carry a digest of their position
+    and the primary's system identifier; one that fails it reads on the
+    primary.
+
 Balance
     Read-only blocks take the healthy replicas in turn (round robin).
 
@@ -45,8 +55,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import itertools
 import logging
+import math
 import re
 import threading
 import time
@@ -59,7 +71,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sparc.sa.exceptions import ReadOnlyTransactionError
+from sparc.sa.exceptions import ReadOnlyTransactionError, StaleSnapshotError
 
 __all__ = [
     "REPLICA_KEYS",
@@ -93,16 +105,24 @@ _MAX_BACKOFF: Final = 5.0
 #: Seconds between two measurements of a replica's replay lag.
 CHECK_INTERVAL: Final = 1.0
 
-_TOKEN = re.compile(r"^pg:([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+# The check is optional in the form: a token made before tokens carried one
+# (or cut right before it) is well formed, and read on the primary.
+_TOKEN = re.compile(r"^pg:([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})(?:\.([0-9a-f]{8}))?$")
+#: A position no replica reaches: the read goes to the primary.
+PRIMARY_ONLY: Final = 1 << 63
 _READING = frozenset({"select", "show", "values", "explain", "table", "fetch", "set", "with"})
 _FIRST_WORD = re.compile(r"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*(\w+)", re.S)
 
 # The position of a scope's latest commit, per replica set. Contexts follow
 # threads and asyncio tasks (a task starts from a copy of its creator's), and
 # SQLAlchemy's asyncio layer runs the pool's events in the task's context.
+# Keyed by ReplicaSet.key, a serial number never given twice (an id() is
+# reused once its object is gone, and would hand a disposed engine's
+# positions to a new one).
 _positions: contextvars.ContextVar[dict[int, int] | None] = contextvars.ContextVar(
     "sparc.sa commit positions", default=None
 )
+_serials = itertools.count(1)  # next() is atomic under the GIL
 
 
 # -- positions and tokens ----------------------------------------------------------
@@ -140,27 +160,50 @@ def check_readonly_arguments(readonly: object, after: object, spelling: str) -> 
     return after
 
 
-def parse_token(token: str | None) -> int:
-    """The WAL position in a commit token (0 for None or '')."""
+def read_token(token: str | None) -> tuple[int, str]:
+    """``(WAL position, check)`` of a commit token; ``(0, "")`` for None or ''.
+    A ValueError names the expected form when it is not one."""
     if not token:
-        return 0
+        return 0, ""
     if not isinstance(token, str):
         raise TypeError(f"'after' must be a commit token string, got {type(token).__name__}")
     match = _TOKEN.match(token)
     if match is None:
         raise ValueError(
-            f"'after' must be a commit token as tx.commit_token gives it, like 'pg:0/3000148', "
-            f"got {token[:40]!r}"
+            "'after' must be a commit token as tx.commit_token gives it, like "
+            f"'pg:0/3000148.1f2e3d4c', got {token[:40]!r}"
         )
-    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
+    position = (int(match.group(1), 16) << 32) | int(match.group(2), 16)
+    return position, match.group(3) or ""
 
 
-def commit_token(engine: Engine) -> str | None:
+def parse_token(token: str | None) -> int:
+    """The WAL position in a commit token (0 for None or ''); its check is
+    not verified here (see :meth:`ReplicaSet.token_need`)."""
+    return read_token(token)[0]
+
+
+def token_check(position: int, system: str) -> str:
+    """The check a token carries: a digest of its position and the primary's
+    system identifier. Not a secret: it catches a token cut or altered on
+    its way (a cookie, a URL) and one from another database cluster, not a
+    forger, who can at most send reads to the primary."""
+    text = f"{position:x}:{system}".encode()
+    return hashlib.blake2b(text, digest_size=4, person=b"sparc.sa token").hexdigest()
+
+
+def commit_token(engine: Any) -> str | None:
     """The position of the current scope's latest commit through *engine*,
     as a string for ``tx(readonly=True, after=token)``; None if it wrote nothing."""
     rs = replica_set(engine)
     position = rs.position() if rs is not None else 0
-    return f"pg:{int_to_lsn(position)}" if position else None
+    if not position:
+        return None
+    assert rs is not None
+    # The identity was read with the position; if that failed, the check is
+    # made against nothing, and the token's reads go to the primary.
+    system = rs.identity[0] if rs.identity is not None else ""
+    return f"pg:{int_to_lsn(position)}.{token_check(position, system)}"
 
 
 # -- configuration -----------------------------------------------------------------
@@ -216,8 +259,10 @@ def _seconds(section: Mapping[str, Any], name: str, default: float | None) -> fl
         seconds = float(value)
     except (TypeError, ValueError):
         seconds = -1.0
-    if not seconds >= 0:
-        raise ValueError(f"{name!r} must be a number of seconds (0 or more), got {value!r}")
+    if not seconds >= 0 or not math.isfinite(seconds):
+        raise ValueError(
+            f"{name!r} must be a number of seconds (0 or more, and finite), got {value!r}"
+        )
     return seconds
 
 
@@ -233,6 +278,8 @@ def attach(primary: Engine, options: dict[str, Any], build: Callable[[Any], Any]
     engines = [build(config) for config in options["replicas"]]
     for engine in engines:
         sync = getattr(engine, "sync_engine", engine)
+        if sync.dialect.is_async != primary.dialect.is_async:
+            raise ValueError(_mismatch(primary, sync))
         if sync.dialect.name != "postgresql":
             raise ValueError(
                 f"a replica must be a PostgreSQL database like its primary, got "
@@ -241,6 +288,21 @@ def attach(primary: Engine, options: dict[str, Any], build: Callable[[Any], Any]
     rs = ReplicaSet(primary, engines, max_lag=options["max_lag"], wait=options["wait"])
     primary.__dict__[_ATTR] = rs
     return rs
+
+
+def _mismatch(primary: Engine, replica: Engine) -> str:
+    from sparc.sa.options import hide_dsn
+
+    def kind(engine: Engine) -> str:
+        mode = "an asyncio" if engine.dialect.is_async else "a synchronous"
+        return f"{mode} driver ({engine.dialect.driver})"
+
+    return (
+        f"replica {hide_dsn(replica.url)} has {kind(replica)} and its primary "
+        f"{hide_dsn(primary.url)} has {kind(primary)}: a replica serves the "
+        "primary's manager, so both need the same kind, e.g. postgresql+asyncpg:// "
+        "for both or postgresql+psycopg:// for both"
+    )
 
 
 def replica_set(engine: Any) -> ReplicaSet | None:
@@ -269,8 +331,10 @@ class Replica:
 
     engine: Any
     name: str
-    state: str = "up"  # "up", "down" or "lagging"
-    replayed: int = 0  # the latest replay position seen
+    # "up", "down", "lagging", or "foreign": answering, but not a standby of
+    # this primary (promoted, another cluster, another timeline).
+    state: str = "up"
+    replayed: int = 0  # the latest replay position seen while it was a standby of ours
     lag: float | None = None  # seconds, as last measured
     checked: float = 0.0  # time.monotonic() of that measurement
     retry_at: float = 0.0
@@ -305,7 +369,18 @@ class ReplicaSet:
             for engine in engines
         )
         self.max_lag = max_lag
-        self.wait = 0.0 if wait is None else wait
+        wait = 0.0 if wait is None else wait
+        if not (wait >= 0 and math.isfinite(wait)):
+            raise ValueError(
+                f"'replica_wait' must be a number of seconds (0 or more, and finite), got {wait!r}"
+            )
+        self.wait = wait
+        #: This set's key in a scope's positions: never given to another set.
+        self.key = next(_serials)
+        #: The primary's (system identifier, timeline), read with a commit's
+        #: position or on demand; forgotten when the primary engine connects
+        #: anew (it may be another server after a failover).
+        self.identity: tuple[str, int | None] | None = None
         # Guards the replicas' states; held only to read or change them.
         self._lock = threading.Lock()
         self._turn = itertools.count()
@@ -322,15 +397,40 @@ class ReplicaSet:
     def position(self) -> int:
         """The position of the current scope's latest commit (0: none)."""
         positions = _positions.get()
-        return 0 if positions is None else positions.get(id(self), 0)
+        return 0 if positions is None else positions.get(self.key, 0)
 
     def note(self, position: int) -> None:
         positions = _positions.get()
         if positions is None:
             positions = {}
             _positions.set(positions)
-        if position > positions.get(id(self), 0):
-            positions[id(self)] = position
+        if position > positions.get(self.key, 0):
+            positions[self.key] = position
+
+    def load_identity(self) -> tuple[str, int | None]:
+        """The primary's identity, asked of it if not known (sync, or inside
+        SQLAlchemy's greenlet for an asyncio engine)."""
+        identity = self.identity
+        if identity is None:
+            with self.primary.connect() as conn:
+                system, timeline = conn.exec_driver_sql(_IDENTITY).one()
+            identity = self.identity = (str(system), timeline)
+        return identity
+
+    def token_need(self, token: tuple[int, str]) -> int:
+        """The position a token asks for, once its check holds; PRIMARY_ONLY
+        for a token that fails it (cut, altered, or from another cluster)."""
+        position, check = token
+        if not position:
+            return 0
+        if check != token_check(position, self.load_identity()[0]):
+            logger.warning(
+                "a commit token failed its check (cut, altered, made by another "
+                "database cluster, or before tokens carried a check); this read "
+                "runs on the primary"
+            )
+            return PRIMARY_ONLY
+        return position
 
     # -- choosing --
 
@@ -341,7 +441,7 @@ class ReplicaSet:
             r
             for r in self.replicas
             if r.state == "up"
-            or (r.state == "down" and now >= r.retry_at)
+            or (r.state in ("down", "foreign") and now >= r.retry_at)
             or (r.state == "lagging" and now - r.checked >= CHECK_INTERVAL)
         ]
         if len(usable) > 1:
@@ -350,17 +450,44 @@ class ReplicaSet:
         return usable
 
     def needs_check(self, replica: Replica, need: int) -> bool:
-        if need > replica.replayed:
-            return True
-        if replica.state != "up":
-            return True
-        return self.max_lag is not None and time.monotonic() - replica.checked >= CHECK_INTERVAL
+        """Whether this block checks *replica* before its first read: when the
+        scope needs more than the replica was seen to replay, when it was not
+        up, and at most once per CHECK_INTERVAL anyway, which is how a
+        promoted replica is found out although nobody wrote."""
+        return (
+            need > replica.replayed
+            or replica.state != "up"
+            or time.monotonic() - replica.checked >= CHECK_INTERVAL
+        )
 
     def measure(self, replica: Replica, connection: Any, need: int) -> bool:
         """One position check on *connection* (a block's own, on *replica*):
-        whether it has replayed *need*; :class:`_Unusable` if it lags too far."""
+        whether it has replayed *need*; :class:`_Unusable` if it lags too far
+        or is not a standby of this primary."""
         self.stats["checks"] += 1
-        replayed, lag = connection.exec_driver_sql(_CHECK).one()
+        standby, replayed, lag, system, timeline = connection.exec_driver_sql(_CHECK).one()
+        try:
+            primary_system, primary_timeline = self.load_identity()
+        except (sa_exc.DBAPIError, OSError) as error:
+            # The primary is not answering: nothing to compare the replica
+            # with, and nothing wrong with the replica itself.
+            logger.warning(
+                "could not read the primary's system identifier to check replica %s "
+                "(%s); this read does not use it",
+                replica.name,
+                type(error).__name__,
+            )
+            raise _Unusable from None
+        if not standby:
+            self.foreign(replica, "not in recovery: promoted, or not a standby")
+        if str(system) != primary_system:
+            self.foreign(
+                replica,
+                f"system identifier {system}, the primary's is {primary_system}: "
+                "a standby of another cluster",
+            )
+        if timeline != primary_timeline:
+            self.foreign(replica, f"timeline {timeline}, the primary's is {primary_timeline}")
         replayed = lsn_to_int(replayed) if replayed else 0
         with self._lock:
             replica.replayed = max(replica.replayed, replayed)
@@ -371,6 +498,16 @@ class ReplicaSet:
             raise _Unusable
         self.set_state(replica, "up", "")
         return bool(replayed >= need)
+
+    def foreign(self, replica: Replica, reason: str) -> None:
+        """*replica* answers but is not a standby of this primary: skipped,
+        and what it was seen to replay forgotten, until a check finds it a
+        standby of this primary again. Raises :class:`_Unusable`."""
+        with self._lock:
+            replica.replayed = 0
+            replica.checked = time.monotonic()
+        self.set_state(replica, "foreign", reason)
+        raise _Unusable
 
     def waited(self, deadline: float) -> float:
         """Seconds to wait before the next check; :class:`_Unusable` if the
@@ -398,7 +535,7 @@ class ReplicaSet:
         with self._lock:
             before = replica.state
             replica.reason = reason
-            if state == "down":
+            if state in ("down", "foreign"):
                 replica.failures += 1
                 delay = min(_FIRST_BACKOFF * 2 ** (replica.failures - 1), _MAX_BACKOFF)
                 replica.retry_at = time.monotonic() + delay
@@ -409,6 +546,13 @@ class ReplicaSet:
             replica.state = state
         if state == "up":
             logger.warning("replica %s is back in use (was %s)", replica.name, before)
+        elif state == "foreign":
+            logger.warning(
+                "replica %s is not a standby of this primary (%s); it serves no read "
+                "until it is one again",
+                replica.name,
+                reason,
+            )
         else:
             logger.warning(
                 "replica %s is %s (%s); reads go to other replicas or the primary",
@@ -420,7 +564,8 @@ class ReplicaSet:
     def failed(self, replica: Replica, error: BaseException) -> None:
         from sparc.sa.options import hide_secrets_in_text
 
-        reason = hide_secrets_in_text(f"{type(error).__name__}: {str(error).splitlines()[0]}")
+        lines = str(error).splitlines() or [""]
+        reason = hide_secrets_in_text(f"{type(error).__name__}: {lines[0]}")
         self.set_state(replica, "down", reason[:200])
 
     def describe(self) -> list[dict[str, Any]]:
@@ -436,18 +581,11 @@ class ReplicaSet:
         for replica in self.replicas:
             try:
                 with replica.sync_engine.connect() as conn:
-                    replayed, lag = conn.exec_driver_sql(_CHECK).one()
-            except sa_exc.DBAPIError as error:
-                self.failed(replica, error)
+                    self.measure(replica, conn, 0)
+            except _Unusable:
                 continue
-            with self._lock:
-                replica.replayed = max(replica.replayed, lsn_to_int(replayed) if replayed else 0)
-                replica.lag = float(lag or 0)
-                replica.checked = time.monotonic()
-            if self.max_lag is not None and replica.lag > self.max_lag:
-                self.set_state(replica, "lagging", f"replay lag {replica.lag:.1f}s")
-            else:
-                self.set_state(replica, "up", "")
+            except (sa_exc.DBAPIError, OSError) as error:
+                self.failed(replica, error)
         return self.describe()
 
 
@@ -464,15 +602,95 @@ def describe_lines(engine: Any) -> list[str]:
     return lines
 
 
-# SELECT the replay position and the replay lag. A standby that has replayed
-# all it received is not behind, however long ago the last commit was.
+# Whether the server is a standby, its replay position and lag, its system
+# identifier and timeline (checked against the primary's). A standby that
+# has replayed all it received is not behind, however long ago the last
+# commit was. The timeline is the one of the WAL it receives, else of its
+# last restartpoint.
 _CHECK: Final = (
-    "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text "
-    "ELSE pg_current_wal_lsn()::text END, "
+    "SELECT pg_is_in_recovery(), "
+    "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text END, "
     "CASE WHEN NOT pg_is_in_recovery() "
     "OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 "
-    "ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END"
+    "ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END, "
+    "s.system_identifier::text, "
+    "COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), "
+    "(SELECT timeline_id FROM pg_control_checkpoint())) "
+    "FROM pg_control_system() s"
 )
+# The primary's timeline: the first 8 hex digits of its current WAL file's name.
+_TIMELINE: Final = (
+    "CASE WHEN pg_is_in_recovery() THEN NULL "
+    "ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END"
+)
+_IDENTITY: Final = f"SELECT system_identifier::text, {_TIMELINE} FROM pg_control_system()"
+_POSITION: Final = "SELECT pg_current_wal_lsn()::text"
+_POSITION_AND_IDENTITY: Final = (
+    f"SELECT pg_current_wal_lsn()::text, system_identifier::text, {_TIMELINE} "
+    "FROM pg_control_system()"
+)
+
+
+# -- a token inside an open block ------------------------------------------------------
+
+#: ``session.info`` key of an outermost read-only block on a replica:
+#: ``(replica, floor)``, *floor* a position its snapshot is known to include.
+ON_REPLICA: Final = "sparc.sa on replica"
+
+
+def nested_wait(
+    rs: ReplicaSet | None, session: Session, need: int, deadline: float
+) -> float | None:
+    """A read-only block given a token (*need*) inside an open block of its
+    scope runs in that block's transaction: None once that transaction
+    sees *need*, else the seconds to wait before asking again. Raises
+    :class:`~sparc.sa.exceptions.StaleSnapshotError` when it never will:
+    its snapshot was taken already (REPEATABLE READ, SERIALIZABLE), the
+    replica does not replay that far before *deadline*, or the token failed
+    its check and only the primary may serve it."""
+    where = session.info.get(ON_REPLICA)
+    if where is not None and need <= where[1]:
+        return None  # the outer block's snapshot includes it, whatever the isolation
+    connection = session.connection()
+    isolation = _isolation(connection)
+    if isolation is None:
+        return None  # no replicas, no position to compare on this database
+    if isolation != "read committed":
+        raise StaleSnapshotError(
+            f"a read-only block with after=token inside an open block of this scope runs "
+            f"in that block's transaction, whose snapshot ({isolation}) may predate the "
+            "token's commit; open the tokened block outside the other block"
+        )
+    if where is None:
+        return None  # the primary, READ COMMITTED: each statement sees every commit
+    replica = where[0]
+    assert rs is not None  # a block on a replica has a replica set
+    if need == PRIMARY_ONLY:
+        raise StaleSnapshotError(
+            "a read-only block with a commit token that failed its check was opened "
+            f"inside a read-only block on replica {replica.name}; such a read runs "
+            "on the primary only: open it outside the other block"
+        )
+    try:
+        if rs.measure(replica, connection, need):
+            session.info[ON_REPLICA] = (replica, need)
+            return None
+        return rs.waited(deadline)
+    except _Unusable:
+        raise StaleSnapshotError(
+            f"a read-only block with after=token inside a read-only block on replica "
+            f"{replica.name}: the replica did not replay the token's commit within "
+            f"replica_wait ({rs.wait} s), and the outer block cannot move to the "
+            "primary; open the tokened block outside the other block"
+        ) from None
+
+
+def _isolation(connection: Any) -> str | None:
+    """The isolation level of *connection*'s transaction, as PostgreSQL
+    spells it ('read committed'); None on a database without positions."""
+    if connection.dialect.name != "postgresql":
+        return None
+    return str(connection.exec_driver_sql("SHOW transaction_isolation").scalar())
 
 
 # -- what the primary wrote --------------------------------------------------------
@@ -501,12 +719,16 @@ def _track(rs: ReplicaSet) -> None:
     def rolled_back(conn: Any) -> None:
         conn.info.pop(_WROTE, None)
 
+    @event.listens_for(engine, "connect")
+    def connected(dbapi_connection: Any, record: Any) -> None:
+        rs.identity = None  # maybe another server now: read it again
+
     @event.listens_for(engine, "checkin")
     def checkin(dbapi_connection: Any, record: Any) -> None:
         info = record.info
         if info.pop(_COMMITTED, False) and dbapi_connection is not None:
             try:
-                position = current_lsn(dbapi_connection)
+                position = current_lsn(dbapi_connection, rs)
             except Exception:
                 # The commit happened; without its position this scope's
                 # reads go to the primary until its next commit.
@@ -515,20 +737,25 @@ def _track(rs: ReplicaSet) -> None:
             rs.note(position)
 
 
-def current_lsn(dbapi_connection: Any) -> int:
-    """The primary's WAL position, asked outside any transaction (one round trip)."""
+def current_lsn(dbapi_connection: Any, rs: ReplicaSet | None = None) -> int:
+    """The primary's WAL position, asked outside any transaction (one round
+    trip), and with it the primary's identity when *rs* does not know it."""
     before = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
+    ask = rs is not None and rs.identity is None
     try:
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("SELECT pg_current_wal_lsn()::text")
-            text = cursor.fetchone()[0]
+            cursor.execute(_POSITION_AND_IDENTITY if ask else _POSITION)
+            row = cursor.fetchone()
         finally:
             cursor.close()
     finally:
         dbapi_connection.autocommit = before
-    return lsn_to_int(text)
+    if ask:
+        assert rs is not None
+        rs.identity = (str(row[1]), row[2])
+    return lsn_to_int(row[0])
 
 
 # -- read-only transactions on the primary and write guards --------------------------

@@ -66,12 +66,16 @@ class Scope:
         "joined",
         "pid",
         "session",
+        "set_aside",
         "thread",
         "watched",
     )
 
     def __init__(self, engine: Engine) -> None:
         self.session: Session | None = None
+        # The scope's own session while an outermost read-only block runs in
+        # a session of its own (sparc.sa.readonly): closed with the scope too.
+        self.set_aside: Session | None = None
         # The open blocks, outermost first. Held weakly: a block whose `with`
         # statement is gone without its __exit__ having run (interrupted before
         # it began) dies, and its __del__ rolls it back instead of wedging us.
@@ -136,6 +140,12 @@ class ScopeRegistry:
                 _link_greenlet(scope)
         return scope
 
+    def watch_set_aside(self, scope: Scope) -> None:
+        """Close *scope*'s set-aside session when its thread ends, even while
+        a block holds the scope (a task's ending closes it already)."""
+        if isinstance(scope, ThreadScope) and getattr(self.local, "scope", None) is scope:
+            self.local.set_aside_watch = SetAsideWatch(scope)
+
     def existing(self) -> Scope | None:
         """The current scope if it was made already, else None."""
         if _get_running_loop() is not None:
@@ -157,6 +167,8 @@ class ScopeRegistry:
             if scope is not None:
                 scope.forgotten = True
                 fork.orphan(scope.session)
+                if scope.set_aside is not None:
+                    fork.orphan(scope.set_aside)
         self.tasks = {}
         self.local = threading.local()
 
@@ -165,8 +177,11 @@ def close_abandoned(scope: Scope) -> None:
     """Close the session of a scope whose thread or task has ended."""
     # getattr: a scope whose __init__ was interrupted (a KeyboardInterrupt)
     # is collected without some of its attributes.
+    if getattr(scope, "forgotten", False):
+        return
+    close_set_aside(scope)
     session = getattr(scope, "session", None)
-    if session is None or getattr(scope, "forgotten", False):
+    if session is None:
         return
     if os.getpid() != scope.pid:
         # Inherited across fork (threads other than the forking one vanish in
@@ -192,6 +207,35 @@ def close_abandoned(scope: Scope) -> None:
         gevent.spawn(_close_session, scope.engine, session)
         return
     _close_session(scope.engine, session)
+
+
+def close_set_aside(scope: Scope) -> None:
+    """Close the session a read-only block still open set aside, once the
+    scope's thread or task has ended: no block uses it, and nothing of the
+    ended thread or task will again."""
+    aside = getattr(scope, "set_aside", None)
+    if aside is None or getattr(scope, "forgotten", False):
+        return
+    scope.set_aside = None
+    if os.getpid() != scope.pid:
+        fork.orphan(aside)
+    elif not sys.is_finalizing():
+        _close_session(scope.engine, aside)
+
+
+class SetAsideWatch:
+    """Kept in a thread's ``threading.local`` while a read-only block has set
+    the thread's session aside. The block still open holds the scope, so the
+    scope outlives the thread; this does not, and closes that session as
+    the thread ends."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+
+    def __del__(self) -> None:
+        close_set_aside(self.scope)
 
 
 def _close_session(engine: Engine, session: Session) -> None:
