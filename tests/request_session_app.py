@@ -19,7 +19,9 @@ session goes with the request's transaction.
                    real serialization failure (SQLSTATE 40001) on
                    PostgreSQL SERIALIZABLE
 ``/read``          a read-only view: counts the rows
-``/block``         the one view with a block: ``with request.tx():`` adds a
+``/mixed``         an add outside any block, then a block that adds a row and
+                   raises; the view catches the error and returns 200
+``/block``         a view with a block: ``with request.tx():`` adds a
                    row named ``block``
 =================  ==========================================================
 
@@ -44,7 +46,7 @@ from transaction.interfaces import TransientError
 __all__ = ["MANAGERS", "VIEWS", "ViewFailure", "main"]
 
 MANAGERS = ("explicit", "default")
-VIEWS = ("write", "fail", "doom", "transient", "serialize", "read", "block")
+VIEWS = ("write", "fail", "doom", "transient", "serialize", "read", "mixed", "block")
 
 
 class ViewFailure(Exception):
@@ -109,6 +111,18 @@ def read(request: Request) -> Response:
     item = _models(request).Item
     count = request.dbsession.execute(sa.select(sa.func.count()).select_from(item)).scalar_one()
     return Response(str(count))
+
+
+def mixed(request: Request) -> Response:
+    _add(request, "outside")
+    tx = request.tx
+    try:
+        with tx():
+            tx.session.add(_models(request).Item(name="inner"))
+            raise ViewFailure("the block fails; the view goes on")
+    except ViewFailure:
+        pass
+    return Response("ok")
 
 
 def block(request: Request) -> Response:

@@ -10,7 +10,8 @@ leaves the rows its outcome calls for, as zope.sqlalchemy's registered
 session does: a write that returns 200, 1; a write then an exception, 0; a
 write then ``request.tm.doom()``, 0; a TransientError on the first attempt,
 1; a real serialization failure on the first attempt (PostgreSQL
-SERIALIZABLE), 1; a read-only view, 0. After every request the pool has
+SERIALIZABLE), 1; a read-only view, 0; a write, then a block that fails
+and whose error the view catches, the write alone. After every request the pool has
 nothing checked out, and the next request on the same worker thread, whose
 ``with tx():`` block writes one row, commits that row alone: no write of an
 aborted or doomed request crosses into it.
@@ -48,6 +49,7 @@ SCENARIOS: dict[str, tuple[str, list[str], type[BaseException] | None]] = {
     "transient-first-attempt": ("/transient", ["transient"], None),
     "serialization-failure-first-attempt": ("/serialize", ["serialize"], None),
     "read-only": ("/read", [], None),
+    "write-then-a-failing-block": ("/mixed", ["outside"], None),
 }
 
 
