@@ -58,6 +58,29 @@ def test_one_request_leaves_its_rows_exactly_once_or_not_at_all(
         assert seen[case]["checked_out"] == 0, (case, seen[case])
 
 
+@pytest.mark.parametrize("backend", ["sqlite-file", "postgresql", "mysql"])
+def test_writes_outside_blocks_go_with_the_published_request(
+    backend: str, tmp_path: pathlib.Path
+) -> None:
+    """A view writes through ``tx.session`` outside any block, as with
+    zope.sqlalchemy's registered session: the write commits with a request
+    that succeeds and is aborted with one that raises or is doomed, and the
+    next request's block, on the same thread, commits its own row alone."""
+    seen = run(backend_dsn(backend, tmp_path), "outside")
+    expected = {
+        "writes and returns": ("200", ["returns"]),
+        "writes, flushes and raises": ("ValueError", []),
+        "writes and raises": ("ValueError", []),
+        "writes and dooms": ("200", []),
+    }
+    for n, (case, (status, rows)) in enumerate(expected.items()):
+        assert (seen[case]["status"], seen[case]["rows"]) == (status, rows), (case, seen[case])
+        assert seen[case]["checked_out"] == 0, (case, seen[case])
+        assert seen[case]["next status"] == "200", (case, seen[case])
+        assert seen[case]["next rows"] == [f"next{n}"], (case, seen[case])
+        assert seen[case]["next checked_out"] == 0, (case, seen[case])
+
+
 @pytest.mark.parametrize("backend", ["postgresql", "mysql"])
 def test_concurrent_serializable_increments_are_retried_by_the_publisher(
     backend: str, tmp_path: pathlib.Path

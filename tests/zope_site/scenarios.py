@@ -1,7 +1,7 @@
 """Publish requests through a real Zope (ZPublisher, in process, WebTest) and
 report what a site would see, as JSON on stdout.
 
-    python scenarios.py DSN rows|serializable|twophase
+    python scenarios.py DSN rows|outside|serializable|twophase|killed
 
 Run by tests/test_zope.py in a process of its own: Zope's start-up is global
 to a process, and the rest of the suite resets the component registry.
@@ -32,6 +32,7 @@ SITE = """<configure xmlns="http://namespaces.zope.org/zope"
   <sa:engine dsn="{dsn}" {engine_options} />
   <sa:transaction base="zopeapp.Base" {transaction_options} />
   <browser:page for="*" name="write" class="zopeapp.Write" permission="zope.Public" />
+  <browser:page for="*" name="write-outside" class="zopeapp.WriteOutside" permission="zope.Public" />
   <browser:page for="*" name="increment" class="zopeapp.Increment" permission="zope.Public" />
   <browser:page for="*" name="zodb-value" class="zopeapp.ZodbValue" permission="zope.Public" />
   <browser:page for="*" name="server-pid" class="zopeapp.ServerPid" permission="zope.Public" />
@@ -126,6 +127,43 @@ def scenario_rows(dsn: str) -> dict[str, Any]:
                 "rows": added,
                 "attempts": zopeapp.attempts.get(key, 0),
                 "checked_out": eng.pool.checkedout(),
+            }
+    finally:
+        zopeapp.Base.metadata.drop_all(eng)
+        eng.dispose()
+    return out
+
+
+def scenario_outside(dsn: str) -> dict[str, Any]:
+    """Views that write through ``tx.session`` outside any block, each
+    followed by a request whose block writes one row: what each left."""
+    import zopeapp
+
+    app = start(dsn)
+    eng = engine()
+    zopeapp.Base.metadata.create_all(eng)
+    out: dict[str, Any] = {}
+    try:
+        cases = {
+            "writes and returns": "/@@write-outside?name=returns",
+            "writes, flushes and raises": "/@@write-outside?name=raises&flush=1&fail=1",
+            "writes and raises": "/@@write-outside?name=pending&fail=1",
+            "writes and dooms": "/@@write-outside?name=doomed&doom=1",
+        }
+        for n, (label, url) in enumerate(cases.items()):
+            before = rows(eng)
+            status = get(app, url)
+            added = [r for r in rows(eng) if r not in before]
+            checked_out = eng.pool.checkedout()
+            before = rows(eng)
+            next_status = get(app, f"/@@write?name=next{n}&key=next{n}")
+            out[label] = {
+                "status": status,
+                "rows": added,
+                "checked_out": checked_out,
+                "next status": next_status,
+                "next rows": [r for r in rows(eng) if r not in before],
+                "next checked_out": eng.pool.checkedout(),
             }
     finally:
         zopeapp.Base.metadata.drop_all(eng)
@@ -256,6 +294,7 @@ if __name__ == "__main__":
     dsn, which = sys.argv[1], sys.argv[2]
     result = {
         "rows": scenario_rows,
+        "outside": scenario_outside,
         "serializable": scenario_serializable,
         "twophase": scenario_twophase,
         "killed": scenario_killed,

@@ -132,6 +132,23 @@ class Write(View):
         return "ok"
 
 
+class WriteOutside(View):
+    """?name=...: a write through ``tx.session`` outside any block, as
+    zope.sqlalchemy's registered session is used  [&fail=1: then raise]
+    [&doom=1: then doom the request's transaction]"""
+
+    def __call__(self) -> str:
+        form = self.request.form
+        self.tx.session.add(Row(name=form.get("name", "outside")))
+        if form.get("flush"):
+            self.tx.session.flush()
+        if form.get("doom"):
+            transaction.get().doom()
+        if form.get("fail"):
+            raise ValueError("the view failed after its write")
+        return "ok"
+
+
 class Increment(View):
     """A read-modify-write of one counter (SERIALIZABLE on the server)."""
 
