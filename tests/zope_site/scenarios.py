@@ -32,7 +32,7 @@ SITE = """<configure xmlns="http://namespaces.zope.org/zope"
   <sa:engine dsn="{dsn}" {engine_options} />
   <sa:transaction base="zopeapp.Base" {transaction_options} />
   <browser:page for="*" name="write" class="zopeapp.Write" permission="zope.Public" />
-  <browser:page for="*" name="write-outside" class="zopeapp.WriteOutside" permission="zope.Public" />
+  <browser:page for="*" name="outside" class="zopeapp.WriteOutside" permission="zope.Public" />
   <browser:page for="*" name="increment" class="zopeapp.Increment" permission="zope.Public" />
   <browser:page for="*" name="zodb-value" class="zopeapp.ZodbValue" permission="zope.Public" />
   <browser:page for="*" name="server-pid" class="zopeapp.ServerPid" permission="zope.Public" />
@@ -145,10 +145,10 @@ def scenario_outside(dsn: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         cases = {
-            "writes and returns": "/@@write-outside?name=returns",
-            "writes, flushes and raises": "/@@write-outside?name=raises&flush=1&fail=1",
-            "writes and raises": "/@@write-outside?name=pending&fail=1",
-            "writes and dooms": "/@@write-outside?name=doomed&doom=1",
+            "writes and returns": "/@@outside?name=returns",
+            "writes, flushes and raises": "/@@outside?name=raises&flush=1&fail=1",
+            "writes and raises": "/@@outside?name=pending&fail=1",
+            "writes and dooms": "/@@outside?name=doomed&doom=1",
         }
         for n, (label, url) in enumerate(cases.items()):
             before = rows(eng)
