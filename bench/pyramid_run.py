@@ -11,6 +11,10 @@ network). Both serve the same view, ``/write``, which inserts one row:
 ``sparc`` in a ``with tx():`` block of the manager the README's lookup
 returns, ``zsa`` through the request's session that
 ``zope.sqlalchemy.register(session, transaction_manager=request.tm)`` joined.
+A third contender, ``include``, is the cookiecutter app migrated to
+``config.include("sparc.sa")`` (``tests/request_session_app.py``): its view
+calls ``request.dbsession.add(...)`` with no block, ``request.dbsession``
+being the manager's session, which goes with the request's transaction.
 Each app has an engine of its own, built alike (same DSN, pool size); both keep
 the guarantee that a connection that died idle in the pool is never handed
 to a request (``pool_pre_ping`` for the cookiecutter app, sparc.sa's liveness
@@ -19,8 +23,8 @@ cookiecutter's default does). Neither waits for the disk at COMMIT
 (``synchronous_commit=off``, ``PRAGMA synchronous=OFF``), so that a shared
 machine's fsyncs do not drown what the libraries cost; ``--durable`` waits.
 
-Rounds alternate the two in a shuffled order; the ratio is the median over
-rounds of sparc's time per request divided by zsa's in the same round, with a
+Rounds alternate the apps in a shuffled order; each ratio is the median over
+rounds of a sparc.sa app's time per request divided by zsa's in the same round, with a
 95% interval of that median. Runs on a SQLite file, and on PostgreSQL when
 TEST_PG_DSN is set (or --dsn names it). It prints the statements each app
 sends per request, and warns when sparc.sa's block did not join the
@@ -54,6 +58,8 @@ from run import sent_per_call  # noqa: E402
 
 from sparc.sa.engine import engine_from_config  # noqa: E402
 from tests.pyramid_app import ViewFailure, main, make_models  # noqa: E402
+from tests.request_session_app import ViewFailure as IncludedViewFailure  # noqa: E402
+from tests.request_session_app import main as included_main  # noqa: E402
 
 
 def median_interval(ordered: list[float]) -> tuple[float, float]:
@@ -80,7 +86,7 @@ def rows(engine: sa.engine.Engine, model: Any) -> int:
 def joins(app: Any, engine: sa.engine.Engine, model: Any) -> bool:
     """Whether a view that writes and then fails leaves no row behind."""
     before = rows(engine, model)
-    with contextlib.suppress(ViewFailure):
+    with contextlib.suppress(ViewFailure, IncludedViewFailure):
         app.get("/fail")
     return rows(engine, model) == before
 
@@ -108,9 +114,10 @@ def measure(dsn: str, args: argparse.Namespace) -> None:
     if not args.durable and not sqlite:
         pool["connect_args"] = {"options": "-c synchronous_commit=off"}
     ours = engine_from_config({"dsn": dsn, "kwargs": pool})
+    included = engine_from_config({"dsn": dsn, "kwargs": pool})
     theirs = sa.create_engine(dsn, pool_pre_ping=args.pre_ping, **pool)
     if not args.durable and sqlite:
-        for engine in (ours, theirs):
+        for engine in (ours, included, theirs):
             sa.event.listen(engine, "connect", _no_sync)
     models = make_models()
     models.Base.metadata.create_all(ours)
@@ -118,11 +125,14 @@ def measure(dsn: str, args: argparse.Namespace) -> None:
         "sparc.sa": webtest.TestApp(
             main(engine=ours, models=models, wiring="sparc", manager=args.manager)
         ),
+        "include": webtest.TestApp(
+            included_main(engine=included, models=models, manager=args.manager)
+        ),
         "zsa": webtest.TestApp(
             main(engine=theirs, models=models, wiring="zsa", manager=args.manager)
         ),
     }
-    engines = {"sparc.sa": ours, "zsa": theirs}
+    engines = {"sparc.sa": ours, "include": included, "zsa": theirs}
     try:
         for name, app in apps.items():
             if not joins(app, engines[name], models.Item):
@@ -144,10 +154,6 @@ def measure(dsn: str, args: argparse.Namespace) -> None:
                 for _ in range(args.batch):
                     app.get("/write")
                 per_request[name].append((time.perf_counter() - start) / args.batch * 1e6)
-        ratios = sorted(
-            s / z for s, z in zip(per_request["sparc.sa"], per_request["zsa"], strict=True)
-        )
-        low, high = median_interval(ratios)
         version = ".".join(map(str, ours.dialect.server_version_info or ()))
         print(
             f"{ours.dialect.name} {version}, manager {args.manager}, zsa pre-ping "
@@ -156,10 +162,15 @@ def measure(dsn: str, args: argparse.Namespace) -> None:
         )
         for name, samples in per_request.items():
             print(f"  {name:9} {statistics.median(samples):8.1f} us per request (median)")
-        print(
-            f"  sparc.sa / zsa: {statistics.median(ratios):.3f} [{low:.3f}-{high:.3f}], "
-            f"sparc.sa faster in {sum(r < 1 for r in ratios)} of {len(ratios)} rounds"
-        )
+        for name in ("sparc.sa", "include"):
+            ratios = sorted(
+                s / z for s, z in zip(per_request[name], per_request["zsa"], strict=True)
+            )
+            low, high = median_interval(ratios)
+            print(
+                f"  {name} / zsa: {statistics.median(ratios):.3f} [{low:.3f}-{high:.3f}], "
+                f"{name} faster in {sum(r < 1 for r in ratios)} of {len(ratios)} rounds"
+            )
         if args.profile:
             profile(apps, args.profile)
         print("  statements per request:")
@@ -169,6 +180,7 @@ def measure(dsn: str, args: argparse.Namespace) -> None:
     finally:
         models.Base.metadata.drop_all(ours)
         ours.dispose()
+        included.dispose()
         theirs.dispose()
 
 
