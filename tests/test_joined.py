@@ -272,6 +272,23 @@ def test_join_never_and_always(engine: Engine, models: Any) -> None:
     assert checked_out(engine) == 0
 
 
+def test_join_never_commits_again_on_each_retry(engine: Engine, models: Any) -> None:
+    """``join="never"`` inside a request: the block commits by itself, so a
+    ZODB conflict at the request's commit, and the retry, commit it twice."""
+    never = ThreadLocalSASessionTransaction(engine, models.Base, join="never")
+    tries = 0
+    for attempt in transaction.manager.attempts(2):
+        with attempt:
+            tries += 1
+            with never():
+                never.session.add(models.Item(name="twice"))
+            if tries == 1:
+                transaction.get().join(VotingDataManager(TransientError("ZODB conflict")))
+    assert tries == 2
+    assert names(engine, models.Item) == ["twice", "twice"]
+    assert checked_out(engine) == 0
+
+
 @pytest.mark.parametrize("join", ["sometimes", "", None, True])
 def test_join_must_be_a_mode(engine: Engine, models: Any, join: Any) -> None:
     with pytest.raises(ValueError, match="'join' must be one of"):
