@@ -21,6 +21,8 @@ session goes with the request's transaction.
 ``/read``          a read-only view: counts the rows
 ``/mixed``         an add outside any block, then a block that adds a row and
                    raises; the view catches the error and returns 200
+``/duplicate``     an add, and an add of a row whose primary key exists,
+                   unflushed: the flush at the request's commit fails
 ``/block``         a view with a block: ``with request.tx():`` adds a
                    row named ``block``
 =================  ==========================================================
@@ -46,7 +48,7 @@ from transaction.interfaces import TransientError
 __all__ = ["MANAGERS", "VIEWS", "ViewFailure", "main"]
 
 MANAGERS = ("explicit", "default")
-VIEWS = ("write", "fail", "doom", "transient", "serialize", "read", "mixed", "block")
+VIEWS = ("write", "fail", "doom", "transient", "serialize", "read", "mixed", "duplicate", "block")
 
 
 class ViewFailure(Exception):
@@ -122,6 +124,13 @@ def mixed(request: Request) -> Response:
             raise ViewFailure("the block fails; the view goes on")
     except ViewFailure:
         pass
+    return Response("ok")
+
+
+def duplicate(request: Request) -> Response:
+    _add(request, "duplicate")
+    # The counter's row exists: the INSERT fails when pyramid_tm commits.
+    request.dbsession.add(_models(request).Counter(id=1, value=0))
     return Response("ok")
 
 

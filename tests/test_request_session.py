@@ -11,7 +11,8 @@ session does: a write that returns 200, 1; a write then an exception, 0; a
 write then ``request.tm.doom()``, 0; a TransientError on the first attempt,
 1; a real serialization failure on the first attempt (PostgreSQL
 SERIALIZABLE), 1; a read-only view, 0; a write, then a block that fails
-and whose error the view catches, the write alone. After every request the pool has
+and whose error the view catches, the write alone; writes whose flush
+fails when the request commits (a duplicate key), 0. After every request the pool has
 nothing checked out, and the next request on the same worker thread, whose
 ``with tx():`` block writes one row, commits that row alone: no write of an
 aborted or doomed request crosses into it.
@@ -32,6 +33,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import transaction
 import webtest
 
@@ -50,6 +52,7 @@ SCENARIOS: dict[str, tuple[str, list[str], type[BaseException] | None]] = {
     "serialization-failure-first-attempt": ("/serialize", ["serialize"], None),
     "read-only": ("/read", [], None),
     "write-then-a-failing-block": ("/mixed", ["outside"], None),
+    "write-that-fails-at-commit": ("/duplicate", [], sa.exc.IntegrityError),
 }
 
 
@@ -60,8 +63,6 @@ def _applies(scenario: str, backend: str) -> bool:
 
 @pytest.fixture
 def env(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[SimpleNamespace]:
-    import sqlalchemy as sa
-
     backend = request.param
     engine = app_engine(backend, tmp_path)
     models = make_models()
