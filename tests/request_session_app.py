@@ -12,6 +12,8 @@ session goes with the request's transaction.
 ``/write``         ``request.dbsession.add(...)``, then 200
 ``/fail``          an add and a flush, then an exception (the request aborts);
                    ``?pending=1``: the add stays pending, unflushed
+``/handled``       an add, then an exception that an exception view renders
+                   (500); that view adds a row too
 ``/doom``          an add, then ``request.tm.doom()``, then 200
 ``/transient``     an add, then a TransientError on the first attempt only
 ``/serialize``     a read, another connection's committed update of the row
@@ -45,14 +47,29 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from transaction.interfaces import TransientError
 
-__all__ = ["MANAGERS", "VIEWS", "ViewFailure", "main"]
+__all__ = ["MANAGERS", "VIEWS", "HandledFailure", "ViewFailure", "main"]
 
 MANAGERS = ("explicit", "default")
-VIEWS = ("write", "fail", "doom", "transient", "serialize", "read", "mixed", "duplicate", "block")
+VIEWS = (
+    "write",
+    "fail",
+    "handled",
+    "doom",
+    "transient",
+    "serialize",
+    "read",
+    "mixed",
+    "duplicate",
+    "block",
+)
 
 
 class ViewFailure(Exception):
     """What ``/fail`` raises after its write."""
+
+
+class HandledFailure(Exception):
+    """What ``/handled`` raises after its write; an exception view renders it."""
 
 
 def _first_attempt(request: Request) -> bool:
@@ -77,6 +94,18 @@ def fail(request: Request) -> Response:
     if "pending" not in request.params:
         request.dbsession.flush()  # the INSERT reaches the database, then the view fails
     raise ViewFailure("the view failed after its write")
+
+
+def handled(request: Request) -> Response:
+    _add(request, "handled")
+    raise HandledFailure("an exception view renders this one")
+
+
+def error_page(exc: HandledFailure, request: Request) -> Response:
+    # An error page that writes too, as one that logs errors in a table
+    # does: pyramid_tm aborts the request all the same.
+    _add(request, "error-page")
+    return Response("error", status=500)
 
 
 def doom(request: Request) -> Response:
@@ -171,6 +200,7 @@ def main(*, engine: Engine, models: SimpleNamespace, manager: str, attempts: int
         config.include("sparc.sa")
         config.add_request_method(_dbsession, "dbsession", reify=True)
         config.add_subscriber(_note_worker, NewResponse)
+        config.add_exception_view(error_page, HandledFailure)
         config.registry["models"] = models
         views = globals()
         for name in VIEWS:

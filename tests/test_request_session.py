@@ -10,7 +10,8 @@ leaves the rows its outcome calls for, as zope.sqlalchemy's registered
 session does: a write that returns 200, 1; a write then an exception, 0; a
 write then ``request.tm.doom()``, 0; a TransientError on the first attempt,
 1; a real serialization failure on the first attempt (PostgreSQL
-SERIALIZABLE), 1; a read-only view, 0; a write, then a block that fails
+SERIALIZABLE), 1; a read-only view, 0; a write then an exception that an
+exception view renders, itself writing a row, 0; a write, then a block that fails
 and whose error the view catches, the write alone; writes whose flush
 fails when the request commits (a duplicate key), 0. After every request the pool has
 nothing checked out, and the next request on the same worker thread, whose
@@ -42,10 +43,12 @@ from .pyramid_app import make_models
 from .request_session_app import MANAGERS, ViewFailure, main
 from .test_pyramid import APP_BACKENDS, app_engine
 
-# (path, names of the rows it leaves, exception the request ends with or None)
-SCENARIOS: dict[str, tuple[str, list[str], type[BaseException] | None]] = {
+# (path, names of the rows it leaves, what the request ends with: the
+# exception it raises, the status of an error page, or None for 200)
+SCENARIOS: dict[str, tuple[str, list[str], type[BaseException] | int | None]] = {
     "write": ("/write", ["write"], None),
     "write-then-exception": ("/fail", [], ViewFailure),
+    "write-then-exception-view": ("/handled", [], 500),
     "pending-write-then-exception": ("/fail?pending=1", [], ViewFailure),
     "doomed": ("/doom", [], None),
     "transient-first-attempt": ("/transient", ["transient"], None),
@@ -99,6 +102,8 @@ def test_a_request_session_goes_with_its_request(
         response = app.get(path)
         assert response.status_int == 200
         assert response.text == ("0" if path == "/read" else "ok")
+    elif isinstance(error, int):
+        assert app.get(path, status=error).text == "error"
     else:
         with pytest.raises(error):
             app.get(path)
@@ -158,6 +163,9 @@ def test_a_request_session_goes_with_its_request_over_waitress(
                 workers.add(worker)
                 assert status == 200, scenario
                 assert body == (str(len(committed)) if path == "/read" else "ok"), scenario
+            elif isinstance(error, int):
+                workers.add(worker)
+                assert status == error, scenario
             else:
                 assert status == 500, scenario
             committed += expected
