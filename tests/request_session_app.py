@@ -25,6 +25,9 @@ session goes with the request's transaction.
                    raises; the view catches the error and returns 200
 ``/duplicate``     an add, and an add of a row whose primary key exists,
                    unflushed: the flush at the request's commit fails
+``/late``          a finished callback that adds a row through
+                   ``request.dbsession`` after pyramid_tm ended the request's
+                   transaction (``?flush=1``: and flushes)
 ``/block``         a view with a block: ``with request.tx():`` adds a
                    row named ``block``
 =================  ==========================================================
@@ -60,6 +63,7 @@ VIEWS = (
     "read",
     "mixed",
     "duplicate",
+    "late",
     "block",
 )
 
@@ -160,6 +164,17 @@ def duplicate(request: Request) -> Response:
     _add(request, "duplicate")
     # The counter's row exists: the INSERT fails when pyramid_tm commits.
     request.dbsession.add(_models(request).Counter(id=1, value=0))
+    return Response("ok")
+
+
+def late(request: Request) -> Response:
+    def write_late(request: Request) -> None:
+        # After pyramid_tm ended the request's transaction.
+        _add(request, "late")
+        if "flush" in request.params:
+            request.dbsession.flush()
+
+    request.add_finished_callback(write_late)
     return Response("ok")
 
 

@@ -11,7 +11,10 @@ session does: a write that returns 200, 1; a write then an exception, 0; a
 write then ``request.tm.doom()``, 0; a TransientError on the first attempt,
 1; a real serialization failure on the first attempt (PostgreSQL
 SERIALIZABLE), 1; a read-only view, 0; a write then an exception that an
-exception view renders, itself writing a row, 0; a write, then a block that fails
+exception view renders, itself writing a row, 0; a write made through
+``request.dbsession`` in a finished callback, after pyramid_tm ended the
+request's transaction, is refused with JoinedTransactionError and left to
+no later request; a write, then a block that fails
 and whose error the view catches, the write alone; writes whose flush
 fails when the request commits (a duplicate key), 0. After every request the pool has
 nothing checked out, and the next request on the same worker thread, whose
@@ -38,6 +41,8 @@ import sqlalchemy as sa
 import transaction
 import webtest
 
+from sparc.sa.exceptions import JoinedTransactionError
+
 from .conftest import checked_out, names
 from .pyramid_app import make_models
 from .request_session_app import MANAGERS, ViewFailure, main
@@ -56,6 +61,8 @@ SCENARIOS: dict[str, tuple[str, list[str], type[BaseException] | int | None]] = 
     "read-only": ("/read", [], None),
     "write-then-a-failing-block": ("/mixed", ["outside"], None),
     "write-that-fails-at-commit": ("/duplicate", [], sa.exc.IntegrityError),
+    "write-after-the-request-ended": ("/late", [], JoinedTransactionError),
+    "flushed-write-after-the-request-ended": ("/late?flush=1", [], JoinedTransactionError),
 }
 
 
