@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
 
+from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
@@ -45,9 +46,17 @@ from sparc.sa.scope import Scope
 if TYPE_CHECKING:
     from sparc.sa.joined import Joiner
 
-__all__ = ["WHOLE_TRANSACTION", "SessionDataManager"]
+__all__ = ["ENDED", "WHOLE_TRANSACTION", "SessionDataManager", "guard", "hand_out"]
 
 logger = logging.getLogger(__name__)
+
+#: Key of Session.info: the transaction this session last worked in has
+#: ended, and nobody has taken the session from ``tx.session`` or joined it
+#: to another since. Whoever still holds it (``request.dbsession`` in a
+#: finished callback, an after-commit hook) writes in no transaction.
+ENDED: Final = "sparc.sa.ended"
+# Key of Session.info: the listener that refuses such writes is installed.
+_GUARDED: Final = "sparc.sa.guarded"
 
 #: The "savepoint" of a joined block that is alone in its SQL transaction:
 #: rolling back the whole SQL transaction undoes exactly that block.
@@ -124,6 +133,7 @@ class SessionDataManager:
             getattr(txn, "_manager", None) or sys.modules["transaction"].manager
         )
         begun.note_open(self)  # reported at exit if its transaction never ends
+        session.info.pop(ENDED, None)
 
     @property
     def ended(self) -> bool:
@@ -290,6 +300,7 @@ class SessionDataManager:
             except Exception:
                 sessions.close_failed(first, session)
             finally:
+                guard(session)
                 for scope in self.scopes:
                     if scope.joined is self:
                         scope.joined = None
@@ -301,6 +312,39 @@ class SessionDataManager:
                 if logger.isEnabledFor(logging.DEBUG):
                     state = "committed" if self._committed else "rolled back"
                     logger.debug("joined transaction %s: %r", state, session)
+
+
+def guard(session: Session) -> None:
+    """Refuse writes on *session* outside any block until it is taken from
+    ``tx.session`` again outside a request, or joins a transaction."""
+    info = session.info
+    info[ENDED] = True
+    if _GUARDED not in info:
+        info[_GUARDED] = True
+        sa_event.listen(session, "after_attach", _refuse_after_end)
+
+
+def hand_out(session: Session) -> None:
+    """*session* is taken from ``tx.session``: writes on it are the
+    caller's, outside any transaction, with their 1.x fate."""
+    session.info.pop(ENDED, None)
+
+
+def _refuse_after_end(session: Session, instance: Any) -> None:
+    """A write on a session whose transaction ended, through a reference
+    kept from that transaction: nothing would commit it but the next
+    transaction or block of this thread, another request's maybe."""
+    info = session.info
+    if ENDED in info and sessions.IN_BLOCK not in info and sessions.JOINED not in info:
+        session.expunge(instance)
+        raise JoinedTransactionError(
+            f"{type(instance).__name__} was added outside any block to a session whose "
+            "transaction has ended (committed or aborted): in a request's finished "
+            "callback, or through a reference kept from that transaction. Nothing would "
+            "commit it but the next transaction or block on this thread, another "
+            "request's maybe. Write before the request's transaction ends, or in a "
+            "block of its own (`with tx():`)"
+        )
 
 
 def _release_savepoints(session: Session) -> None:

@@ -79,6 +79,7 @@ __all__ = [
     "SessionDataManager",
     "finish_block",
     "join_scope",
+    "request_ended",
     "transaction_to_join",
 ]
 
@@ -162,6 +163,21 @@ def _request_transaction() -> Any:
         return None
     tm = environ.get("tm.manager")
     return None if tm is None else _running(tm)[0]
+
+
+def request_ended() -> bool:
+    """Whether the Pyramid request being handled is one whose transaction
+    pyramid_tm has already ended (its finished callbacks run now): work
+    begun now belongs to no transaction of that request."""
+    threadlocal = sys.modules.get("pyramid.threadlocal")
+    if threadlocal is None:
+        return False
+    request = threadlocal.get_current_request()
+    if request is None:
+        return False
+    # pyramid_tm's tween took request.tm (reified into the request's
+    # __dict__) and began it; it removes tm.active when it ends it.
+    return "tm" in getattr(request, "__dict__", ()) and not request.environ.get("tm.active")
 
 
 # The methods of transaction's Transaction that run its ending hooks.

@@ -54,6 +54,7 @@ from zope.interface import implementer
 from sparc.sa import begun, cache, fork, joined, resets, sessions
 from sparc.sa.block import Block
 from sparc.sa.cache import check_base
+from sparc.sa.datamanager import ENDED, guard, hand_out
 from sparc.sa.exceptions import (
     BlockOrderError,
     CrossScopeSessionError,
@@ -392,8 +393,16 @@ class ThreadLocalSASessionTransaction:
         session = scope.session
         if session is None:
             session = scope.session = self.new_session()
-        if sessions.WATCHED not in session.info:
+        info = session.info
+        if sessions.WATCHED not in info:
             sessions.watch(session)
+        if joined.request_ended():
+            # A Pyramid request whose transaction has ended (its finished
+            # callbacks): the next request on this thread would commit writes
+            # made now outside any block. Refuse them.
+            guard(session)
+        elif ENDED in info:
+            hand_out(session)
         return session
 
     def _running_transaction(self, scope: Scope) -> Any:
