@@ -305,3 +305,28 @@ def test_reads_outside_blocks_in_a_transaction_leave_nothing_checked_out(
     with tm:
         assert tx.session.scalars(sa.select(models.Item)).all() == []
     assert checked_out(engine) == 0
+
+
+def test_a_session_kept_from_an_ended_transaction_refuses_writes(
+    engine: Engine, models: Any, tm: Any
+) -> None:
+    """A session kept from a transaction that has ended takes no write
+    outside a block: the next transaction on the thread would commit it.
+    Taken again from ``tx.session``, or in a block, it takes writes as
+    before."""
+    from sparc.sa.exceptions import JoinedTransactionError
+
+    tx = scoped_transaction(engine, models.Base)
+    with tm:
+        kept = tx.session
+        kept.add(models.Item(name="in the transaction"))
+    with pytest.raises(JoinedTransactionError, match="transaction has ended"):
+        kept.add(models.Item(name="after it"))
+    with tm, tx():
+        tx.session.add(models.Item(name="next"))
+    assert names(engine, models.Item) == ["in the transaction", "next"]
+    tx.session.add(models.Item(name="outside, taken again"))
+    with tx():
+        pass
+    assert names(engine, models.Item) == ["in the transaction", "next", "outside, taken again"]
+    assert checked_out(engine) == 0
