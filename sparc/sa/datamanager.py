@@ -119,6 +119,8 @@ class SessionDataManager:
         #: The session's root transaction when the transaction was joined:
         #: a different one means somebody reset the session meanwhile.
         self.root: Any = None
+        #: The isolation level its SQL transaction runs at, if a block asked.
+        self.isolation: str | None = None
         #: IDataManager: the transaction manager of the joined transaction.
         self.transaction_manager = (
             getattr(txn, "_manager", None) or sys.modules["transaction"].manager
@@ -164,7 +166,10 @@ class SessionDataManager:
 
     def note_root(self) -> None:
         """Remember the session's current root transaction (beginning one)."""
-        self.session.connection()
+        if self.isolation is None:
+            self.session.connection()
+        else:
+            self.session.connection(execution_options={"isolation_level": self.isolation})
         self.root = self.session.get_transaction()
 
     def undo(self, savepoint: Any, reason: str) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "ForkedTransactionError",
     "InterleavedTransactionError",
     "InvalidFilterError",
+    "IsolationLevelError",
     "JoinedTransactionError",
     "ReadOnlyTransactionError",
     "RetryableDatabaseError",
@@ -179,6 +180,19 @@ class StaleSnapshotError(RuntimeError):
     SERIALIZABLE), or it runs on a replica that did not replay that far in
     time. Raised rather than reading without the token's write; open the
     tokened block outside the other one.
+
+    .. versionadded:: 2.0
+    """
+
+
+class IsolationLevelError(RuntimeError):
+    """An isolation level or other execution options arrived where they
+    cannot apply: after a block's transaction had begun
+    (``session.connection(execution_options=...)`` inside a block, which
+    SQLAlchemy would only warn about and ignore), in a nested block asking
+    for another level than its outer block's, or in a joined block whose
+    transaction already runs at another level. Nothing was run at the wrong
+    level. Give the level to the outermost block: ``tx(isolation_level=...)``.
 
     .. versionadded:: 2.0
     """

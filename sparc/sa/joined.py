@@ -66,6 +66,7 @@ from sparc.sa.datamanager import WHOLE_TRANSACTION, SessionDataManager
 from sparc.sa.exceptions import (
     AbortedTransactionError,
     DoomedTransactionError,
+    IsolationLevelError,
     JoinedTransactionError,
     RetryableDatabaseError,
 )
@@ -194,16 +195,21 @@ def _joinable(txn: Any) -> bool:
 # -- joining -----------------------------------------------------------------------------
 
 
-def join_scope(manager: Joiner, scope: Scope, txn: Any) -> SessionDataManager:
+def join_scope(
+    manager: Joiner, scope: Scope, txn: Any, isolation: str | None = None
+) -> SessionDataManager:
     """Join *scope* to *txn* and return the data manager of its engine there.
     The first scope of an engine in *txn* brings its session; later ones
-    (other managers of the engine) work with that same session."""
+    (other managers of the engine) work with that same session. *isolation*:
+    the level the SQL transaction must run at (the first block's)."""
     session = scope.session
     if session is None:
         session = scope.session = manager.new_session()
     engine = session.get_bind()
     dm = _data_manager(txn, engine)
     if dm is not None:
+        if isolation is not None:
+            check_isolation(dm, isolation)
         _set_aside(session)
         dm.attach(scope)
         dm.check_whole()
@@ -222,6 +228,13 @@ def join_scope(manager: Joiner, scope: Scope, txn: Any) -> SessionDataManager:
                 )
             session.twophase = True
         dm = SessionDataManager(manager, scope, session, txn, gate)
+        if isolation is not None:
+            if sessions.established_connection(session) is not None:
+                # Writes made outside any block began the transaction already.
+                sessions.check_late_options(
+                    sessions.established_connection(session), {"isolation_level": isolation}
+                )
+            dm.isolation = isolation
         # Writes made outside any block, carried into this transaction by
         # freshen(): a failing block must not roll them back whole.
         dm.fresh = not session.in_transaction()
@@ -247,6 +260,26 @@ def join_scope(manager: Joiner, scope: Scope, txn: Any) -> SessionDataManager:
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("joined %r to %r", session, txn)
     return dm
+
+
+def check_isolation(dm: SessionDataManager, isolation: str | None) -> None:
+    """A block asking for *isolation* in a transaction already joined: it
+    shares that SQL transaction, so only the level it runs at will do."""
+    if isolation is None or dm.isolation == isolation:
+        return
+    if dm.isolation is None:
+        connection = sessions.established_connection(dm.session)
+        if connection is not None:
+            sessions.check_late_options(connection, {"isolation_level": isolation})
+            return
+    raise IsolationLevelError(
+        f"this block asked for isolation_level={isolation!r}, but it joins a "
+        "transaction whose SQL transaction runs "
+        + (f"at {dm.isolation!r}" if dm.isolation else "at the engine's level")
+        + " already (an earlier block or a use of tx.session in the same "
+        "transaction began it); give the level to the first block of the "
+        "transaction, or set it on the engine"
+    )
 
 
 def _data_manager(txn: Any, engine: Any) -> SessionDataManager | None:

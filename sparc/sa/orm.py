@@ -303,6 +303,7 @@ class ThreadLocalSASessionTransaction:
         transaction_manager: Any = None,
         readonly: bool = False,
         after: str | None = None,
+        isolation_level: str | None = None,
     ) -> Any:
         """A block: ``with tx():`` commits on success, rolls back on any
         exception; nested, a SAVEPOINT (or, with ``savepoint=False``, a part
@@ -318,10 +319,21 @@ class ThreadLocalSASessionTransaction:
         the engine has replicas, else on the primary in a READ ONLY
         transaction; see :mod:`sparc.sa.readonly`.
 
+        *isolation_level* (``"SERIALIZABLE"``, ``"REPEATABLE READ"``,
+        ``"READ COMMITTED"``, ...): the level the block's transaction runs at,
+        set before it begins, for this block only. A nested block, or a block
+        joining a transaction that runs already, may only name the level in
+        force; anything else raises
+        :class:`~sparc.sa.exceptions.IsolationLevelError`, as do execution
+        options given to ``session.connection()`` once the transaction has
+        begun (SQLAlchemy would ignore them with a warning).
+
         .. versionchanged:: 2.0
-           *transaction_manager*, *readonly*, *after*.
+           *transaction_manager*, *readonly*, *after*, *isolation_level*.
         """
+        isolation = sessions.check_isolation(isolation_level)
         if readonly or after is not None:
+            _no_isolation_when_readonly(isolation)
             return _readonly_block(self, readonly, after)
         if savepoint is not True and savepoint is not False:
             raise TypeError(
@@ -329,7 +341,7 @@ class ThreadLocalSASessionTransaction:
             )
         if transaction_manager is not None:
             _check_manager(transaction_manager, self._join)
-        return Block(self, savepoint, transaction_manager)
+        return Block(self, savepoint, transaction_manager, False, isolation)
 
     def run(
         self,
@@ -339,6 +351,7 @@ class ThreadLocalSASessionTransaction:
         attempts: int = 3,
         readonly: bool = False,
         after: str | None = None,
+        isolation_level: str | None = None,
         **kwargs: Any,
     ) -> _T:
         """Call ``fn(session, *args, **kwargs)`` in a block and return its result,
@@ -349,10 +362,12 @@ class ThreadLocalSASessionTransaction:
 
         With ``readonly=True`` the block is read-only (see :meth:`__call__`),
         and a read whose replica dies under it runs once more elsewhere."""
+        isolation = sessions.check_isolation(isolation_level)
         if readonly or after is not None:
+            _no_isolation_when_readonly(isolation)
             _readonly_block(self, readonly, after)  # checks the arguments
             return run_readonly(self, fn, args, kwargs, attempts, after)
-        return _run(self, fn, args, kwargs, check_attempts(attempts))
+        return _run(self, fn, args, kwargs, check_attempts(attempts), isolation)
 
     # -- scopes --------------------------------------------------------------------
 
@@ -467,6 +482,7 @@ def _run(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     attempts: int,
+    isolation: str | None = None,
 ) -> _T:
     """The body of :meth:`ThreadLocalSASessionTransaction.run`."""
     if inspect.iscoroutinefunction(fn) or inspect.isawaitable(fn):
@@ -479,12 +495,12 @@ def _run(
     if scope.blocks or scope.joined is not None or manager._transaction_to_join() is not None:
         # Retrying an inner block cannot help: the server aborted the
         # whole transaction, which only its owner can restart.
-        block = Block(manager, True)
+        block = Block(manager, True, None, False, isolation)
         with block:
             return _no_coroutine(fn(block.session, *args, **kwargs), fn)
     attempt = 1
     while True:
-        block = Block(manager, True)
+        block = Block(manager, True, None, False, isolation)
         try:
             with block:
                 return _no_coroutine(fn(block.session, *args, **kwargs), fn)
@@ -494,6 +510,14 @@ def _run(
             )
             time.sleep(delay)
             attempt += 1
+
+
+def _no_isolation_when_readonly(isolation: str | None) -> None:
+    if isolation is not None:
+        raise TypeError(
+            "a read-only block chooses its own isolation (a snapshot on the replica "
+            "or READ ONLY on the primary); give isolation_level to writing blocks only"
+        )
 
 
 def _check_manager(tm: object, join: str) -> None:
