@@ -220,3 +220,54 @@ def test_a_cancellation_at_every_await_of_a_nested_block_reaches_the_task(
     assert len(fired) >= 5
     exited = [n for n, seen in sorted(outcome.items()) if seen in ("exited", "finished")]
     assert found == sorted([2 * n for n in exited] + [2 * n + 1 for n in exited])
+
+
+@pytest.mark.parametrize("inner", ["plain", "readonly"])
+def test_a_cancellation_raised_at_every_statement_of_a_nested_block_reaches_the_task(
+    db: SimpleNamespace, inner: str
+) -> None:
+    """A CancelledError raised inside the driver call of each statement
+    (before it is sent, or as it returns), RELEASE SAVEPOINT included, reaches
+    the caller as itself; nothing of the block is kept; the next block works."""
+    interrupter = Interrupter(db.engine.sync_engine)
+
+    async def scenario(n: int) -> None:
+        async with db.tx() as session:
+            session.add(db.Item(id=2 * n))
+            await session.flush()
+            if inner == "readonly":
+                async with db.tx(readonly=True) as inside:
+                    await inside.execute(sa.select(db.Item.id))
+                async with db.tx() as inside:
+                    inside.add(db.Item(id=2 * n + 1))
+            else:
+                async with db.tx() as inside:
+                    inside.add(db.Item(id=2 * n + 1))
+                    await inside.flush()
+
+    async def main() -> list[int]:
+        interrupter.arm(asyncio.CancelledError, 0, "never")
+        await scenario(0)
+        statements = list(interrupter.sent)
+        assert any("RELEASE SAVEPOINT" in s.upper() for s in statements), statements
+        kept = [0, 1]
+        n = 0
+        for at in range(1, len(statements) + 1):
+            for when in ("before", "after"):
+                n += 1
+                label = f"{when} {statements[at - 1].split()[0]} #{at}"
+                interrupter.arm(asyncio.CancelledError, at, when)
+                caught: BaseException | None = None
+                try:
+                    await scenario(1000 + n)
+                except BaseException as exc:  # what reached the caller
+                    caught = exc
+                assert interrupter.fired is not None, label
+                assert type(caught) is asyncio.CancelledError, (label, repr(caught))
+                assert async_checked_out(db.engine) == 0, label
+                assert await ids(db) == kept, label
+                await scenario(n)
+                kept = sorted([*kept, 2 * n, 2 * n + 1])
+        return await ids(db)
+
+    assert len(db.run(main)) > 2
