@@ -288,11 +288,14 @@ def _float(value: decimal.Decimal | float | int, path: str, single: bool = False
 def _moment(type_: Any, value: datetime.datetime, path: str) -> datetime.datetime:
     """A datetime as the column compares it: in UTC, aware only on an aware column."""
     aware = bool(getattr(type_, "timezone", False))
+    naive = value.tzinfo is None or value.utcoffset() is None
+    if naive and not aware:
+        return value  # the common case: nothing to convert
     try:
-        if value.tzinfo is not None and value.utcoffset() is not None:
-            utc = value.astimezone(datetime.timezone.utc)
-        else:
+        if naive:
             utc = value.replace(tzinfo=datetime.timezone.utc)
+        else:
+            utc = value.astimezone(datetime.timezone.utc)
     except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
         raise InvalidFilterError(
             path, "expected a datetime between years 1 and 9999 once converted to UTC"
@@ -307,7 +310,11 @@ def _length(type_: Any) -> int | None:
 
 def check_length(attribute: Any, value: str, path: str) -> str:
     """``value``, if the column's type has no length or the value fits it."""
-    length = _length(column_type(attribute))
+    return _fit_length(column_type(attribute), value, path)
+
+
+def _fit_length(type_: Any, value: str, path: str) -> str:
+    length = _length(type_)
     if length is not None and len(value) > length:
         raise InvalidFilterError(
             path, f"expected at most {length} characters, as the column's String({length}) holds"
@@ -350,7 +357,7 @@ def coerce(attribute: Any, value: Any, path: str) -> Any:
         return float(exact) if wanted is float else exact
     if wanted is str:
         if isinstance(value, str):
-            return check_length(attribute, check_text(value, path), path)
+            return _fit_length(type_, check_text(value, path), path)
         raise InvalidFilterError(path, f"expected a string, got {kind(value)}")
     for moment in (datetime.datetime, datetime.date, datetime.time):
         if wanted is moment:
