@@ -47,7 +47,7 @@ FAMILIES: dict[str, tuple[str | None, str, str]] = {
     "mysql": ("TEST_MYSQL_DSN", "mysql+pymysql", "mysql+asyncmy"),
 }
 # Columns whose comparisons mean the same on every server.
-PORTABLE = {"id", "small", "big", "amount", "flag", "day", "when", "stamp", "clock"}
+PORTABLE = {"id", "small", "big", "amount", "whole", "flag", "day", "when", "stamp", "clock"}
 
 
 def build_table() -> SimpleNamespace:
@@ -73,6 +73,10 @@ def build_table() -> SimpleNamespace:
         day: Mapped[datetime.date | None] = mapped_column(sa.Date)
         clock: Mapped[datetime.time | None] = mapped_column(sa.Time)
         code: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid)
+        whole: Mapped[decimal.Decimal | None] = mapped_column(sa.Numeric(5))
+        color: Mapped[str | None] = mapped_column(sa.Enum("red", "green", name=f"color_{token}"))
+        blob: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
+        data: Mapped[Any] = mapped_column(sa.JSON, nullable=True)
 
     columns = [column.key for column in Sample.__table__.columns]
     rows = [
@@ -92,6 +96,10 @@ def build_table() -> SimpleNamespace:
             day=datetime.date(2030, 1, 1),
             clock=datetime.time(12, 30),
             code=uuid.UUID(int=1),
+            whole=decimal.Decimal("99999"),
+            color="red",
+            blob=b"\x00\x01",
+            data={"x": 1},
         ),
         dict(
             id=2,
@@ -109,6 +117,10 @@ def build_table() -> SimpleNamespace:
             day=datetime.date(1999, 12, 31),
             clock=datetime.time(0, 0, 1),
             code=uuid.UUID(int=2**127),
+            whole=decimal.Decimal("-3"),
+            color="green",
+            blob=b"",
+            data=[1, 2],
         ),
         dict.fromkeys(columns, None) | {"id": 3},
         dict(
@@ -127,6 +139,10 @@ def build_table() -> SimpleNamespace:
             day=datetime.date(2000, 2, 29),
             clock=datetime.time(23, 59, 59),
             code=uuid.UUID(int=0),
+            whole=decimal.Decimal("0"),
+            color="green",
+            blob=b"\xff",
+            data="x",
         ),
     ]
     return SimpleNamespace(Base=Base, Sample=Sample, rows=rows)
@@ -316,8 +332,11 @@ SCALARS = st.one_of(
     st.none(),
     st.uuids(),
     st.uuids().map(str),
+    st.binary(max_size=4),
+    st.sampled_from(["red", "green", "blue", "RED"]),
 )
 CONDITIONS = ["==", "!=", "<", "<=", ">", ">=", "like", "ilike", "in", "not in"]
+CONDITIONS += ["is null", "is not null"]
 
 
 INTEGERS = st.one_of(
@@ -353,6 +372,10 @@ OWN: dict[str, Any] = {
     "day": st.dates() | st.dates().map(str) | MOMENT_TEXT,
     "clock": st.times(timezones=st.none() | st.timezones()) | MOMENT_TEXT,
     "code": st.uuids() | st.uuids().map(str) | st.just(uuid.UUID(int=1)),
+    "whole": DECIMALS | DECIMALS.map(str) | INTEGERS | st.sampled_from(["99999", "1e5", "-3.0"]),
+    "color": st.sampled_from(["red", "green", "blue", "RED", "red "]),
+    "blob": st.binary(max_size=4) | st.sampled_from([b"\x00\x01", b"", b"\xff"]),
+    "data": SCALARS,
 }
 COLUMNS = sorted(OWN)
 
@@ -365,6 +388,8 @@ def expressions(draw: Any) -> dict[str, Any]:
     value: Any = draw(values)
     if condition in ("in", "not in"):
         value = draw(st.lists(values, min_size=1, max_size=3))
+    if condition in ("is null", "is not null"):
+        return {"attribute": f"Sample.{column}", "condition": condition}
     return {"attribute": f"Sample.{column}", "condition": condition, "value": value}
 
 
@@ -398,7 +423,7 @@ def node(attribute: str, condition: str, value: Any) -> dict[str, Any]:
 
 
 @settings(
-    max_examples=int(os.environ.get("SPARC_DRIVER_EXAMPLES", "300")),
+    max_examples=int(os.environ.get("SPARC_DRIVER_EXAMPLES", "800")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -65,6 +65,7 @@ from sparc.sa.values import (
     check_length,
     check_like_pattern,
     coerce,
+    column_type,
     kind,
     python_type,
 )
@@ -402,7 +403,10 @@ def _value(attribute: Any, operation: str, value: Any, path: str) -> Any:
     if isinstance(value, (list, tuple, set, Mapping)):
         raise InvalidFilterError(path, f"expected a single value, got {kind(value)}")
     if operation in ("like", "ilike"):
-        if python_type(attribute) not in (str, None):
+        if python_type(attribute) not in (str, None) or getattr(
+            column_type(attribute), "enums", None
+        ):
+            # PostgreSQL has no LIKE for an ENUM type: a driver error that aborts the transaction
             raise InvalidFilterError(path, f"'{operation}' applies to string columns only")
         if not isinstance(value, str):
             raise InvalidFilterError(
