@@ -440,6 +440,8 @@ def node(attribute: str, condition: str, value: Any) -> dict[str, Any]:
 @example(expression=node("name", "==", "x" * 21))
 @example(expression=node("single", "<", 1e300))
 @example(expression=node("clock", "<", "12:30:00+01:00"))
+@example(expression=node("color", "like", "red"))  # found by this test
+@example(expression=node("flag", "<", False))  # found by this test
 def test_every_driver_gives_the_same_answer(drivers: SimpleNamespace, expression: Any) -> None:
     compare(drivers.table, drivers.drivers, expression)
 
