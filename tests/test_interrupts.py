@@ -22,6 +22,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from sparc.sa.exceptions import DoomedTransactionError
+
 from .conftest import checked_out, names
 from .test_async import ASYNC_BACKENDS, async_database, ids
 from .test_async import checked_out as async_checked_out
@@ -271,3 +273,39 @@ def test_a_cancellation_raised_at_every_statement_of_a_nested_block_reaches_the_
         return await ids(db)
 
     assert len(db.run(main)) > 2
+
+
+def test_an_interrupt_caught_after_release_savepoint_commits_nothing_of_the_block(
+    ctx: SimpleNamespace,
+) -> None:
+    """Code that catches the interrupt (raised as RELEASE SAVEPOINT returned,
+    so the server has released it) and lets the outer block end normally
+    commits nothing: the caller saw the inner block fail, so the outer block
+    is doomed (where the connection survived, as on in-memory SQLite) or its
+    connection is gone."""
+    tx, Item, interrupter = ctx.transaction, ctx.models.Item, ctx.interrupter
+    interrupter.arm(KeyboardInterrupt, 0, "never")
+    with tx():
+        tx.session.add(Item(name="outer"))
+        tx.session.flush()
+        with tx():
+            tx.session.add(Item(name="inner"))
+    at = next(i for i, s in enumerate(interrupter.sent, 1) if s.upper().startswith("RELEASE"))
+    with ctx.engine.begin() as conn:
+        conn.execute(sa.delete(Item.__table__))
+    caught = []
+    interrupter.arm(KeyboardInterrupt, at, "after")
+    # the error's type depends on the backend: checked below where it is known
+    with pytest.raises(Exception) as raised, tx():
+        tx.session.add(Item(name="outer"))
+        tx.session.flush()
+        try:
+            with tx():
+                tx.session.add(Item(name="inner"))
+        except KeyboardInterrupt as exc:
+            caught.append(exc)
+    assert caught and interrupter.fired is not None
+    if ctx.engine.url.database in (None, "", ":memory:"):
+        assert isinstance(raised.value, DoomedTransactionError), repr(raised.value)
+    assert names(ctx.engine, Item) == []
+    assert checked_out(ctx.engine) == 0
