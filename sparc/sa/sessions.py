@@ -239,19 +239,20 @@ def release(savepoint: Any, session: Session) -> None:
     try:
         savepoint.commit()
     except BaseException as error:
+        interrupted = not isinstance(error, Exception)
         try:
-            _undo_failed_release(savepoint)
+            _undo_failed_release(savepoint, interrupted)
         except BaseException:
-            if isinstance(error, Exception):
+            if not interrupted:
                 raise
             # An `except Exception:` in the application must not swallow a
-            # Ctrl-C because the undo of its savepoint failed (logged above).
+            # Ctrl-C because the undo of its savepoint failed (logged).
         raise
     finally:
         info.pop(COMMITTING, None)
 
 
-def _undo_failed_release(savepoint: Any) -> None:
+def _undo_failed_release(savepoint: Any, interrupted: bool = False) -> None:
     for connection, transaction, *_ in list(getattr(savepoint, "_connections", {}).values()):
         name = getattr(transaction, "_savepoint", None)
         if name is None or transaction.is_active or connection.closed:
@@ -270,7 +271,18 @@ def _undo_failed_release(savepoint: Any) -> None:
             finally:
                 cursor.close()
         except Exception:
-            logger.error("rolling back to a savepoint whose RELEASE failed failed", exc_info=True)
+            if interrupted:
+                # The RELEASE may have run before the interrupt: expected, and
+                # the outer block rolls back (the nested block dooms it).
+                logger.warning(
+                    "rolling back to a savepoint whose RELEASE was interrupted failed; "
+                    "the outer block will roll back",
+                    exc_info=True,
+                )
+            else:
+                logger.error(
+                    "rolling back to a savepoint whose RELEASE failed failed", exc_info=True
+                )
             raise
 
 
