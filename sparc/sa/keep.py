@@ -25,13 +25,15 @@ __all__ = ["keep_shared_connection"]
 
 def keep_shared_connection(engine: Engine) -> None:
     """Make interruptions on *engine* leave its shared SQLite connection open,
-    and close the cursor of an interrupted statement on any SQLite pool.
+    and close the cursor of an interrupted statement on pysqlite, on any pool.
 
     Does nothing unless *engine* is SQLite. Idempotent, and cheap after the
     first call."""
     if engine.dialect.name != "sqlite":
         return
-    if not event.contains(engine, "handle_error", _close_cursor):
+    if engine.dialect.driver == "pysqlite" and not event.contains(
+        engine, "handle_error", _close_cursor
+    ):
         event.listen(engine, "handle_error", _close_cursor)
     if not _keeps(engine):
         return

@@ -415,7 +415,8 @@ def _value(attribute: Any, operation: str, value: Any, path: str) -> Any:
         return check_length(attribute, check_like_pattern(value, path), path)
     if operation in ("lt", "le", "gt", "ge") and python_type(attribute) is bool:
         # SQLAlchemy refuses to build `flag < false` (an ArgumentError)
-        raise InvalidFilterError(path, f"'{operation}' does not apply to true/false columns")
+        symbol = {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}[operation]
+        raise InvalidFilterError(path, f"'{symbol}' does not apply to true/false columns")
     return coerce(attribute, value, path)
 
 
