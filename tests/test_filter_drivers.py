@@ -39,6 +39,8 @@ from sparc.sa import query
 from sparc.sa.engine import engine_from_config
 from sparc.sa.exceptions import InvalidFilterError
 
+from .conftest import CheckoutCounter
+
 UTC = datetime.timezone.utc
 # family: (variable, sync driver, async driver); None: SQLite on a file
 FAMILIES: dict[str, tuple[str | None, str, str]] = {
@@ -157,6 +159,8 @@ class Driver:
         self.loop = loop
         self.engine: Any = engine_from_config({"dsn": dsn})
         self.is_async = isinstance(self.engine, AsyncEngine)
+        # pools without checkedout() (NullPool) are counted through events
+        self.counter = CheckoutCounter(self.engine.sync_engine if self.is_async else self.engine)
 
     def answer(self, table: SimpleNamespace, where: Any) -> list[int]:
         statement = sa.select(table.Sample.id).where(where).order_by(table.Sample.id)
@@ -177,8 +181,7 @@ class Driver:
         return self.loop.run_until_complete(main())
 
     def checked_out(self) -> int:
-        engine = self.engine.sync_engine if self.is_async else self.engine
-        return engine.pool.checkedout()  # type: ignore[no-any-return]
+        return self.counter.out
 
     def dispose(self) -> None:
         if self.is_async:
