@@ -411,11 +411,11 @@ def _close(block: Block, scope: Scope, session: Session) -> None:
 
 
 def _new_pool(manager: BlockHost, gates: GateCache, pool: Any) -> Gate | ThreadGate | None:
-    """The first block on *pool*: its gate, and on one shared SQLite connection
-    (an in-memory database) the guard that keeps it through interruptions."""
+    """The first block on *pool*: its gate, and on SQLite the guards that close
+    an interrupted statement's cursor and, on one shared connection (an
+    in-memory database), keep that connection through interruptions."""
     gate = gates.refresh(pool)
-    if gate is not None:
-        keep_shared_connection(manager.engine)
+    keep_shared_connection(manager.engine)  # SQLite only; the connection kept if shared
     return gate
 
 
@@ -487,6 +487,8 @@ def _enter_joined(block: Block, scope: Scope, txn: Any) -> None:
     dm = scope.joined
     try:
         if dm is None:
+            # a joined block never reaches _new_pool(): its SQLite guards here
+            keep_shared_connection(manager.engine)
             dm = joined.join_scope(manager, scope, txn, block._isolation)
         else:
             if block._isolation is not None:
@@ -617,10 +619,14 @@ def _exit_nested(
                 # A savepoint taken inside this block (transaction.savepoint())
                 # is still open: keep ours open too, so that it stays valid.
                 session.flush()
-        except BaseException:
+        except BaseException as error:
             # The flush or RELEASE failed, or the server aborted the
             # transaction: undo the inner work and let the error reach the
             # outer block's code.
+            if not isinstance(error, Exception):
+                # Interrupted mid-RELEASE, the server may have released the
+                # savepoint already: the outer block must not commit its work.
+                scope.doomed = True
             rollback_savepoint(scope, savepoint)
             raise
         if outer is not None:

@@ -136,17 +136,23 @@ class InvalidFilterError(ValueError):
 
     Raised before any SQL is sent. ``path`` names the offending place in the
     container, such as ``expressions[2].attribute`` (empty for the container
-    itself), and the message says what was expected there. Containers usually
-    come from a request, so a value found there is described by its type only,
-    never echoed; a class, attribute or condition name is quoted, cut short.
+    itself), and the message says what was expected there; a value refused
+    for its column also names the column's ``Class.attribute`` (``attribute``).
+    Containers usually come from a request, so a value found there is
+    described by its type only, never echoed; a class, attribute or condition
+    name is quoted, cut short.
 
     .. versionadded:: 2.0
     """
 
-    def __init__(self, path: str, expected: str) -> None:
+    def __init__(self, path: str, expected: str, attribute: str | None = None) -> None:
         self.path = path
         self.expected = expected
+        #: ``'Class.attribute'`` for a value refused for its column, else None.
+        self.attribute = attribute
         where = path or "filter"
+        if attribute:
+            where = f"{where} ({attribute})"
         super().__init__(f"{where}: {expected}")
 
 

@@ -304,23 +304,38 @@ def release(savepoint: Any, session: Session) -> None:
     If the RELEASE itself fails, the savepoint is rolled back before the
     error propagates: SQLAlchemy marks a savepoint whose RELEASE failed as
     inactive without undoing it, and on PostgreSQL the transaction would stay
-    aborted, so that a later COMMIT silently rolls back everything."""
+    aborted, so that a later COMMIT silently rolls back everything.
+
+    An interrupt (KeyboardInterrupt, SystemExit, a cancellation) reaches the
+    caller as itself: if undoing the savepoint fails meanwhile (SQLAlchemy
+    invalidated the connection, or the server had released it already), that
+    failure is logged, not raised in its place, and the block dooms the outer
+    transaction."""
     info = session.info
     info[COMMITTING] = True
     try:
         savepoint.commit()
-    except BaseException:
-        _undo_failed_release(savepoint)
+    except BaseException as error:
+        interrupted = not isinstance(error, Exception)
+        try:
+            _undo_failed_release(savepoint, interrupted)
+        except BaseException:
+            if not interrupted:
+                raise
+            # An `except Exception:` in the application must not swallow a
+            # Ctrl-C because the undo of its savepoint failed (logged).
         raise
     finally:
         info.pop(COMMITTING, None)
 
 
-def _undo_failed_release(savepoint: Any) -> None:
+def _undo_failed_release(savepoint: Any, interrupted: bool = False) -> None:
     for connection, transaction, *_ in list(getattr(savepoint, "_connections", {}).values()):
         name = getattr(transaction, "_savepoint", None)
         if name is None or transaction.is_active or connection.closed:
             continue  # not a SAVEPOINT, or SQLAlchemy still owns its rollback
+        if connection.invalidated:
+            continue  # its DBAPI connection is closed: the server rolled it all back
         if connection._nested_transaction is not transaction:
             continue  # released after all (the failure came later)
         # SQLAlchemy refuses statements on a connection whose savepoint is
@@ -333,7 +348,18 @@ def _undo_failed_release(savepoint: Any) -> None:
             finally:
                 cursor.close()
         except Exception:
-            logger.error("rolling back to a savepoint whose RELEASE failed failed", exc_info=True)
+            if interrupted:
+                # The RELEASE may have run before the interrupt: expected, and
+                # the outer block rolls back (the nested block dooms it).
+                logger.warning(
+                    "rolling back to a savepoint whose RELEASE was interrupted failed; "
+                    "the outer block will roll back",
+                    exc_info=True,
+                )
+            else:
+                logger.error(
+                    "rolling back to a savepoint whose RELEASE failed failed", exc_info=True
+                )
             raise
 
 
