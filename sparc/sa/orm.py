@@ -71,6 +71,7 @@ from sparc.sa.interfaces import (
     ISAScopedTransaction,
     ISASession,
 )
+from sparc.sa.keep import keep_shared_connection
 from sparc.sa.legacy import package_path
 from sparc.sa.readonly import ReadOnlyBlock, run_readonly
 from sparc.sa.replicas import check_readonly_arguments, commit_token
@@ -401,6 +402,7 @@ class ThreadLocalSASessionTransaction:
                 # runs (request.dbsession.add() in a view): the session goes
                 # with that transaction, committed or aborted with it, as
                 # zope.sqlalchemy's registered session does.
+                keep_shared_connection(self._engine)  # as a joined block does
                 dm = joined.join_scope(self, scope, txn)
                 dm.fresh = False  # it may write outside any block
                 return dm.session
