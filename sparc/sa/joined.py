@@ -12,12 +12,14 @@ transaction: ZODB's, and now the database's. A transaction manager's
     ``transaction.manager`` (beginning one in implicit mode); nothing is
     committed until that transaction commits.
 ``"auto"`` (the default)
-    Blocks join when a transaction is known to be running for this thread:
-    while Zope's publisher publishes a request (a request is set in
-    ``zope.globalrequest`` and a transaction is begun), during a Pyramid
-    request that pyramid_tm manages (``request.tm``, whichever manager its
-    ``tm.manager_hook`` makes), and inside a transaction begun on an
-    explicit-mode ``transaction.manager``. Otherwise as ``"never"``.
+    Blocks join a transaction that the application began: with
+    ``transaction.begin()``, ``with transaction.manager:`` or
+    ``attempts()`` (implicit or explicit mode), while Zope's publisher
+    publishes a request, and during a Pyramid request that pyramid_tm
+    manages (``request.tm``, whichever manager its ``tm.manager_hook``
+    makes). A transaction that exists only because something called
+    ``transaction.get()`` is not joined (:mod:`sparc.sa.begun` tells them
+    apart). Otherwise as ``"never"``.
 
 ``with tx(transaction_manager=tm):`` joins *tm*'s current transaction
 whatever the mode (except ``"never"``), and leaves the thread's own
