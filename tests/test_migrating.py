@@ -305,3 +305,21 @@ def test_reads_outside_blocks_in_a_transaction_leave_nothing_checked_out(
     with tm:
         assert tx.session.scalars(sa.select(models.Item)).all() == []
     assert checked_out(engine) == 0
+
+
+def test_a_begin_after_clear_synchs_is_still_joined(engine: Engine, models: Any, tm: Any) -> None:
+    """Test layers and ZODB call ``clearSynchs()``, which drops sparc.sa's
+    synchronizer too; a transaction begun afterwards is still joined."""
+    tx = scoped_transaction(engine, models.Base)
+    with tx():  # sparc.sa has seen this thread
+        pass
+    tm.clearSynchs()
+    with pytest.raises(Boom), tm:
+        with tx():
+            tx.session.add(models.Item(name="lost"))
+        raise Boom
+    assert names(engine, models.Item) == []
+    with tm, tx():
+        tx.session.add(models.Item(name="kept"))
+    assert names(engine, models.Item) == ["kept"]
+    assert checked_out(engine) == 0

@@ -90,14 +90,23 @@ def watching(manager: Any) -> bool:
     return getattr(manager, "manager", manager) in _watched
 
 
-def began(txn: Any) -> str:
-    """:data:`BEGUN` if *txn* was started by ``begin()`` while its manager
-    was watched, :data:`UNKNOWN` if it existed before, else :data:`NOT_BEGUN`
-    (it exists because something called ``get()``). Ask only about the
-    transaction of a manager that :func:`watch` was given."""
+def began(txn: Any, manager: Any) -> str:
+    """:data:`BEGUN` if *txn* was started by ``begin()`` while *manager* (its
+    manager, which :func:`watch` was given) was watched, :data:`UNKNOWN` if
+    it existed before, else :data:`NOT_BEGUN` (it exists because something
+    called ``get()``)."""
     if txn in _begun:
         return BEGUN
     if txn in _unknown:
+        return UNKNOWN
+    # Test layers and ZODB call clearSynchs(), which drops our synchronizer
+    # too: begins since then went unseen. Checked only on this rare path;
+    # TransactionManager keeps its synchronizers in `_synchs` (DEVELOPERS.md,
+    # private names), and has no public way to ask for one.
+    synchs = getattr(manager, "_synchs", None)
+    if synchs is not None and _WATCHER not in synchs:
+        _watched.discard(manager)
+        watch(manager)
         return UNKNOWN
     return NOT_BEGUN
 

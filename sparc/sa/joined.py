@@ -144,7 +144,7 @@ def _thread_transaction(tm: Any, mode: str) -> Any:
         return None
     if getattr(inner, "explicit", False):
         return txn  # explicit mode: only begin() makes a transaction
-    if begun.began(txn) is begun.NOT_BEGUN:
+    if begun.began(txn, inner) is begun.NOT_BEGUN:
         # It exists because something called transaction.get() (opening a
         # ZODB connection does): nobody promised to commit it.
         return None
