@@ -16,6 +16,7 @@ Each case runs on every backend, with the thread's manager in implicit mode
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -323,3 +324,22 @@ def test_a_begin_after_clear_synchs_is_still_joined(engine: Engine, models: Any,
         tx.session.add(models.Item(name="kept"))
     assert names(engine, models.Item) == ["kept"]
     assert checked_out(engine) == 0
+
+
+def test_a_thread_that_ends_inside_an_unended_joined_transaction_is_reported(
+    backend: str, engine: Engine, models: Any
+) -> None:
+    if backend == "sqlite":
+        pytest.skip("one shared in-memory connection: blocks take turns across threads")
+    tx = scoped_transaction(engine, models.Base)
+
+    def script() -> None:
+        transaction.get()  # before sparc.sa watched this thread's manager
+        with tx():
+            tx.session.add(models.Item(name="stranded"))
+        assert tx._scope().joined is not None
+
+    with pytest.warns(RuntimeWarning, match="a thread ended while its sparc.sa blocks"):
+        in_thread(script)
+        gc.collect()
+    assert names(engine, models.Item) == []

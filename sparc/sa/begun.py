@@ -31,7 +31,17 @@ import warnings
 import weakref
 from typing import Any, Final
 
-__all__ = ["BEGUN", "NOT_BEGUN", "UNKNOWN", "began", "note_open", "watch", "watching"]
+__all__ = [
+    "BEGUN",
+    "NOT_BEGUN",
+    "UNKNOWN",
+    "began",
+    "note_open",
+    "warn_left",
+    "warn_unended",
+    "watch",
+    "watching",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +148,20 @@ def warn_unended() -> None:
         return
     where = ", ".join(sorted({repr(dm.txn) for dm in pending})[:3])
     message = UNENDED % (len(pending), where)
+    logger.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=1)
+
+
+def warn_left(data_manager: Any) -> None:
+    """A thread ended while its work belonged to *data_manager*'s transaction,
+    which has not ended: with the thread's manager gone, most likely nothing
+    will commit it."""
+    message = (
+        "a thread ended while its sparc.sa blocks belonged to a transaction of "
+        f"the `transaction` package that had not ended ({data_manager.txn!r}): "
+        "unless another thread commits it, their work is lost. Commit or abort "
+        "the transaction before the thread ends"
+    )
     logger.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=1)
 
