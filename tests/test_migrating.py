@@ -343,3 +343,34 @@ def test_a_thread_that_ends_inside_an_unended_joined_transaction_is_reported(
         in_thread(script)
         gc.collect()
     assert names(engine, models.Item) == []
+
+
+def test_the_data_manager_keeps_the_transaction_manager_it_was_given(
+    engine: Engine, models: Any
+) -> None:
+    """As zope.sqlalchemy's data manager keeps the manager it was registered
+    with: ``tx(transaction_manager=tm)`` and ``run(transaction_manager=tm)``."""
+    tx = scoped_transaction(engine, models.Base)
+    tm = transaction.TransactionManager(explicit=True)
+    txn = tm.begin()
+    with tx(transaction_manager=tm):
+        tx.session.add(models.Item(name="block"))
+    assert tx._scope().joined.transaction_manager is tm
+    tm.commit()
+    other = transaction.TransactionManager(explicit=True)
+    other.begin()
+
+    def fn(session: Any) -> Any:
+        session.add(models.Item(name="run"))
+        return tx._scope().joined.transaction_manager
+
+    assert tx.run(fn, transaction_manager=other) is other
+    other.commit()
+    assert txn.status == "Committed"
+    assert names(engine, models.Item) == ["block", "run"]
+    transaction.begin()
+    with tx():
+        pass
+    assert tx._scope().joined.transaction_manager is transaction.manager
+    transaction.abort()
+    assert checked_out(engine) == 0

@@ -489,7 +489,7 @@ def _enter_joined(block: Block, scope: Scope, txn: Any) -> None:
         if dm is None:
             # a joined block never reaches _new_pool(): its SQLite guards here
             keep_shared_connection(manager.engine)
-            dm = joined.join_scope(manager, scope, txn, block._isolation)
+            dm = joined.join_scope(manager, scope, txn, block._isolation, block._tm)
         else:
             if block._isolation is not None:
                 joined.check_isolation(dm, block._isolation)

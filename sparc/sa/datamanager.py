@@ -21,7 +21,6 @@ connection back to the pool.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
@@ -99,6 +98,7 @@ class SessionDataManager:
         session: Session,
         txn: Any,
         gate: Gate | ThreadGate | None,
+        transaction_manager: Any,
     ) -> None:
         self._manager = manager
         #: The scopes whose blocks run in this transaction; the first one
@@ -121,10 +121,9 @@ class SessionDataManager:
         self.root: Any = None
         #: The isolation level its SQL transaction runs at, if a block asked.
         self.isolation: str | None = None
-        #: IDataManager: the transaction manager of the joined transaction.
-        self.transaction_manager = (
-            getattr(txn, "_manager", None) or sys.modules["transaction"].manager
-        )
+        #: IDataManager: the transaction manager of the joined transaction,
+        #: the one the block was given if it was given one.
+        self.transaction_manager = transaction_manager
         begun.note_open(self)  # reported at exit if its transaction never ends
 
     @property

@@ -82,6 +82,7 @@ __all__ = [
     "SessionDataManager",
     "finish_block",
     "join_scope",
+    "manager_of",
     "transaction_to_join",
 ]
 
@@ -124,6 +125,23 @@ def transaction_to_join(mode: str, tm: Any = None) -> Any:
     if txn is None or not _joinable(txn):
         return None
     return txn
+
+
+def manager_of(txn: Any, tm: Any = None) -> Any:
+    """The transaction manager whose transaction *txn* is: *tm* when the
+    block was given one, pyramid_tm's ``request.tm`` during its request, else
+    the thread's ``transaction.manager``. Kept by the data manager, as
+    zope.sqlalchemy's keeps the one it was registered with."""
+    if tm is not None:
+        return tm
+    threadlocal = sys.modules.get("pyramid.threadlocal")
+    if threadlocal is not None:
+        environ = getattr(threadlocal.get_current_request(), "environ", None)
+        if environ and environ.get("tm.active"):
+            request_tm = environ.get("tm.manager")
+            if request_tm is not None and _running(request_tm)[0] is txn:
+                return request_tm
+    return sys.modules["transaction"].manager
 
 
 def _running(tm: Any) -> Any:
@@ -198,12 +216,17 @@ def _joinable(txn: Any) -> bool:
 
 
 def join_scope(
-    manager: Joiner, scope: Scope, txn: Any, isolation: str | None = None
+    manager: Joiner,
+    scope: Scope,
+    txn: Any,
+    isolation: str | None = None,
+    tm: Any = None,
 ) -> SessionDataManager:
     """Join *scope* to *txn* and return the data manager of its engine there.
     The first scope of an engine in *txn* brings its session; later ones
     (other managers of the engine) work with that same session. *isolation*:
-    the level the SQL transaction must run at (the first block's)."""
+    the level the SQL transaction must run at (the first block's); *tm*: the
+    transaction manager the block was given, if any."""
     session = scope.session
     if session is None:
         session = scope.session = manager.new_session()
@@ -229,7 +252,7 @@ def join_scope(
                     "two-phase transaction; make them inside a block"
                 )
             session.twophase = True
-        dm = SessionDataManager(manager, scope, session, txn, gate)
+        dm = SessionDataManager(manager, scope, session, txn, gate, manager_of(txn, tm))
         if isolation is not None:
             if sessions.established_connection(session) is not None:
                 # Writes made outside any block began the transaction already.

@@ -353,6 +353,7 @@ class ThreadLocalSASessionTransaction:
         readonly: bool = False,
         after: str | None = None,
         isolation_level: str | None = None,
+        transaction_manager: Any = None,
         **kwargs: Any,
     ) -> _T:
         """Call ``fn(session, *args, **kwargs)`` in a block and return its result,
@@ -362,13 +363,20 @@ class ThreadLocalSASessionTransaction:
         retries), *fn* runs once in a SAVEPOINT.
 
         With ``readonly=True`` the block is read-only (see :meth:`__call__`),
-        and a read whose replica dies under it runs once more elsewhere."""
+        and a read whose replica dies under it runs once more elsewhere.
+        *isolation_level* and *transaction_manager* are the block's, as for
+        :meth:`__call__`; with a *transaction_manager* the block joins its
+        transaction, whose owner retries, so *fn* runs once."""
         isolation = sessions.check_isolation(isolation_level)
         if readonly or after is not None:
             _no_isolation_when_readonly(isolation)
             _readonly_block(self, readonly, after)  # checks the arguments
             return run_readonly(self, fn, args, kwargs, attempts, after)
-        return _run(self, fn, args, kwargs, check_attempts(attempts), isolation)
+        if transaction_manager is not None:
+            _check_manager(transaction_manager, self._join)
+        return _run(
+            self, fn, args, kwargs, check_attempts(attempts), isolation, transaction_manager
+        )
 
     # -- scopes --------------------------------------------------------------------
 
@@ -485,6 +493,7 @@ def _run(
     kwargs: dict[str, Any],
     attempts: int,
     isolation: str | None = None,
+    tm: Any = None,
 ) -> _T:
     """The body of :meth:`ThreadLocalSASessionTransaction.run`."""
     if inspect.iscoroutinefunction(fn) or inspect.isawaitable(fn):
@@ -494,10 +503,15 @@ def _run(
             "or call a plain function"
         )
     scope = manager.scopes.current()
-    if scope.blocks or scope.joined is not None or manager._transaction_to_join() is not None:
+    if (
+        scope.blocks
+        or scope.joined is not None
+        or tm is not None
+        or manager._transaction_to_join() is not None
+    ):
         # Retrying an inner block cannot help: the server aborted the
         # whole transaction, which only its owner can restart.
-        block = Block(manager, True, None, False, isolation)
+        block = Block(manager, True, tm, False, isolation)
         with block:
             return _no_coroutine(fn(block.session, *args, **kwargs), fn)
     attempt = 1
