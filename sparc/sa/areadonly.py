@@ -78,7 +78,7 @@ class AsyncReadOnlyBlock:
             return session
         rs = self._rs = replica_set(manager.engine)
         if rs is not None:
-            need = max(rs.position(), self._after)
+            need = rs.need(self._after)
             for replica in rs.candidates():
                 on_replica = await self._on_replica(manager, rs, replica, need)
                 if on_replica is not None:
@@ -98,7 +98,9 @@ class AsyncReadOnlyBlock:
             rs.failed(replica, error)
             return None
         try:
-            if rs.needs_check(replica, need):
+            if rs.mariadb:  # one MASTER_GTID_WAIT on the server (sparc.sa.gtid)
+                await session.run_sync(lambda s: rs.check(replica, s, need))
+            elif rs.needs_check(replica, need):
                 deadline = time.monotonic() + rs.wait
                 while not await session.run_sync(
                     lambda s: rs.measure(replica, s.connection(), need)

@@ -100,7 +100,7 @@ class ReadOnlyBlock:
         factory = _factory(manager)
         rs = self._rs = replica_set(manager.engine)
         if rs is not None:
-            need = max(rs.position(), self._after)
+            need = rs.need(self._after)
             for replica in rs.candidates():
                 on_replica = self._open(manager, scope, factory, replica, need)
                 if on_replica is not None:

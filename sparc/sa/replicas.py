@@ -36,9 +36,10 @@ Health
 Balance
     Read-only blocks take the healthy replicas in turn (round robin).
 
-Replicas are PostgreSQL-only: the read-your-writes promise rests on
-PostgreSQL's WAL positions. MariaDB's GTIDs (``MASTER_GTID_WAIT``) could
-carry the same promise, but that is not built yet.
+MariaDB
+    The same, with GTID positions: ``@@last_gtid`` after a commit, and
+    ``MASTER_GTID_WAIT`` on the replica before the block's first read
+    (:mod:`sparc.sa.gtid`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from sparc.sa import gtid
 from sparc.sa.exceptions import ReadOnlyTransactionError
+from sparc.sa.gtid import Gtid
 
 __all__ = [
     "REPLICA_KEYS",
@@ -100,7 +103,7 @@ _FIRST_WORD = re.compile(r"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*(\w+)", re.S)
 # The position of a scope's latest commit, per replica set. Contexts follow
 # threads and asyncio tasks (a task starts from a copy of its creator's), and
 # SQLAlchemy's asyncio layer runs the pool's events in the task's context.
-_positions: contextvars.ContextVar[dict[int, int] | None] = contextvars.ContextVar(
+_positions: contextvars.ContextVar[dict[int, Any] | None] = contextvars.ContextVar(
     "sparc.sa commit positions", default=None
 )
 
@@ -140,12 +143,15 @@ def check_readonly_arguments(readonly: object, after: object, spelling: str) -> 
     return after
 
 
-def parse_token(token: str | None) -> int:
-    """The WAL position in a commit token (0 for None or '')."""
+def parse_token(token: str | None) -> Any:
+    """The WAL position in a commit token (0 for None or ''); a MariaDB
+    token's :class:`~sparc.sa.gtid.Gtid`."""
     if not token:
         return 0
     if not isinstance(token, str):
         raise TypeError(f"'after' must be a commit token string, got {type(token).__name__}")
+    if token.startswith("my:"):  # MariaDB
+        return gtid.parse_token(token)
     match = _TOKEN.match(token)
     if match is None:
         raise ValueError(
@@ -160,6 +166,8 @@ def commit_token(engine: Engine) -> str | None:
     as a string for ``tx(readonly=True, after=token)``; None if it wrote nothing."""
     rs = replica_set(engine)
     position = rs.position() if rs is not None else 0
+    if isinstance(position, Gtid):  # MariaDB
+        return gtid.format_token(position)
     return f"pg:{int_to_lsn(position)}" if position else None
 
 
@@ -225,10 +233,24 @@ def attach(primary: Engine, options: dict[str, Any], build: Callable[[Any], Any]
     """Build the replica engines with *build* and attach them to *primary*."""
     from sparc.sa.options import hide_dsn
 
+    if primary.dialect.name in gtid.DIALECTS:  # MariaDB: GTID positions (sparc.sa.gtid)
+        engines = [build(config) for config in options["replicas"]]
+        for engine in engines:
+            sync = getattr(engine, "sync_engine", engine)
+            if sync.dialect.name not in gtid.DIALECTS:
+                raise ValueError(
+                    f"a replica must be a MariaDB database like its primary, got "
+                    f"{hide_dsn(sync.url)}"
+                )
+            gtid.keep_read_only(sync)
+        rs = ReplicaSet(primary, engines, max_lag=options["max_lag"], wait=options["wait"])
+        primary.__dict__[_ATTR] = rs
+        return rs
     if primary.dialect.name != "postgresql":
         raise ValueError(
-            f"'replicas' are supported for PostgreSQL only (read-your-writes rests on "
-            f"its WAL positions), got a {primary.dialect.name} engine for {hide_dsn(primary.url)}"
+            f"'replicas' are supported for PostgreSQL and MariaDB only (read-your-writes "
+            f"rests on their WAL positions and GTIDs), got a {primary.dialect.name} engine "
+            f"for {hide_dsn(primary.url)}"
         )
     engines = [build(config) for config in options["replicas"]]
     for engine in engines:
@@ -270,7 +292,7 @@ class Replica:
     engine: Any
     name: str
     state: str = "up"  # "up", "down" or "lagging"
-    replayed: int = 0  # the latest replay position seen
+    replayed: Any = 0  # the latest replay position seen (a Gtid on MariaDB)
     lag: float | None = None  # seconds, as last measured
     checked: float = 0.0  # time.monotonic() of that measurement
     retry_at: float = 0.0
@@ -306,6 +328,8 @@ class ReplicaSet:
         )
         self.max_lag = max_lag
         self.wait = 0.0 if wait is None else wait
+        #: MariaDB: positions are GTIDs (sparc.sa.gtid).
+        self.mariadb = self.primary.dialect.name in gtid.DIALECTS
         # Guards the replicas' states; held only to read or change them.
         self._lock = threading.Lock()
         self._turn = itertools.count()
@@ -319,16 +343,26 @@ class ReplicaSet:
 
     # -- positions --
 
-    def position(self) -> int:
+    def position(self) -> Any:
         """The position of the current scope's latest commit (0: none)."""
         positions = _positions.get()
         return 0 if positions is None else positions.get(id(self), 0)
 
-    def note(self, position: int) -> None:
+    def need(self, after: Any) -> Any:
+        """The position a read-only block must see: the scope's own latest
+        commit and the *after* token's position."""
+        if self.mariadb or isinstance(after, Gtid):
+            return gtid.need(self.mariadb, self.position(), after)
+        return max(self.position(), after)
+
+    def note(self, position: Any) -> None:
         positions = _positions.get()
         if positions is None:
             positions = {}
             _positions.set(positions)
+        if isinstance(position, Gtid):  # MariaDB: merged domain by domain
+            positions[id(self)] = position.merge(positions.get(id(self)))
+            return
         if position > positions.get(id(self), 0):
             positions[id(self)] = position
 
@@ -349,16 +383,23 @@ class ReplicaSet:
             usable = usable[start:] + usable[:start]
         return usable
 
-    def needs_check(self, replica: Replica, need: int) -> bool:
+    def needs_check(self, replica: Replica, need: Any) -> bool:
+        if self.mariadb:
+            return True  # connect as the block opens: gtid.measure asks only when it must
         if need > replica.replayed:
             return True
         if replica.state != "up":
             return True
         return self.max_lag is not None and time.monotonic() - replica.checked >= CHECK_INTERVAL
 
-    def measure(self, replica: Replica, connection: Any, need: int) -> bool:
+    def measure(self, replica: Replica, connection: Any, need: Any) -> bool:
         """One position check on *connection* (a block's own, on *replica*):
         whether it has replayed *need*; :class:`_Unusable` if it lags too far."""
+        if self.mariadb:
+            reached = gtid.measure(self, replica, connection, need)
+            if reached is None:
+                raise _Unusable
+            return reached
         self.stats["checks"] += 1
         replayed, lag = connection.exec_driver_sql(_CHECK).one()
         replayed = lsn_to_int(replayed) if replayed else 0
@@ -382,9 +423,13 @@ class ReplicaSet:
         self.stats["waits"] += 1
         return min(0.02, left)
 
-    def check(self, replica: Replica, session: Session, need: int) -> None:
+    def check(self, replica: Replica, session: Session, need: Any) -> None:
         """Check *session*'s replica, waiting up to ``wait`` for it to reach
         *need*; :class:`_Unusable` if it does not, or lags too far."""
+        if self.mariadb:  # one MASTER_GTID_WAIT, before the block's first read
+            if not gtid.wait(self, replica, session.connection(), need):
+                raise _Unusable
+            return
         deadline = time.monotonic() + self.wait
         while not self.measure(replica, session.connection(), need):
             pause = self.waited(deadline)
@@ -436,6 +481,9 @@ class ReplicaSet:
         for replica in self.replicas:
             try:
                 with replica.sync_engine.connect() as conn:
+                    if self.mariadb:
+                        gtid.probe_one(self, replica, conn)
+                        continue
                     replayed, lag = conn.exec_driver_sql(_CHECK).one()
             except sa_exc.DBAPIError as error:
                 self.failed(replica, error)
@@ -505,13 +553,17 @@ def _track(rs: ReplicaSet) -> None:
     def checkin(dbapi_connection: Any, record: Any) -> None:
         info = record.info
         if info.pop(_COMMITTED, False) and dbapi_connection is not None:
+            position: Any
             try:
-                position = current_lsn(dbapi_connection)
+                if rs.mariadb:
+                    position = gtid.current_position(dbapi_connection)
+                else:
+                    position = current_lsn(dbapi_connection)
             except Exception:
                 # The commit happened; without its position this scope's
                 # reads go to the primary until its next commit.
                 logger.warning("could not read the WAL position after a commit", exc_info=True)
-                position = 1 << 62
+                position = gtid.UNKNOWN if rs.mariadb else 1 << 62
             rs.note(position)
 
 
@@ -548,6 +600,13 @@ def _read_only_mode(dbapi_connection: Any, on: bool) -> bool:
 
 def after_begin(session: Session, transaction: Any, connection: Any) -> None:
     """A read-only block's transaction on the primary is READ ONLY."""
+    if (
+        session.info.get(READONLY)
+        and not transaction.nested
+        and connection.dialect.name in gtid.DIALECTS
+    ):
+        gtid.begin_read_only(connection)  # MariaDB, on the primary and on replicas
+        return
     if session.info.get(READONLY) is not True or transaction.nested:
         return
     name = connection.dialect.name
@@ -562,10 +621,6 @@ def after_begin(session: Session, transaction: Any, connection: Any) -> None:
             session.info[_READ_ONLY_MODE] = (raw, "psycopg")
         else:
             connection.exec_driver_sql("SET TRANSACTION READ ONLY")
-    elif name in ("mysql", "mariadb"):
-        # Begun here and now: SET TRANSACTION would wait for the next
-        # statement, and stay pending on the connection if none came.
-        connection.exec_driver_sql("START TRANSACTION READ ONLY")
 
 
 def after_end(session: Session) -> None:
@@ -645,8 +700,10 @@ def unguard(session: Session) -> None:
 
 def is_disconnect(error: BaseException | None) -> bool:
     """Whether *error* says the connection (a replica's, say) is gone."""
-    return isinstance(error, sa_exc.DBAPIError) and (
-        error.connection_invalidated or isinstance(error, sa_exc.OperationalError)
+    return (
+        isinstance(error, sa_exc.DBAPIError)
+        and (error.connection_invalidated or isinstance(error, sa_exc.OperationalError))
+        and not gtid.is_refusal(error)  # MariaDB: a refusal, raised as OperationalError
     )
 
 
