@@ -102,6 +102,8 @@ _COMMITS: Final = frozenset(
 # as OperationalError, like a disconnect. 1290: --read-only; 1792: READ ONLY
 # transaction; 1941: read-only (MariaDB); 1205, 1213: lock wait, deadlock.
 REFUSALS: Final = frozenset({1205, 1213, 1290, 1792, 1941})
+#: The codes of a write refused because the transaction or the server is read-only.
+READ_ONLY_CODES: Final = frozenset({1290, 1792})
 
 
 # -- positions ---------------------------------------------------------------------
@@ -262,7 +264,9 @@ def _sample(rs: Any, replica: Any, connection: Any, lag_wanted: bool) -> str | N
             else:
                 raise
         else:
-            if lag is None:
+            if rs.max_lag is None:
+                pass  # measured for `sparc-sa check` only
+            elif lag is None:
                 reason = "replication is stopped"
             elif lag > rs.max_lag:
                 reason = f"replay lag {lag:.1f}s"
@@ -320,8 +324,6 @@ def wait(rs: Any, replica: Any, connection: Any, need: object) -> bool | None:
 def probe_one(rs: Any, replica: Any, connection: Any) -> None:
     """``sparc-sa check``: measure *replica* now and set its state."""
     reason = _sample(rs, replica, connection, True)
-    if reason is not None and reason.startswith("replay lag") and rs.max_lag is None:
-        reason = None
     if reason is None:
         rs.set_state(replica, "up", "")
     else:

@@ -716,9 +716,7 @@ def is_read_only_violation(error: BaseException) -> bool:
     if code == "25006":
         return True
     args = getattr(orig, "args", ())
-    if (
-        args and args[0] == 1792
-    ):  # MySQL/MariaDB: Cannot execute statement in a READ ONLY transaction
+    if args and args[0] in gtid.READ_ONLY_CODES:  # MariaDB: READ ONLY transaction, --read-only
         return True
     return "readonly database" in str(orig) or "read-only transaction" in str(orig)
 
