@@ -21,7 +21,7 @@ import zope.event
 from sqlalchemy.engine import URL, Engine
 from zope.component.factory import Factory
 
-from sparc.sa import fork, gtid, liveness, options, replicas, resets, sqlitebegin
+from sparc.sa import fork, liveness, options, replicas, resets, sqlitebegin
 from sparc.sa.events import EngineCreatedEvent
 from sparc.sa.interfaces import ISAEngine
 from sparc.sa.legacy import package_path
@@ -95,7 +95,6 @@ def engine_from_config(
     shown = options.hide_dsn(url)
     if options.is_async_url(url):
         aengine = _async_engine(url, kwargs, shown)
-        gtid.install(aengine.sync_engine)  # MariaDB: read-only blocks refuse DDL
         if replica_options is not None:
             replicas.attach(aengine.sync_engine, replica_options, engine_from_config)
         return aengine
@@ -105,7 +104,6 @@ def engine_from_config(
     asked = "pool_pre_ping" in (options.unwrap(config).get("kwargs") or {})
     engine = _create_engine(url, kwargs, shown)
     resets.install(engine)
-    gtid.install(engine)  # MariaDB: read-only blocks refuse DDL
     if kwargs.get("pool_pre_ping") is True:
         liveness.install(engine, trust_recent=not asked)
     fork.track_engine(engine)

@@ -32,13 +32,15 @@ A server that is not a replica
     until it is read-only again.
 
 Read-only mode
-    A read-only block's connection runs ``SET SESSION TRANSACTION READ ONLY``
-    (where ``START TRANSACTION READ ONLY`` would let DDL through: DDL commits
-    implicitly, which ends that transaction first). On the primary the
-    connection is set back to READ WRITE as it returns to the pool; a
-    replica's connections stay read-only. Statements that commit implicitly
-    (DDL, TRUNCATE, ...) are refused before they are sent, so the block's
-    transaction stays as it was.
+    A read-only block's connection runs ``SET SESSION TRANSACTION READ ONLY``,
+    where ``START TRANSACTION READ ONLY`` would let DDL through (DDL commits
+    implicitly, which ends that transaction first, and then runs outside
+    it). In the READ ONLY session mode every transaction is read-only, so
+    MariaDB refuses DDL and TRUNCATE before they run (error 1792), after a
+    COMMIT sent by hand too, and for users with SUPER too. MariaDB still
+    ends the block's transaction as it refuses DDL: a read after a caught
+    refusal takes a new snapshot. At the block's end a primary's connection
+    is set back to READ WRITE; a replica's connections stay read-only.
 """
 
 from __future__ import annotations
@@ -50,18 +52,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine
-
-from sparc.sa.exceptions import ReadOnlyTransactionError
 
 __all__ = [
     "Gtid",
     "current_position",
     "format_token",
-    "install",
     "is_refusal",
+    "keep_read_only",
     "measure",
     "parse_token",
     "probe_one",
@@ -78,25 +76,10 @@ CHECK_INTERVAL: Final = 1.0
 
 # connection_record.info keys
 _MODE: Final = "sparc.sa mariadb read only"  # SET SESSION TRANSACTION READ ONLY is on
-_IN_BLOCK: Final = "sparc.sa mariadb read-only block"  # a read-only block has it now
-_INSTALLED: Final = "_sparc_sa_mariadb_guards"
 _KEEP: Final = "_sparc_sa_mariadb_keep_read_only"
 
 _ONE: Final = re.compile(r"^\s*(\d{1,10})-(\d{1,10})-(\d{1,20})\s*$")
 _TOKEN: Final = re.compile(r"^my:([0-9,-]{5,2000})\.([0-9a-f]{8})$")
-_FIRST_WORD: Final = re.compile(r"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*|#[^\n]*\n\s*)*(\w+)", re.S)
-
-# Statements that commit the open transaction before they run (MariaDB's
-# "statements that cause an implicit commit"), or begin a new one: in a
-# read-only block, refused before they are sent.
-_COMMITS: Final = frozenset(
-    {
-        "alter", "analyze", "begin", "cache", "change", "create", "drop", "flush", "grant",
-        "install", "load", "lock", "optimize", "purge", "rename", "repair", "reset",
-        "revoke", "start", "truncate", "uninstall", "unlock",
-    }
-)  # fmt: skip
-
 # Error codes the server answers with when it refuses a statement, on a
 # connection that is fine: not a sign of a lost replica. PyMySQL raises them
 # as OperationalError, like a disconnect. 1290: --read-only; 1792: READ ONLY
@@ -345,63 +328,46 @@ def is_refusal(error: BaseException) -> bool:
 # -- read-only mode and the guard ----------------------------------------------------
 
 
-def begin_read_only(connection: Any) -> None:
-    """A read-only block's transaction begins: its connection is in READ ONLY
-    mode (sent once; a replica's connection keeps it) and the guard is on."""
+def begin_read_only(connection: Any) -> Any:
+    """A read-only block's transaction begins on *connection*: its session is
+    in READ ONLY mode (sent once; a replica's connection keeps it) and the
+    guard is on. What :func:`end_read_only` takes at the block's end."""
     info = connection.connection.info
     if not info.get(_MODE):
         # No transaction is open yet (MariaDB's begins at the first statement),
         # and the next one, whatever ends this one, is READ ONLY too.
         connection.exec_driver_sql("SET SESSION TRANSACTION READ ONLY")
         info[_MODE] = True
-    info[_IN_BLOCK] = True
+    keep = connection.engine.__dict__.get(_KEEP, False)
+    return (connection.connection.dbapi_connection, info, keep)
 
 
-def _refuse_implicit_commits(
-    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-) -> None:
-    if not conn.info.get(_IN_BLOCK):
+def end_read_only(mode: Any) -> None:
+    """The block's transaction ended (after_commit, after_rollback): the
+    guard is off, and a primary's connection is READ WRITE again before it
+    goes back to the pool."""
+    dbapi_connection, info, keep = mode
+    if keep or not info.get(_MODE):
         return
-    match = _FIRST_WORD.match(statement)
-    word = match.group(1).lower() if match else ""
-    if word in _COMMITS:
-        raise ReadOnlyTransactionError(
-            f"a read-only block (tx(readonly=True)) tried to run {word.upper()}, which "
-            "MariaDB would run after committing the block's transaction; it was not "
-            "sent. Run it in a block without readonly=True"
-        )
-
-
-def install(engine: Engine) -> None:
-    """Give a MariaDB engine the read-only guard and mode reset (once)."""
-    engine = getattr(engine, "sync_engine", engine)
-    if engine.dialect.name not in DIALECTS or engine.__dict__.get(_INSTALLED):
-        return
-    engine.__dict__[_INSTALLED] = True
-    event.listen(engine, "before_cursor_execute", _refuse_implicit_commits)
-
-    @event.listens_for(engine, "checkin")
-    def checkin(dbapi_connection: Any, record: Any) -> None:
-        info = record.info
-        info.pop(_IN_BLOCK, None)
-        if not info.get(_MODE) or dbapi_connection is None or engine.__dict__.get(_KEEP):
-            return
+    try:
+        cursor = dbapi_connection.cursor()
         try:
-            cursor = dbapi_connection.cursor()
-            try:
-                cursor.execute("SET SESSION TRANSACTION READ WRITE")
-            finally:
-                cursor.close()
+            cursor.execute("SET SESSION TRANSACTION READ WRITE")
+        finally:
+            cursor.close()
+    except Exception:
+        # A connection left read-only must not serve writers: close it, and
+        # the pool replaces it (a lost connection lands here too).
+        logger.debug("could not set a connection back to READ WRITE", exc_info=True)
+        try:
+            dbapi_connection.close()
         except Exception:
-            # A connection left read-only must not serve writers: drop it.
-            logger.warning("could not set a connection back to READ WRITE", exc_info=True)
-            record.invalidate()
-        else:
-            info.pop(_MODE, None)
+            logger.debug("closing it failed too", exc_info=True)
+    else:
+        info.pop(_MODE, None)
 
 
 def keep_read_only(engine: Any) -> None:
     """A replica engine's connections stay in READ ONLY mode in the pool."""
     engine = getattr(engine, "sync_engine", engine)
-    install(engine)
     engine.__dict__[_KEEP] = True

@@ -605,7 +605,8 @@ def after_begin(session: Session, transaction: Any, connection: Any) -> None:
         and not transaction.nested
         and connection.dialect.name in gtid.DIALECTS
     ):
-        gtid.begin_read_only(connection)  # MariaDB, on the primary and on replicas
+        # MariaDB, on the primary and on replicas
+        session.info[_READ_ONLY_MODE] = (gtid.begin_read_only(connection), "mariadb")
         return
     if session.info.get(READONLY) is not True or transaction.nested:
         return
@@ -637,6 +638,8 @@ def after_end(session: Session) -> None:
             cursor.execute("PRAGMA query_only = 0")
         finally:
             cursor.close()
+    elif kind == "mariadb":
+        gtid.end_read_only(raw)
     else:
         _read_only_mode(raw, False)
 
