@@ -64,6 +64,15 @@ def test_mariadb_tokens_carry_a_check() -> None:
     with pytest.raises(ValueError, match=r"like 'my:0-1-25\.1f2e3d4c'"):
         parse_my_token("my:0-1-5")
     assert format_token(Gtid()) is None and format_token(Gtid(unknown=True)) is None
+    from sparc.sa.gtid import need
+
+    mine = Gtid.parse("0-1-3")
+    assert need(True, mine, Gtid.parse("0-1-2,1-1-1")) == Gtid.parse("0-1-3,1-1-1")
+    assert need(True, 0, 0) == Gtid()
+    with pytest.raises(ValueError, match=r"PostgreSQL commit token.*this engine is MariaDB"):
+        need(True, mine, parse_token("pg:0/3000148"))
+    with pytest.raises(ValueError, match=r"MariaDB commit token.*this engine is not MariaDB"):
+        need(False, 0, mine)
 
 
 # -- DDL in a read-only block, on a MariaDB primary without replicas -------------------
