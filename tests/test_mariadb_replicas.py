@@ -590,3 +590,21 @@ def test_connection_killed_mid_block(pair: SimpleNamespace) -> None:
     assert _read_server(tx) == 2 and rs.describe()[0]["state"] == "up"
     for each in (pair.engine, *replicas(pair.engine)):
         assert each.pool.checkedout() == 0
+
+
+def test_start_transaction_read_only_is_not_a_write(pair: SimpleNamespace) -> None:
+    """A transaction that only began READ ONLY and read wrote nothing: its
+    scope has no position to wait for."""
+
+    def begin_read_only_then_write(write: bool) -> str | None:
+        with pair.engine.connect() as conn:
+            conn.exec_driver_sql("START TRANSACTION READ ONLY")
+            conn.exec_driver_sql("SELECT 1")
+            conn.commit()
+            if write:
+                conn.execute(sa.insert(pair.models.Item.__table__), {"name": "w"})
+                conn.commit()
+        return commit_token(pair.engine)
+
+    assert in_thread(lambda: begin_read_only_then_write(False)) is None
+    assert in_thread(lambda: begin_read_only_then_write(True)) is not None
