@@ -97,7 +97,10 @@ _MAX_BACKOFF: Final = 5.0
 CHECK_INTERVAL: Final = 1.0
 
 _TOKEN = re.compile(r"^pg:([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
-_READING = frozenset({"select", "show", "values", "explain", "table", "fetch", "set", "with", "start"})
+# "start": START TRANSACTION [READ ONLY] begins, it does not write.
+_READING = frozenset(
+    {"select", "show", "values", "explain", "table", "fetch", "set", "with", "start"}
+)
 _FIRST_WORD = re.compile(r"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*(\w+)", re.S)
 
 # The position of a scope's latest commit, per replica set. Contexts follow
