@@ -608,3 +608,113 @@ def test_start_transaction_read_only_is_not_a_write(pair: SimpleNamespace) -> No
 
     assert in_thread(lambda: begin_read_only_then_write(False)) is None
     assert in_thread(lambda: begin_read_only_then_write(True)) is not None
+
+
+# -- interruptions ---------------------------------------------------------------------
+
+
+def _interrupt(how: str) -> None:
+    """A KeyboardInterrupt in the main thread: flagged (``interrupt_main``,
+    raised once the blocked call returns) or a real SIGINT, which breaks
+    the driver's blocking read at once."""
+    import _thread
+    import signal
+
+    if how == "signal":
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+    else:
+        _thread.interrupt_main()
+
+
+@pytest.mark.parametrize("how", ["signal", "interrupt_main"])
+@pytest.mark.parametrize("after", [0.05, 0.3])
+def test_keyboard_interrupt_during_master_gtid_wait_leaves_the_scope_as_before(
+    pair: SimpleNamespace, how: str, after: float
+) -> None:
+    """A KeyboardInterrupt while the block waits in MASTER_GTID_WAIT: no
+    connection stays checked out, the thread's later writing blocks work and
+    its read-only blocks see its own writes."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("KeyboardInterrupt reaches the main thread only")
+    tx, Item = pair.tx, pair.models.Item
+    rs = replica_set(pair.engine)
+    assert rs is not None
+    rs.wait = 1.5
+    replication(False)
+    try:
+        with tx() as session:
+            session.add(Item(name="first"))
+        timer = threading.Timer(after, _interrupt, (how,))
+        try:
+            timer.start()
+            with pytest.raises(KeyboardInterrupt), tx(readonly=True) as session:
+                session.scalars(sa.select(Item.name)).all()
+                time.sleep(5)  # the wait ended before the interrupt: it lands here
+        finally:
+            timer.cancel()
+            timer.join()
+        assert rs.stats["waits"] == 1  # it was waiting on the replica
+        assert pair.replica.pool.checkedout() == 0
+        assert pair.engine.pool.checkedout() == 0
+        with tx() as session:  # writes work
+            session.add(Item(name="second"))
+        rs.wait = 0.0
+        with tx(readonly=True) as session:  # and reads see them (on the primary)
+            assert server_id(session) == 1
+            assert session.scalars(sa.select(Item.name).order_by(Item.id)).all() == [
+                "first",
+                "second",
+            ]
+    finally:
+        replication(True)
+    assert pair.replica.pool.checkedout() == 0 and pair.engine.pool.checkedout() == 0
+
+
+@pytest.mark.parametrize("after", [0.05, 0.3])
+def test_asyncmy_cancellation_during_master_gtid_wait_leaves_the_task_as_before(
+    pair: SimpleNamespace, after: float
+) -> None:
+    """A timeout around a read-only block that waits in MASTER_GTID_WAIT
+    (asyncmy): the task's later writes work, its reads see them, and no
+    replica connection stays checked out."""
+    pytest.importorskip("asyncmy")
+    from sparc.sa.aio import AsyncScopedTransaction
+
+    def to_async(dsn: str) -> str:
+        return make_url(dsn).set(drivername="mysql+asyncmy").render_as_string(False)
+
+    primary, replica = pair_dsns()
+    Item = pair.models.Item
+
+    async def main() -> None:
+        engine: Any = engine_from_config(
+            {"dsn": to_async(primary), "replicas": [to_async(replica)], "replica_wait": "1.5"}
+        )
+        atx = AsyncScopedTransaction(engine, pair.models.Base)
+        rs = replica_set(engine)
+        assert rs is not None
+        try:
+            await asyncio.to_thread(replication, False)
+            async with atx() as session:
+                session.add(Item(name="first"))
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(after), atx(readonly=True) as session:
+                    await session.scalars(sa.select(Item.name))
+                    await asyncio.sleep(5)
+            assert rs.stats["waits"] == 1  # it was waiting on the replica
+            for each in (engine, *replicas(engine)):
+                assert each.sync_engine.pool.checkedout() == 0
+            async with atx() as session:
+                session.add(Item(name="second"))
+            rs.wait = 0.0
+            async with atx(readonly=True) as session:
+                sid = (await session.execute(sa.text("SELECT @@server_id"))).scalar()
+                found = (await session.scalars(sa.select(Item.name).order_by(Item.id))).all()
+                assert (sid, found) == (1, ["first", "second"])
+        finally:
+            await asyncio.to_thread(replication, True)
+            for each in (engine, *replicas(engine)):
+                assert each.sync_engine.pool.checkedout() == 0
+                await each.dispose()
+
+    asyncio.run(main())
