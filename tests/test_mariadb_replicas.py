@@ -718,3 +718,98 @@ def test_asyncmy_cancellation_during_master_gtid_wait_leaves_the_task_as_before(
                 await each.dispose()
 
     asyncio.run(main())
+
+
+# -- servers that are not replicas of this primary -------------------------------------
+
+
+def _port(session: Any) -> int:
+    return int(session.execute(sa.text("SELECT @@port")).scalar())
+
+
+def test_a_read_only_server_replicating_another_primary_serves_no_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The pair's replica (read_only=1) named as a replica of TEST_MYSQL_DSN's
+    server, which it does not replicate (and which writes no binlog): a
+    scope's own write is read on the primary, never missed on the replica."""
+    _, replica = pair_dsns()
+    dsn = os.environ.get("TEST_MYSQL_DSN")
+    if not dsn:
+        pytest.skip("TEST_MYSQL_DSN is not set, so there is no other MariaDB server")
+    pair_primary = engine_from_config({"dsn": pair_dsns()[0]})
+    engine = engine_from_config({"dsn": dsn, "replicas": [replica], "replica_wait": "0"})
+    assert isinstance(engine, Engine) and isinstance(pair_primary, Engine)
+    models = build_models()
+    Item = models.Item
+    models.Base.metadata.create_all(engine)  # the same table, empty, on the replica too
+    models.Base.metadata.create_all(pair_primary)
+    wait_caught_up(pair_primary)
+    tx = ThreadLocalSASessionTransaction(engine, models.Base)
+    primary_port = make_url(dsn).port or 3306
+    try:
+        with tx() as session:
+            session.add(Item(name="mine"))
+        with caplog.at_level(logging.WARNING, logger="sparc.sa.replicas"):
+            for _ in range(3):
+                with tx(readonly=True) as session:
+                    assert _port(session) == primary_port
+                    assert session.scalars(sa.select(Item.name)).all() == ["mine"]
+                assert in_thread(lambda: _read_port(tx)) == primary_port
+        rs = replica_set(engine)
+        assert rs is not None and rs.stats["replica"] == 0
+        assert rs.describe()[0]["state"] == "foreign"
+        assert "binary log" in rs.describe()[0]["reason"]
+        assert sum("not a standby" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        models.Base.metadata.drop_all(engine)
+        models.Base.metadata.drop_all(pair_primary)
+        for each in (engine, *replicas(engine), pair_primary):
+            assert each.pool.checkedout() == 0
+            each.dispose()
+
+
+def _read_port(tx: Any) -> int:
+    with tx(readonly=True) as session:
+        return _port(session)
+
+
+def test_a_replica_of_another_server_id_serves_no_read_until_it_is_ours_again(
+    pair: SimpleNamespace,
+) -> None:
+    """The primary's @@server_id is not the one the replica replicates
+    (Master_Server_Id): the replica serves no read; once they match again
+    (the primary restarted with its id), it is used again."""
+    primary_dsn, _ = pair_dsns()
+    owner = make_url(admin_dsn()).username
+    primary_admin = sa.create_engine(
+        make_url(primary_dsn).set(username=owner),
+        isolation_level="AUTOCOMMIT",
+        poolclass=sa.NullPool,
+    )
+
+    def set_server_id(value: int) -> None:
+        with primary_admin.connect() as conn:
+            conn.exec_driver_sql(f"SET GLOBAL server_id = {value}")
+
+    rs = replica_set(pair.engine)
+    assert rs is not None
+    set_server_id(7)
+    try:
+        pair.engine.dispose()  # as after a restart: new connections, the id read anew
+        with pair.tx() as session:
+            session.add(pair.models.Item(name="mine"))
+        with pair.tx(readonly=True) as session:
+            assert server_id(session) == 7
+            assert session.scalars(sa.select(pair.models.Item.name)).all() == ["mine"]
+        assert in_thread(lambda: _read_server(pair.tx)) == 7
+        assert rs.describe()[0]["state"] == "foreign"
+        assert "replicates server id 1 (127.0.0.1:" in rs.describe()[0]["reason"]
+        assert "the primary's server id is 7" in rs.describe()[0]["reason"]
+    finally:
+        set_server_id(1)
+        primary_admin.dispose()
+    (replica,) = rs.replicas
+    time.sleep(max(0.0, replica.retry_at - time.monotonic()) + 0.05)  # the back-off
+    assert in_thread(lambda: _read_server(pair.tx)) == 2
+    assert rs.describe()[0]["state"] == "up"

@@ -26,10 +26,20 @@ The wait
     READ snapshot at the first read of a table: a wait after it would not
     make the block see the replayed rows. The timeout is always finite.
 
-A server that is not a replica
+A server that is not a replica of this primary
     The position check also reads ``@@read_only``: a server that accepts
-    writes is not a replica (or was promoted) and serves no read-only block
-    until it is read-only again.
+    writes is not a replica (or was promoted). When a replica is first
+    used, when it was not up, and at most once a second after that, its
+    ``SHOW SLAVE STATUS`` is read too: a server that replicates nothing, or
+    replicates a server whose ``@@server_id`` (``Master_Server_Id``) is not
+    the primary's, or one that has not reached its primary since it started
+    (``Master_Server_Id`` 0), is not a replica of this primary; nor is any
+    server when the primary writes no binary log (``@@log_bin`` 0: nothing
+    can replicate it). Such a server is "foreign": logged once and skipped
+    until a check finds it a replica of this primary again. The primary's
+    server id is read with a commit's position (no extra round trip), or on
+    demand. Without the SLAVE MONITOR privilege the status cannot be read:
+    one warning, and the replica is judged by ``read_only`` alone.
 
 Read-only mode
     A read-only block's connection runs ``SET SESSION TRANSACTION READ ONLY``,
@@ -202,52 +212,99 @@ def need(mariadb: bool, position: object, after: object) -> Gtid:
 # -- the primary ---------------------------------------------------------------------
 
 
-def current_position(dbapi_connection: Any) -> Gtid:
+_IDENTITY: Final = "SELECT @@global.server_id, @@log_bin"
+_POSITION_AND_IDENTITY: Final = "SELECT @@last_gtid, @@global.server_id, @@log_bin"
+
+
+def current_position(dbapi_connection: Any, rs: Any = None) -> Gtid:
     """This session's latest GTID on the primary (after its COMMIT), one
-    round trip; its connection is outside any transaction."""
+    round trip; its connection is outside any transaction. With it, the
+    primary's identity when *rs* does not know it."""
+    ask = rs is not None and rs.identity is None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("SELECT @@last_gtid")
+        cursor.execute(_POSITION_AND_IDENTITY if ask else "SELECT @@last_gtid")
         row = cursor.fetchone()
     finally:
         cursor.close()
+    if ask and row:
+        rs.identity = (str(row[1]), int(row[2]))
     return Gtid.parse(row[0] if row else "")
+
+
+def primary_identity(connection: Any) -> tuple[str, int]:
+    """The primary's ``(@@server_id, @@log_bin)``, asked on *connection*."""
+    server_id, log_bin = connection.exec_driver_sql(_IDENTITY).one()
+    return str(server_id), int(log_bin)
 
 
 # -- replicas ------------------------------------------------------------------------
 
 
-def _seconds_behind(connection: Any) -> float | None:
-    """The replica's Seconds_Behind_Master: None when its replication does
-    not run (the SQL or IO thread is stopped), so its lag is unknown."""
-    result = connection.exec_driver_sql("SHOW SLAVE STATUS")
-    row = result.mappings().first()
-    if row is None:
-        return None
-    value = row.get("Seconds_Behind_Master")
-    return None if value is None else float(value)
+def _status(connection: Any) -> dict[str, Any] | str:
+    """The replica's ``SHOW SLAVE STATUS`` row ({} when it replicates
+    nothing), or why it cannot be read (no SLAVE MONITOR privilege)."""
+    try:
+        row = connection.exec_driver_sql("SHOW SLAVE STATUS").mappings().first()
+    except sa_exc.DBAPIError as error:
+        if is_refusal(error) or _code(error) == 1227:  # no SLAVE MONITOR privilege
+            return f"{_code(error)}: {error.orig}"[:200]
+        raise
+    return {} if row is None else dict(row)
 
 
-def _sample(rs: Any, replica: Any, connection: Any, lag_wanted: bool) -> str | None:
-    """Read *replica*'s applied position (and its lag); the reason it cannot
-    serve reads now, or None."""
+def _not_ours(rs: Any, status: dict[str, Any]) -> str | None:
+    """Why a server with this ``SHOW SLAVE STATUS`` is not a replica of
+    *rs*'s primary, or None if it is one."""
+    server_id, log_bin = rs.load_identity()
+    if not log_bin:
+        return "the primary writes no binary log (log_bin is off): nothing replicates it"
+    if not status:
+        return "it replicates nothing (SHOW SLAVE STATUS is empty)"
+    source = f"{status.get('Master_Host')}:{status.get('Master_Port')}"
+    master = str(status.get("Master_Server_Id") or 0)
+    if master == "0":
+        return (
+            f"it has not reached its primary ({source}) since it started: "
+            "whose replica it is is unknown"
+        )
+    if master != server_id:
+        return (
+            f"it replicates server id {master} ({source}), the primary's server id is {server_id}"
+        )
+    return None
+
+
+def _sample(rs: Any, replica: Any, connection: Any, lag_wanted: bool) -> tuple[str, str] | None:
+    """Read *replica*'s applied position (and, when due, its replication
+    status and lag): ``(state, reason)`` if it cannot serve reads now, or
+    None. Raises :class:`_PrimaryUnknown` if the primary's identity, needed
+    to judge the replica, cannot be read."""
     rs.stats["checks"] += 1
     slave_pos, read_only = connection.exec_driver_sql("SELECT @@gtid_slave_pos, @@read_only").one()
     replayed = Gtid.parse(slave_pos)
+    if not read_only:
+        return "foreign", "read_only is off: not a replica, or promoted"
+    now = time.monotonic()
     lag: float | None = None
     reason = None
-    if not read_only:
-        reason = "read_only is off: not a replica, or promoted"
-    elif lag_wanted:
-        try:
-            lag = _seconds_behind(connection)
-        except sa_exc.DBAPIError as error:
-            if is_refusal(error) or _code(error) == 1227:  # no SLAVE MONITOR privilege
-                reason = f"its lag cannot be read ({_code(error)}: {error.orig})"[:200]
-            else:
-                raise
+    if lag_wanted or replica.state != "up" or now - replica.confirmed >= CHECK_INTERVAL:
+        status = _status(connection)
+        if isinstance(status, str):
+            _warn_unjudged(rs, replica, status)
+            if lag_wanted:
+                reason = f"its lag cannot be read ({status})"
         else:
-            if rs.max_lag is None:
+            try:
+                foreign = _not_ours(rs, status)
+            except (sa_exc.DBAPIError, OSError) as error:
+                raise _PrimaryUnknown(type(error).__name__) from None
+            if foreign is not None:
+                return "foreign", foreign
+            replica.confirmed = now
+            behind = status.get("Seconds_Behind_Master")
+            lag = None if behind is None else float(behind)
+            if not lag_wanted or rs.max_lag is None:
                 pass  # measured for `sparc-sa check` only
             elif lag is None:
                 reason = "replication is stopped"
@@ -256,8 +313,42 @@ def _sample(rs: Any, replica: Any, connection: Any, lag_wanted: bool) -> str | N
     with rs._lock:
         replica.replayed = replayed.merge(replica.replayed)
         replica.lag = lag if lag is not None else replica.lag
-        replica.checked = time.monotonic()
-    return reason
+        replica.checked = now
+    return None if reason is None else ("lagging", reason)
+
+
+class _PrimaryUnknown(Exception):
+    """The primary's identity cannot be read: nothing to judge a replica by."""
+
+
+def _warn_unjudged(rs: Any, replica: Any, why: str) -> None:
+    with rs._lock:
+        if replica.unjudged:
+            return
+        replica.unjudged = True
+    logger.warning(
+        "cannot read SHOW SLAVE STATUS on replica %s (%s): it is judged a replica of the "
+        "primary by read_only alone; grant its user SLAVE MONITOR",
+        replica.name,
+        why,
+    )
+
+
+def _judge(rs: Any, replica: Any, verdict: tuple[str, str] | None) -> bool:
+    """Set *replica*'s state from :func:`_sample`'s verdict: whether it may
+    serve reads. A foreign server forgets what it was seen to apply."""
+    if verdict is None:
+        rs.set_state(replica, "up", "")
+        return True
+    state, reason = verdict
+    if state == "foreign":
+        with rs._lock:
+            replica.replayed = Gtid()
+        # The primary's identity may be the stale one (a failover since it
+        # was read): the next check asks the primary again.
+        rs.identity = None
+    rs.set_state(replica, state, reason)
+    return False
 
 
 def _due(rs: Any, replica: Any) -> bool:
@@ -272,12 +363,20 @@ def measure(rs: Any, replica: Any, connection: Any, need: object) -> bool | None
     replayed = replica.replayed if isinstance(replica.replayed, Gtid) else Gtid()
     if replica.state == "up" and replayed.covers(need) and not _due(rs, replica):
         return True
-    reason = _sample(rs, replica, connection, rs.max_lag is not None)
-    if reason is not None:
-        state = "lagging" if reason.startswith(("replay lag", "replication")) else "down"
-        rs.set_state(replica, state, reason)
+    try:
+        verdict = _sample(rs, replica, connection, rs.max_lag is not None)
+    except _PrimaryUnknown as error:
+        # The primary is not answering: nothing to compare the replica
+        # with, and nothing wrong with the replica itself.
+        logger.warning(
+            "could not read the primary's server id to check replica %s (%s); this read "
+            "does not use it",
+            replica.name,
+            error,
+        )
         return None
-    rs.set_state(replica, "up", "")
+    if not _judge(rs, replica, verdict):
+        return None
     return bool(replica.replayed.covers(need))
 
 
@@ -306,12 +405,12 @@ def wait(rs: Any, replica: Any, connection: Any, need: object) -> bool | None:
 
 def probe_one(rs: Any, replica: Any, connection: Any) -> None:
     """``sparc-sa check``: measure *replica* now and set its state."""
-    reason = _sample(rs, replica, connection, True)
-    if reason is None:
-        rs.set_state(replica, "up", "")
-    else:
-        state = "lagging" if reason.startswith(("replay lag", "replication")) else "down"
-        rs.set_state(replica, state, reason)
+    try:
+        verdict = _sample(rs, replica, connection, True)
+    except _PrimaryUnknown as error:
+        rs.set_state(replica, replica.state, f"the primary's server id cannot be read ({error})")
+        return
+    _judge(rs, replica, verdict)
 
 
 def _code(error: BaseException) -> int | None:

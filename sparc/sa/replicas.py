@@ -367,6 +367,8 @@ class Replica:
     replayed: Any = 0
     lag: float | None = None  # seconds, as last measured
     checked: float = 0.0  # time.monotonic() of that measurement
+    confirmed: float = 0.0  # MariaDB: time.monotonic() it was last seen replicating ours
+    unjudged: bool = False  # MariaDB: its replication status cannot be read (warned once)
     retry_at: float = 0.0
     failures: int = 0
     reason: str = field(default="", repr=False)
@@ -411,7 +413,8 @@ class ReplicaSet:
         self.key = next(_serials)
         #: The primary's (system identifier, timeline), read with a commit's
         #: position or on demand; forgotten when the primary engine connects
-        #: anew (it may be another server after a failover).
+        #: anew (it may be another server after a failover). On MariaDB,
+        #: (``@@server_id``, ``@@log_bin``): see :mod:`sparc.sa.gtid`.
         self.identity: tuple[str, int | None] | None = None
         # Guards the replicas' states; held only to read or change them.
         self._lock = threading.Lock()
@@ -453,7 +456,10 @@ class ReplicaSet:
         identity = self.identity
         if identity is None:
             with self.primary.connect() as conn:
-                system, timeline = conn.exec_driver_sql(_IDENTITY).one()
+                if self.mariadb:
+                    system, timeline = gtid.primary_identity(conn)
+                else:
+                    system, timeline = conn.exec_driver_sql(_IDENTITY).one()
             identity = self.identity = (str(system), timeline)
         return identity
 
@@ -804,7 +810,7 @@ def _track(rs: ReplicaSet) -> None:
             position: Any
             try:
                 if rs.mariadb:
-                    position = gtid.current_position(dbapi_connection)
+                    position = gtid.current_position(dbapi_connection, rs)
                 else:
                     position = current_lsn(dbapi_connection, rs)
             except Exception:
