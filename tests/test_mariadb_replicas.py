@@ -813,3 +813,56 @@ def test_a_replica_of_another_server_id_serves_no_read_until_it_is_ours_again(
     time.sleep(max(0.0, replica.retry_at - time.monotonic()) + 0.05)  # the back-off
     assert in_thread(lambda: _read_server(pair.tx)) == 2
     assert rs.describe()[0]["state"] == "up"
+
+
+# -- the primary's connection after a read-only block ----------------------------------
+
+
+def test_interrupt_before_the_read_write_reset_leaves_no_read_only_connection_in_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A KeyboardInterrupt after a read-only block's COMMIT and before its
+    connection is set back to READ WRITE: the next writer, on the same
+    one-connection pool, writes, in another thread too (whose scope was not
+    interrupted, so nothing replaces the pool for it)."""
+    import sparc.sa.gtid
+
+    dsn = os.environ.get("TEST_MYSQL_DSN")
+    if not dsn:
+        pytest.skip("TEST_MYSQL_DSN is not set, so there is no mysql server to test against")
+    engine = engine_from_config({"dsn": dsn, "kwargs": {"pool_size": 1, "max_overflow": 0}})
+    assert isinstance(engine, Engine)
+    models = build_models()
+    models.Base.metadata.create_all(engine)
+    tx = ThreadLocalSASessionTransaction(engine, models.Base)
+    Item = models.Item
+    end_read_only = sparc.sa.gtid.end_read_only
+    landed: list[bool] = []
+
+    def interrupted(mode: Any) -> None:
+        if not landed:
+            landed.append(True)
+            raise KeyboardInterrupt
+        end_read_only(mode)
+
+    monkeypatch.setattr(sparc.sa.gtid, "end_read_only", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt), tx(readonly=True) as session:
+            assert session.scalars(sa.select(Item.name)).all() == []
+        assert landed and engine.pool.checkedout() == 0
+
+        def write() -> None:
+            with tx() as session:
+                session.add(Item(name="written"))
+
+        in_thread(write)  # another thread, before this one opens a block again
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT @@session.tx_read_only").scalar() == 0
+            assert conn.exec_driver_sql(f"SELECT name FROM {Item.__table__.name}").all() == [
+                ("written",)
+            ]
+    finally:
+        monkeypatch.undo()
+        models.Base.metadata.drop_all(engine)
+        assert engine.pool.checkedout() == 0
+        engine.dispose()
