@@ -866,3 +866,36 @@ def test_interrupt_before_the_read_write_reset_leaves_no_read_only_connection_in
         models.Base.metadata.drop_all(engine)
         assert engine.pool.checkedout() == 0
         engine.dispose()
+
+
+def test_nested_token_is_honoured_or_refused_never_stale(pair: SimpleNamespace) -> None:
+    """A token inside an open read-only block on the replica (REPEATABLE
+    READ, MariaDB's default): a position the outer block saw is honoured; a
+    later one raises StaleSnapshotError, never reads the stale snapshot."""
+    from sparc.sa.exceptions import StaleSnapshotError
+
+    tx, Item = pair.tx, pair.models.Item
+
+    def write(name: str) -> str:
+        with tx() as session:
+            session.add(Item(name=name))
+        token = tx.commit_token
+        assert token is not None
+        return token
+
+    early = in_thread(lambda: write("early"))
+    wait_caught_up(pair.engine)
+    with tx(readonly=True, after=early) as session:
+        assert server_id(session) == 2
+        assert session.scalars(sa.select(Item.name)).all() == ["early"]
+        with tx(readonly=True, after=early) as inner:  # seen: honoured
+            assert inner.scalars(sa.select(Item.name)).all() == ["early"]
+        late = in_thread(lambda: write("late"))
+        with (
+            pytest.raises(StaleSnapshotError, match="snapshot"),
+            tx(readonly=True, after=late) as inner,
+        ):
+            inner.scalars(sa.select(Item.name)).all()
+    with tx() as session:  # the scope is as before
+        session.add(Item(name="after"))
+    assert pair.engine.pool.checkedout() == 0 and pair.replica.pool.checkedout() == 0
