@@ -644,15 +644,32 @@ def test_keyboard_interrupt_during_master_gtid_wait_leaves_the_scope_as_before(
     try:
         with tx() as session:
             session.add(Item(name="first"))
-        timer = threading.Timer(after, _interrupt, (how,))
+        # The interrupt fires *after* seconds into the wait itself, whatever
+        # the machine's load: a timer from the block's start could land
+        # before the wait began.
+        waiting, done = threading.Event(), threading.Event()
+
+        def note_wait(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if "MASTER_GTID_WAIT" in statement.upper():
+                waiting.set()
+
+        def fire() -> None:
+            if waiting.wait(10) and not done.is_set():
+                time.sleep(after)
+                _interrupt(how)
+
+        sa.event.listen(pair.replica, "before_cursor_execute", note_wait)
+        timer = threading.Thread(target=fire)
         try:
             timer.start()
             with pytest.raises(KeyboardInterrupt), tx(readonly=True) as session:
                 session.scalars(sa.select(Item.name)).all()
                 time.sleep(5)  # the wait ended before the interrupt: it lands here
         finally:
-            timer.cancel()
+            done.set()
+            waiting.set()
             timer.join()
+            sa.event.remove(pair.replica, "before_cursor_execute", note_wait)
         assert rs.stats["waits"] == 1  # it was waiting on the replica
         assert pair.replica.pool.checkedout() == 0
         assert pair.engine.pool.checkedout() == 0
@@ -697,10 +714,24 @@ def test_asyncmy_cancellation_during_master_gtid_wait_leaves_the_task_as_before(
             await asyncio.to_thread(replication, False)
             async with atx() as session:
                 session.add(Item(name="first"))
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(after), atx(readonly=True) as session:
-                    await session.scalars(sa.select(Item.name))
-                    await asyncio.sleep(5)
+            loop = asyncio.get_running_loop()
+            # The timeout runs out *after* seconds into the wait itself,
+            # whatever the machine's load.
+            async with asyncio.timeout(None) as deadline:
+
+                def note_wait(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+                    if "MASTER_GTID_WAIT" in statement.upper():
+                        deadline.reschedule(loop.time() + after)
+
+                replica_engine = replicas(engine)[0].sync_engine
+                sa.event.listen(replica_engine, "before_cursor_execute", note_wait)
+                try:
+                    with pytest.raises(asyncio.CancelledError):
+                        async with atx(readonly=True) as session:
+                            await session.scalars(sa.select(Item.name))
+                            await asyncio.sleep(5)
+                finally:
+                    sa.event.remove(replica_engine, "before_cursor_execute", note_wait)
             assert rs.stats["waits"] == 1  # it was waiting on the replica
             for each in (engine, *replicas(engine)):
                 assert each.sync_engine.pool.checkedout() == 0
