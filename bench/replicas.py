@@ -5,6 +5,12 @@
 (``--cost``: part 1 only, which changes nothing on the replica. Part 2 delays
 the replica's replay: point TEST_PG_REPLICA_DSN at a replica of your own.)
 
+    TEST_MYSQL_PRIMARY_DSN=... TEST_MYSQL_REPLICA_DSN=... \
+        .venv/bin/python bench/replicas.py --mariadb [--quick]
+
+(``--mariadb``: part 1 on a MariaDB pair, as ``.ci/mariadb-replica.sh`` makes;
+the position check there is ``SELECT @@gtid_slave_pos, @@read_only``.)
+
 1. A one-row read on the replica through ``tx(readonly=True)`` (a scope that
    never wrote: no position check) against a plain ``sessionmaker`` bound to
    the replica engine, both sending BEGIN, SELECT, COMMIT; paired rounds,
@@ -37,11 +43,13 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sparc.sa.engine import engine_from_config
+from sparc.sa.gtid import Gtid, format_token
 from sparc.sa.orm import ThreadLocalSASessionTransaction
 from sparc.sa.replicas import lsn_to_int, replica_set, replicas, token_check
 
 QUICK = "--quick" in sys.argv
 COST_ONLY = "--cost" in sys.argv  # part 1 only: no replay delay set on the replica
+MARIADB = "--mariadb" in sys.argv  # part 1 on a MariaDB pair
 _batches = itertools.count(1)
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -75,6 +83,13 @@ def set_delay(dsn: str, seconds: float) -> None:
 
 
 def caught_up(primary: Any, replica: Any) -> None:
+    if MARIADB:
+        with primary.connect() as conn:
+            position = conn.exec_driver_sql("SELECT @@gtid_binlog_pos").scalar()
+        with replica.connect() as conn:
+            reached = conn.exec_driver_sql("SELECT MASTER_GTID_WAIT(%s, 30)", (position,)).scalar()
+        assert reached == 0, "the replica did not catch up"
+        return
     with primary.connect() as conn:
         target = lsn_to_int(conn.exec_driver_sql("SELECT pg_current_wal_lsn()::text").scalar())
     while True:
@@ -107,7 +122,10 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any) -> None:
         return time.perf_counter() - start
 
     # A token for position 1, with the check it must carry.
-    token = f"pg:0/1.{token_check(1, rs.load_identity()[0])}"
+    if MARIADB:
+        token = format_token(Gtid.parse("0-1-1"))
+    else:
+        token = f"pg:0/1.{token_check(1, rs.load_identity()[0])}"
 
     def ours(check: bool) -> float:
         start = time.perf_counter()
@@ -250,10 +268,14 @@ def sweep(
 
 
 def main() -> None:
-    primary_dsn = os.environ.get("TEST_PG_DSN")
-    replica_dsn = os.environ.get("TEST_PG_REPLICA_DSN")
+    names = (
+        ("TEST_MYSQL_PRIMARY_DSN", "TEST_MYSQL_REPLICA_DSN")
+        if MARIADB
+        else ("TEST_PG_DSN", "TEST_PG_REPLICA_DSN")
+    )
+    primary_dsn, replica_dsn = (os.environ.get(name) for name in names)
     if not primary_dsn or not replica_dsn:
-        print("TEST_PG_DSN and TEST_PG_REPLICA_DSN must name a primary and its replica")
+        print(f"{names[0]} and {names[1]} must name a primary and its replica")
         sys.exit(2)
     primary = engine_from_config({"dsn": primary_dsn, "replicas": [replica_dsn]})
     replica = replicas(primary)[0]
@@ -265,7 +287,7 @@ def main() -> None:
         tx = ThreadLocalSASessionTransaction(primary, Base)
         print(f"SQLAlchemy {sa.__version__}, Python {sys.version.split()[0]}")
         cost(tx, replica)
-        if not COST_ONLY:
+        if not COST_ONLY and not MARIADB:
             sweep(tx, primary, replica, replica_dsn)
     finally:
         Base.metadata.drop_all(primary)

@@ -16,6 +16,7 @@ Each case runs on every backend, with the thread's manager in implicit mode
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -329,4 +330,72 @@ def test_a_session_kept_from_an_ended_transaction_refuses_writes(
     with tx():
         pass
     assert names(engine, models.Item) == ["in the transaction", "next", "outside, taken again"]
+    assert checked_out(engine) == 0
+
+
+def test_a_begin_after_clear_synchs_is_still_joined(engine: Engine, models: Any, tm: Any) -> None:
+    """Test layers and ZODB call ``clearSynchs()``, which drops sparc.sa's
+    synchronizer too; a transaction begun afterwards is still joined."""
+    tx = scoped_transaction(engine, models.Base)
+    with tx():  # sparc.sa has seen this thread
+        pass
+    tm.clearSynchs()
+    with pytest.raises(Boom), tm:
+        with tx():
+            tx.session.add(models.Item(name="lost"))
+        raise Boom
+    assert names(engine, models.Item) == []
+    with tm, tx():
+        tx.session.add(models.Item(name="kept"))
+    assert names(engine, models.Item) == ["kept"]
+    assert checked_out(engine) == 0
+
+
+def test_a_thread_that_ends_inside_an_unended_joined_transaction_is_reported(
+    backend: str, engine: Engine, models: Any
+) -> None:
+    if backend == "sqlite":
+        pytest.skip("one shared in-memory connection: blocks take turns across threads")
+    tx = scoped_transaction(engine, models.Base)
+
+    def script() -> None:
+        transaction.get()  # before sparc.sa watched this thread's manager
+        with tx():
+            tx.session.add(models.Item(name="stranded"))
+        assert tx._scope().joined is not None
+
+    with pytest.warns(RuntimeWarning, match="a thread ended while its sparc.sa blocks"):
+        in_thread(script)
+        gc.collect()
+    assert names(engine, models.Item) == []
+
+
+def test_the_data_manager_keeps_the_transaction_manager_it_was_given(
+    engine: Engine, models: Any
+) -> None:
+    """As zope.sqlalchemy's data manager keeps the manager it was registered
+    with: ``tx(transaction_manager=tm)`` and ``run(transaction_manager=tm)``."""
+    tx = scoped_transaction(engine, models.Base)
+    tm = transaction.TransactionManager(explicit=True)
+    txn = tm.begin()
+    with tx(transaction_manager=tm):
+        tx.session.add(models.Item(name="block"))
+    assert tx._scope().joined.transaction_manager is tm
+    tm.commit()
+    other = transaction.TransactionManager(explicit=True)
+    other.begin()
+
+    def fn(session: Any) -> Any:
+        session.add(models.Item(name="run"))
+        return tx._scope().joined.transaction_manager
+
+    assert tx.run(fn, transaction_manager=other) is other
+    other.commit()
+    assert txn.status == "Committed"
+    assert names(engine, models.Item) == ["block", "run"]
+    transaction.begin()
+    with tx():
+        pass
+    assert tx._scope().joined.transaction_manager is transaction.manager
+    transaction.abort()
     assert checked_out(engine) == 0

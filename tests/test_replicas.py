@@ -61,7 +61,11 @@ def test_replicas_config_shapes_and_shared_kwargs() -> None:
 @pytest.mark.parametrize(
     ("config", "error", "message"),
     [
-        ({"dsn": "sqlite://", "replicas": ["sqlite://"]}, ValueError, "PostgreSQL only"),
+        (
+            {"dsn": "sqlite://", "replicas": ["sqlite://"]},
+            ValueError,
+            "PostgreSQL and MariaDB only",
+        ),
         (
             {"dsn": "postgresql+psycopg://h/db", "replicas": [{"url": "x"}]},
             ValueError,

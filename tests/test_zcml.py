@@ -419,3 +419,76 @@ def test_bad_join_configuration_is_a_configuration_error(
         assert word in message, (word, message)
     for _, engine in component.getUtilitiesFor(ISAEngine):
         engine.dispose()
+
+
+@pytest.mark.parametrize("server", ["postgresql", "mysql"])
+def test_the_migration_guides_rows_verbatim_give_zope_sqlalchemys_outcomes(
+    app: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, server: str
+) -> None:
+    """A z3c.saconfig site moved with docs/migrating.rst's rows (no ``join``
+    attribute), and a script under ``transaction.manager.attempts(3)``: a
+    success 1 row, an error after the block 0, a TransientError on the first
+    attempt 1 after a retry, a doom 0."""
+    transaction = pytest.importorskip("transaction")
+    from transaction.interfaces import DoomedTransaction, TransientError
+
+    monkeypatch.setenv("SITE_DSN", server_dsn(server))
+    load(
+        write(
+            app.dir,
+            f"""
+            <sa:engine name="" dsn="${{SITE_DSN}}" />
+            <sa:transaction name="" engine="" base="{app.name}.Base" />
+            """,
+        )
+    )
+    engine = component.getUtility(ISAEngine)
+    Item = app.module.Item
+    app.module.Base.metadata.create_all(engine)
+    tx = component.getUtility(ISAScopedTransaction)
+
+    def attempts(body: Any) -> int:
+        ran = 0
+        for attempt in transaction.manager.attempts(3):
+            with attempt:
+                ran += 1
+                body(ran)
+        return ran
+
+    def write_row(name: str) -> None:
+        with tx():
+            tx.session.add(Item(name=name))
+
+    def count() -> int:
+        with engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(Item.__table__)).scalar_one()
+
+    def after_the_block(n: int) -> None:
+        write_row("error after the block")
+        raise ValueError("after the block")
+
+    def transient(n: int) -> None:
+        write_row(f"transient {n}")
+        if n == 1:
+            raise TransientError("again")
+
+    def doomed(n: int) -> None:
+        write_row("doomed")
+        transaction.get().doom()
+
+    try:
+        assert attempts(lambda n: write_row("success")) == 1
+        assert count() == 1
+        with pytest.raises(ValueError, match="after the block"):
+            attempts(after_the_block)
+        assert count() == 1
+        assert attempts(transient) == 2
+        assert count() == 2
+        with pytest.raises(DoomedTransaction):
+            attempts(doomed)
+        assert count() == 2
+        assert engine.pool.checkedout() == 0
+    finally:
+        transaction.abort()
+        app.module.Base.metadata.drop_all(engine)
+        engine.dispose()

@@ -81,6 +81,7 @@ from sparc.sa.exceptions import (
     DoomedTransactionError,
     ForeignEventLoopError,
     InterleavedTransactionError,
+    IsolationLevelError,
     ReadOnlyTransactionError,
 )
 from sparc.sa.interfaces import (
@@ -91,6 +92,7 @@ from sparc.sa.interfaces import (
 from sparc.sa.keep import keep_shared_connection
 from sparc.sa.replicas import READONLY, commit_token, is_disconnect, prepare
 from sparc.sa.retry import check_attempts, delay_before_next
+from sparc.sa.sessions import check_isolation
 from sparc.sa.shielded import cancel_pending, end_session, finish, quietly, run_detached
 from sparc.sa.suspended import GENERATOR, check_owner, owner_of_block
 
@@ -240,7 +242,16 @@ _inside: ContextVar[_Scope | None] = ContextVar("sparc_sa_async_block", default=
 class _AsyncBlock:
     """One ``async with tx():`` block."""
 
-    __slots__ = ("_factory", "_manager", "_nested", "_readonly", "_savepoint", "_scope", "_state")
+    __slots__ = (
+        "_factory",
+        "_isolation",
+        "_manager",
+        "_nested",
+        "_readonly",
+        "_savepoint",
+        "_scope",
+        "_state",
+    )
 
     def __init__(
         self,
@@ -248,8 +259,10 @@ class _AsyncBlock:
         savepoint: bool,
         readonly: bool = False,
         factory: Any = None,
+        isolation: str | None = None,
     ) -> None:
         self._manager = manager
+        self._isolation = isolation  # normalised by sessions.check_isolation
         self._savepoint = savepoint
         self._readonly = readonly  # see sparc.sa.areadonly
         self._factory = factory  # the read-only block's sessions, if not the manager's
@@ -287,6 +300,8 @@ class _AsyncBlock:
                 "a writing block was opened inside a read-only block (tx(readonly=True)); "
                 "open the writing block outside it, or drop readonly=True from the outer block"
             )
+        if self._isolation is not None:
+            await _check_nested_isolation(self, scope)
         if self._savepoint:
             self._nested = await scope.session.begin_nested()
         scope.blocks.append(self)
@@ -322,7 +337,8 @@ class _AsyncBlock:
             # Take the connection now, in a task of its own: a cancellation
             # arriving while the driver connects must not leave a connection
             # half made (some drivers then leak it until garbage collection).
-            scope.connection = await finish(scope.session.connection())
+            options = None if self._isolation is None else {"isolation_level": self._isolation}
+            scope.connection = await finish(scope.session.connection(execution_options=options))
         except BaseException:
             await manager._end_scope(scope, commit=False)
             raise
@@ -434,6 +450,24 @@ class _AsyncBlock:
         await manager._end_scope(scope, commit=True)
 
 
+async def _check_nested_isolation(block: _AsyncBlock, scope: _Scope) -> None:
+    """A nested block asking for an isolation level: only its outer block's
+    own will do (see the threaded manager's blocks)."""
+    level = scope.blocks[0]._isolation if scope.blocks else None
+    if level == block._isolation:
+        return
+    if level is None:
+        current = await scope.connection.get_isolation_level()
+        if check_isolation(current) == block._isolation:
+            return
+    raise IsolationLevelError(
+        f"a nested block asked for isolation_level={block._isolation!r}, but it runs "
+        "in its outer block's transaction, "
+        + (f"at {level!r}" if level else "at the engine's level")
+        + "; give the level to the outermost block: `async with tx(isolation_level=...):`"
+    )
+
+
 def _keeps_connection(manager: AsyncScopedTransaction, scope: _Scope) -> bool:
     """Whether an interrupted block's connection is rolled back and kept
     rather than discarded: aiosqlite runs each call to its end in its own
@@ -513,12 +547,27 @@ class AsyncScopedTransaction:
         return commit_token(self._engine)
 
     def __call__(
-        self, savepoint: bool = True, *, readonly: bool = False, after: str | None = None
+        self,
+        savepoint: bool = True,
+        *,
+        readonly: bool = False,
+        after: str | None = None,
+        isolation_level: str | None = None,
     ) -> Any:
         """An ``async with`` block; ``readonly=True`` (and *after*, a commit
-        token) as for the threaded manager (:mod:`sparc.sa.areadonly`)."""
+        token) as for the threaded manager (:mod:`sparc.sa.areadonly`);
+        *isolation_level* as for the threaded manager's blocks."""
         if type(savepoint) is not bool:
             raise TypeError(f"savepoint must be True or False, got {savepoint!r}")
+        isolation = check_isolation(isolation_level)
+        if isolation is not None:
+            if readonly or after is not None:
+                raise TypeError(
+                    "a read-only block chooses its own isolation (a snapshot on the "
+                    "replica or READ ONLY on the primary); give isolation_level to "
+                    "writing blocks only"
+                )
+            return _AsyncBlock(self, savepoint, isolation=isolation)
         if readonly or after is not None:
             from sparc.sa.areadonly import async_readonly_block
 
@@ -538,6 +587,7 @@ class AsyncScopedTransaction:
         attempts: int = 3,
         readonly: bool = False,
         after: str | None = None,
+        isolation_level: str | None = None,
         **kwargs: Any,
     ) -> Any:
         """Await ``fn(session, *args, **kwargs)`` in a block and return its result.
@@ -559,7 +609,11 @@ class AsyncScopedTransaction:
         moved = not readonly
         attempt = 1
         while attempt <= attempts:
-            block = self(readonly=readonly, after=after) if readonly or after else self()
+            block = (
+                self(readonly=readonly, after=after)
+                if readonly or after
+                else self(isolation_level=isolation_level)
+            )
             try:
                 async with block as session:
                     result = fn(session, *args, **kwargs)

@@ -35,6 +35,7 @@ from sparc.sa.replicas import (
     check_readonly_arguments,
     do_orm_execute,
     guard,
+    later,
     nested_wait,
     read_only_end,
     read_token,
@@ -90,7 +91,7 @@ class AsyncReadOnlyBlock:
             return session
         rs = self._rs = replica_set(manager.engine)
         if rs is not None:
-            need = max(rs.position(), await greenlet_spawn(rs.token_need, self._after))
+            need = await greenlet_spawn(rs.need, self._after)
             if need != PRIMARY_ONLY:
                 for replica in rs.candidates():
                     on_replica = await self._on_replica(manager, rs, replica, need)
@@ -107,7 +108,7 @@ class AsyncReadOnlyBlock:
         if rs is None:
             need = self._after[0]
         else:
-            need = max(rs.position(), await greenlet_spawn(rs.token_need, self._after))
+            need = await greenlet_spawn(rs.need, self._after)
         deadline = time.monotonic() + (rs.wait if rs is not None else 0.0)
         while (
             pause := await session.run_sync(lambda s: nested_wait(rs, s, need, deadline))
@@ -115,7 +116,7 @@ class AsyncReadOnlyBlock:
             await asyncio.sleep(pause)
 
     async def _on_replica(
-        self, manager: AsyncScopedTransaction, rs: ReplicaSet, replica: Replica, need: int
+        self, manager: AsyncScopedTransaction, rs: ReplicaSet, replica: Replica, need: Any
     ) -> AsyncSession | None:
         """The block on *replica* once it has replayed *need*; None if it
         cannot serve it now. A cancellation (a timeout around the block, say)
@@ -129,7 +130,10 @@ class AsyncReadOnlyBlock:
             return None
         try:
             floor = replica.replayed
-            if rs.needs_check(replica, need):
+            if rs.mariadb:  # one MASTER_GTID_WAIT on the server (sparc.sa.gtid)
+                await session.run_sync(lambda s: rs.check(replica, s, need))
+                floor = later(floor, need)
+            elif rs.needs_check(replica, need):
                 deadline = time.monotonic() + rs.wait
                 while not await session.run_sync(
                     lambda s: rs.measure(replica, s.connection(), need)
@@ -137,7 +141,7 @@ class AsyncReadOnlyBlock:
                     pause = rs.waited(deadline)
                     await session.rollback()  # the next check's snapshot is newer
                     await asyncio.sleep(pause)
-                floor = max(floor, need)
+                floor = later(floor, need)
             session.sync_session.info[ON_REPLICA] = (replica, floor)
         except BaseException as error:
             unusable = isinstance(error, (_Unusable, sa_exc.DBAPIError, OSError))

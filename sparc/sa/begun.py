@@ -31,7 +31,17 @@ import warnings
 import weakref
 from typing import Any, Final
 
-__all__ = ["BEGUN", "NOT_BEGUN", "UNKNOWN", "began", "note_open", "watch", "watching"]
+__all__ = [
+    "BEGUN",
+    "NOT_BEGUN",
+    "UNKNOWN",
+    "began",
+    "note_open",
+    "warn_left",
+    "warn_unended",
+    "watch",
+    "watching",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +100,23 @@ def watching(manager: Any) -> bool:
     return getattr(manager, "manager", manager) in _watched
 
 
-def began(txn: Any) -> str:
-    """:data:`BEGUN` if *txn* was started by ``begin()`` while its manager
-    was watched, :data:`UNKNOWN` if it existed before, else :data:`NOT_BEGUN`
-    (it exists because something called ``get()``). Ask only about the
-    transaction of a manager that :func:`watch` was given."""
+def began(txn: Any, manager: Any) -> str:
+    """:data:`BEGUN` if *txn* was started by ``begin()`` while *manager* (its
+    manager, which :func:`watch` was given) was watched, :data:`UNKNOWN` if
+    it existed before, else :data:`NOT_BEGUN` (it exists because something
+    called ``get()``)."""
     if txn in _begun:
         return BEGUN
     if txn in _unknown:
+        return UNKNOWN
+    # Test layers and ZODB call clearSynchs(), which drops our synchronizer
+    # too: begins since then went unseen. Checked only on this rare path;
+    # TransactionManager keeps its synchronizers in `_synchs` (DEVELOPERS.md,
+    # private names), and has no public way to ask for one.
+    synchs = getattr(manager, "_synchs", None)
+    if synchs is not None and _WATCHER not in synchs:
+        _watched.discard(manager)
+        watch(manager)
         return UNKNOWN
     return NOT_BEGUN
 
@@ -129,6 +148,20 @@ def warn_unended() -> None:
         return
     where = ", ".join(sorted({repr(dm.txn) for dm in pending})[:3])
     message = UNENDED % (len(pending), where)
+    logger.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=1)
+
+
+def warn_left(data_manager: Any) -> None:
+    """A thread ended while its work belonged to *data_manager*'s transaction,
+    which has not ended: with the thread's manager gone, most likely nothing
+    will commit it."""
+    message = (
+        "a thread ended while its sparc.sa blocks belonged to a transaction of "
+        f"the `transaction` package that had not ended ({data_manager.txn!r}): "
+        "unless another thread commits it, their work is lost. Commit or abort "
+        "the transaction before the thread ends"
+    )
     logger.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=1)
 

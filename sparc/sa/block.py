@@ -35,6 +35,7 @@ from sparc.sa.exceptions import (
     BlockOrderError,
     DoomedTransactionError,
     ForkedTransactionError,
+    IsolationLevelError,
     JoinedTransactionError,
     ReadOnlyTransactionError,
 )
@@ -46,7 +47,9 @@ from sparc.sa.sessions import (
     IN_BLOCK,
     aborted,
     begin_nested,
+    check_late_options,
     close_failed,
+    established_connection,
     freshen,
     release,
     rollback,
@@ -114,6 +117,7 @@ class Block:
         "_dm",
         "_gate",
         "_inner_done",
+        "_isolation",
         "_manager",
         "_nested_",
         "_owner",
@@ -129,9 +133,15 @@ class Block:
     )
 
     def __init__(
-        self, manager: BlockHost, savepoint: bool, tm: Any = None, readonly: bool = False
+        self,
+        manager: BlockHost,
+        savepoint: bool,
+        tm: Any = None,
+        readonly: bool = False,
+        isolation: str | None = None,
     ) -> None:
         self._manager = manager
+        self._isolation = isolation  # normalised by sessions.check_isolation
         self._readonly = readonly  # never joins; see sparc.sa.readonly
         self._savepoint = savepoint
         self._tm = tm  # a transaction manager whose transaction to join
@@ -214,6 +224,9 @@ class Block:
                 freshen(session)
             self._session = session
             session.info[IN_BLOCK] = True
+            if self._isolation is not None:
+                # Before the transaction begins: the level applies to its BEGIN.
+                session.connection(execution_options={"isolation_level": self._isolation})
             self._token = manager.open_block.set(self._ref)
             debug = self._debug = logger.isEnabledFor(_DEBUG)
             frame = sys._getframe(1)
@@ -398,11 +411,11 @@ def _close(block: Block, scope: Scope, session: Session) -> None:
 
 
 def _new_pool(manager: BlockHost, gates: GateCache, pool: Any) -> Gate | ThreadGate | None:
-    """The first block on *pool*: its gate, and on one shared SQLite connection
-    (an in-memory database) the guard that keeps it through interruptions."""
+    """The first block on *pool*: its gate, and on SQLite the guards that close
+    an interrupted statement's cursor and, on one shared connection (an
+    in-memory database), keep that connection through interruptions."""
     gate = gates.refresh(pool)
-    if gate is not None:
-        keep_shared_connection(manager.engine)
+    keep_shared_connection(manager.engine)  # SQLite only; the connection kept if shared
     return gate
 
 
@@ -433,6 +446,8 @@ def _enter_nested(block: Block, scope: Scope, blocks: list[weakref.ref[Block]]) 
     outer = blocks[0]()
     if outer is None:
         raise RuntimeError("the outer block was abandoned")  # pragma: no cover
+    if block._isolation is not None:
+        _check_nested_isolation(block, outer)
     if outer._owner is not None:  # held open by a generator: is it running?
         check_owner(outer._owner, sys._getframe(1))
     session = outer._session
@@ -472,8 +487,12 @@ def _enter_joined(block: Block, scope: Scope, txn: Any) -> None:
     dm = scope.joined
     try:
         if dm is None:
-            dm = joined.join_scope(manager, scope, txn)
+            # a joined block never reaches _new_pool(): its SQLite guards here
+            keep_shared_connection(manager.engine)
+            dm = joined.join_scope(manager, scope, txn, block._isolation, block._tm)
         else:
+            if block._isolation is not None:
+                joined.check_isolation(dm, block._isolation)
             dm.check_whole()
             if dm.root is None:  # after our own rollback of the whole transaction
                 dm.note_root()
@@ -508,6 +527,28 @@ def _enter_joined(block: Block, scope: Scope, txn: Any) -> None:
         raise
     if block._debug:
         logger.debug("joined block entered: %r in %r", session, manager)
+
+
+def _check_nested_isolation(block: Block, outer: Block) -> None:
+    """A nested block asking for an isolation level: it runs in its outer
+    block's transaction, so only that transaction's own level will do."""
+    dm = outer._dm
+    if dm is not None:
+        joined.check_isolation(dm, block._isolation)
+        return
+    level = outer._isolation
+    if level == block._isolation:
+        return
+    connection = established_connection(outer._session)
+    if level is None and connection is not None:
+        check_late_options(connection, {"isolation_level": block._isolation})
+        return
+    raise IsolationLevelError(
+        f"a nested block asked for isolation_level={block._isolation!r}, but it runs "
+        "in its outer block's transaction, "
+        + (f"at {level!r}" if level else "at the engine's level")
+        + "; give the level to the outermost block: `with tx(isolation_level=...):`"
+    )
 
 
 def _check_same_transaction(block: Block, scope: Scope) -> None:
@@ -578,10 +619,14 @@ def _exit_nested(
                 # A savepoint taken inside this block (transaction.savepoint())
                 # is still open: keep ours open too, so that it stays valid.
                 session.flush()
-        except BaseException:
+        except BaseException as error:
             # The flush or RELEASE failed, or the server aborted the
             # transaction: undo the inner work and let the error reach the
             # outer block's code.
+            if not isinstance(error, Exception):
+                # Interrupted mid-RELEASE, the server may have released the
+                # savepoint already: the outer block must not commit its work.
+                scope.doomed = True
             rollback_savepoint(scope, savepoint)
             raise
         if outer is not None:

@@ -21,7 +21,6 @@ connection back to the pool.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
@@ -108,6 +107,7 @@ class SessionDataManager:
         session: Session,
         txn: Any,
         gate: Gate | ThreadGate | None,
+        transaction_manager: Any,
     ) -> None:
         self._manager = manager
         #: The scopes whose blocks run in this transaction; the first one
@@ -128,10 +128,11 @@ class SessionDataManager:
         #: The session's root transaction when the transaction was joined:
         #: a different one means somebody reset the session meanwhile.
         self.root: Any = None
-        #: IDataManager: the transaction manager of the joined transaction.
-        self.transaction_manager = (
-            getattr(txn, "_manager", None) or sys.modules["transaction"].manager
-        )
+        #: The isolation level its SQL transaction runs at, if a block asked.
+        self.isolation: str | None = None
+        #: IDataManager: the transaction manager of the joined transaction,
+        #: the one the block was given if it was given one.
+        self.transaction_manager = transaction_manager
         begun.note_open(self)  # reported at exit if its transaction never ends
         session.info.pop(ENDED, None)
 
@@ -174,7 +175,10 @@ class SessionDataManager:
 
     def note_root(self) -> None:
         """Remember the session's current root transaction (beginning one)."""
-        self.session.connection()
+        if self.isolation is None:
+            self.session.connection()
+        else:
+            self.session.connection(execution_options={"isolation_level": self.isolation})
         self.root = self.session.get_transaction()
 
     def undo(self, savepoint: Any, reason: str) -> None:

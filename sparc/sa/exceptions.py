@@ -19,6 +19,7 @@ __all__ = [
     "ForkedTransactionError",
     "InterleavedTransactionError",
     "InvalidFilterError",
+    "IsolationLevelError",
     "JoinedTransactionError",
     "ReadOnlyTransactionError",
     "RetryableDatabaseError",
@@ -135,17 +136,23 @@ class InvalidFilterError(ValueError):
 
     Raised before any SQL is sent. ``path`` names the offending place in the
     container, such as ``expressions[2].attribute`` (empty for the container
-    itself), and the message says what was expected there. Containers usually
-    come from a request, so a value found there is described by its type only,
-    never echoed; a class, attribute or condition name is quoted, cut short.
+    itself), and the message says what was expected there; a value refused
+    for its column also names the column's ``Class.attribute`` (``attribute``).
+    Containers usually come from a request, so a value found there is
+    described by its type only, never echoed; a class, attribute or condition
+    name is quoted, cut short.
 
     .. versionadded:: 2.0
     """
 
-    def __init__(self, path: str, expected: str) -> None:
+    def __init__(self, path: str, expected: str, attribute: str | None = None) -> None:
         self.path = path
         self.expected = expected
+        #: ``'Class.attribute'`` for a value refused for its column, else None.
+        self.attribute = attribute
         where = path or "filter"
+        if attribute:
+            where = f"{where} ({attribute})"
         super().__init__(f"{where}: {expected}")
 
 
@@ -179,6 +186,19 @@ class StaleSnapshotError(RuntimeError):
     SERIALIZABLE), or it runs on a replica that did not replay that far in
     time. Raised rather than reading without the token's write; open the
     tokened block outside the other one.
+
+    .. versionadded:: 2.0
+    """
+
+
+class IsolationLevelError(RuntimeError):
+    """An isolation level or other execution options arrived where they
+    cannot apply: after a block's transaction had begun
+    (``session.connection(execution_options=...)`` inside a block, which
+    SQLAlchemy would only warn about and ignore), in a nested block asking
+    for another level than its outer block's, or in a joined block whose
+    transaction already runs at another level. Nothing was run at the wrong
+    level. Give the level to the outermost block: ``tx(isolation_level=...)``.
 
     .. versionadded:: 2.0
     """

@@ -12,12 +12,14 @@ transaction: ZODB's, and now the database's. A transaction manager's
     ``transaction.manager`` (beginning one in implicit mode); nothing is
     committed until that transaction commits.
 ``"auto"`` (the default)
-    Blocks join when a transaction is known to be running for this thread:
-    while Zope's publisher publishes a request (a request is set in
-    ``zope.globalrequest`` and a transaction is begun), during a Pyramid
-    request that pyramid_tm manages (``request.tm``, whichever manager its
-    ``tm.manager_hook`` makes), and inside a transaction begun on an
-    explicit-mode ``transaction.manager``. Otherwise as ``"never"``.
+    Blocks join a transaction that the application began: with
+    ``transaction.begin()``, ``with transaction.manager:`` or
+    ``attempts()`` (implicit or explicit mode), while Zope's publisher
+    publishes a request, and during a Pyramid request that pyramid_tm
+    manages (``request.tm``, whichever manager its ``tm.manager_hook``
+    makes). A transaction that exists only because something called
+    ``transaction.get()`` is not joined (:mod:`sparc.sa.begun` tells them
+    apart). Otherwise as ``"never"``.
 
 ``with tx(transaction_manager=tm):`` joins *tm*'s current transaction
 whatever the mode (except ``"never"``), and leaves the thread's own
@@ -66,6 +68,7 @@ from sparc.sa.datamanager import WHOLE_TRANSACTION, SessionDataManager
 from sparc.sa.exceptions import (
     AbortedTransactionError,
     DoomedTransactionError,
+    IsolationLevelError,
     JoinedTransactionError,
     RetryableDatabaseError,
 )
@@ -79,6 +82,7 @@ __all__ = [
     "SessionDataManager",
     "finish_block",
     "join_scope",
+    "manager_of",
     "request_ended",
     "transaction_to_join",
 ]
@@ -124,6 +128,23 @@ def transaction_to_join(mode: str, tm: Any = None) -> Any:
     return txn
 
 
+def manager_of(txn: Any, tm: Any = None) -> Any:
+    """The transaction manager whose transaction *txn* is: *tm* when the
+    block was given one, pyramid_tm's ``request.tm`` during its request, else
+    the thread's ``transaction.manager``. Kept by the data manager, as
+    zope.sqlalchemy's keeps the one it was registered with."""
+    if tm is not None:
+        return tm
+    threadlocal = sys.modules.get("pyramid.threadlocal")
+    if threadlocal is not None:
+        environ = getattr(threadlocal.get_current_request(), "environ", None)
+        if environ and environ.get("tm.active"):
+            request_tm = environ.get("tm.manager")
+            if request_tm is not None and _running(request_tm)[0] is txn:
+                return request_tm
+    return sys.modules["transaction"].manager
+
+
 def _running(tm: Any) -> Any:
     """*tm*'s transaction if one is running; never begins one."""
     # transaction.manager is a ThreadTransactionManager: the thread's own
@@ -142,7 +163,7 @@ def _thread_transaction(tm: Any, mode: str) -> Any:
         return None
     if getattr(inner, "explicit", False):
         return txn  # explicit mode: only begin() makes a transaction
-    if begun.began(txn) is begun.NOT_BEGUN:
+    if begun.began(txn, inner) is begun.NOT_BEGUN:
         # It exists because something called transaction.get() (opening a
         # ZODB connection does): nobody promised to commit it.
         return None
@@ -210,16 +231,26 @@ def _joinable(txn: Any) -> bool:
 # -- joining -----------------------------------------------------------------------------
 
 
-def join_scope(manager: Joiner, scope: Scope, txn: Any) -> SessionDataManager:
+def join_scope(
+    manager: Joiner,
+    scope: Scope,
+    txn: Any,
+    isolation: str | None = None,
+    tm: Any = None,
+) -> SessionDataManager:
     """Join *scope* to *txn* and return the data manager of its engine there.
     The first scope of an engine in *txn* brings its session; later ones
-    (other managers of the engine) work with that same session."""
+    (other managers of the engine) work with that same session. *isolation*:
+    the level the SQL transaction must run at (the first block's); *tm*: the
+    transaction manager the block was given, if any."""
     session = scope.session
     if session is None:
         session = scope.session = manager.new_session()
     engine = session.get_bind()
     dm = _data_manager(txn, engine)
     if dm is not None:
+        if isolation is not None:
+            check_isolation(dm, isolation)
         _set_aside(session)
         dm.attach(scope)
         dm.check_whole()
@@ -237,7 +268,14 @@ def join_scope(manager: Joiner, scope: Scope, txn: Any) -> SessionDataManager:
                     "two-phase transaction; make them inside a block"
                 )
             session.twophase = True
-        dm = SessionDataManager(manager, scope, session, txn, gate)
+        dm = SessionDataManager(manager, scope, session, txn, gate, manager_of(txn, tm))
+        if isolation is not None:
+            if sessions.established_connection(session) is not None:
+                # Writes made outside any block began the transaction already.
+                sessions.check_late_options(
+                    sessions.established_connection(session), {"isolation_level": isolation}
+                )
+            dm.isolation = isolation
         # Writes made outside any block, carried into this transaction by
         # freshen(): a failing block must not roll them back whole.
         dm.fresh = not session.in_transaction()
@@ -263,6 +301,26 @@ def join_scope(manager: Joiner, scope: Scope, txn: Any) -> SessionDataManager:
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("joined %r to %r", session, txn)
     return dm
+
+
+def check_isolation(dm: SessionDataManager, isolation: str | None) -> None:
+    """A block asking for *isolation* in a transaction already joined: it
+    shares that SQL transaction, so only the level it runs at will do."""
+    if isolation is None or dm.isolation == isolation:
+        return
+    if dm.isolation is None:
+        connection = sessions.established_connection(dm.session)
+        if connection is not None:
+            sessions.check_late_options(connection, {"isolation_level": isolation})
+            return
+    raise IsolationLevelError(
+        f"this block asked for isolation_level={isolation!r}, but it joins a "
+        "transaction whose SQL transaction runs "
+        + (f"at {dm.isolation!r}" if dm.isolation else "at the engine's level")
+        + " already (an earlier block or a use of tx.session in the same "
+        "transaction began it); give the level to the first block of the "
+        "transaction, or set it on the engine"
+    )
 
 
 def _data_manager(txn: Any, engine: Any) -> SessionDataManager | None:

@@ -13,6 +13,7 @@ keeps it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from sqlalchemy import event
@@ -23,16 +24,38 @@ __all__ = ["keep_shared_connection"]
 
 
 def keep_shared_connection(engine: Engine) -> None:
-    """Make interruptions on *engine* leave its shared SQLite connection open.
+    """Make interruptions on *engine* leave its shared SQLite connection open,
+    and close the cursor of an interrupted statement on pysqlite, on any pool.
 
-    Does nothing unless *engine* is SQLite on a pool of one shared
-    connection. Idempotent, and cheap after the first call."""
+    Does nothing unless *engine* is SQLite. Idempotent, and cheap after the
+    first call."""
     if engine.dialect.name != "sqlite":
         return
+    if engine.dialect.driver == "pysqlite" and not event.contains(
+        engine, "handle_error", _close_cursor
+    ):
+        event.listen(engine, "handle_error", _close_cursor)
     if not _keeps(engine):
         return
     if not event.contains(engine, "handle_error", _not_a_disconnect):
         event.listen(engine, "handle_error", _not_a_disconnect)
+
+
+def _close_cursor(context: ExceptionContext) -> Any:
+    """Close the cursor of a statement an interruption cut short.
+
+    SQLAlchemy closes a lost connection without closing its cursor first.
+    pysqlite's close() then leaves the connection open until the cursor is
+    collected, and the cursor lives on in the interruption's traceback: a
+    SELECT interrupted on a database file kept its transaction's lock for as
+    long as the application kept the KeyboardInterrupt."""
+    execution = context.execution_context
+    cursor = getattr(execution, "cursor", None)
+    if cursor is not None and not isinstance(context.original_exception, Exception):
+        # the interruption is what the caller must see, not a failed close
+        with contextlib.suppress(Exception):
+            cursor.close()
+    return None
 
 
 def _not_a_disconnect(context: ExceptionContext) -> Any:

@@ -72,6 +72,7 @@ from sparc.sa.interfaces import (
     ISAScopedTransaction,
     ISASession,
 )
+from sparc.sa.keep import keep_shared_connection
 from sparc.sa.legacy import package_path
 from sparc.sa.readonly import ReadOnlyBlock, run_readonly
 from sparc.sa.replicas import check_readonly_arguments, commit_token
@@ -304,6 +305,7 @@ class ThreadLocalSASessionTransaction:
         transaction_manager: Any = None,
         readonly: bool = False,
         after: str | None = None,
+        isolation_level: str | None = None,
     ) -> Any:
         """A block: ``with tx():`` commits on success, rolls back on any
         exception; nested, a SAVEPOINT (or, with ``savepoint=False``, a part
@@ -319,10 +321,21 @@ class ThreadLocalSASessionTransaction:
         the engine has replicas, else on the primary in a READ ONLY
         transaction; see :mod:`sparc.sa.readonly`.
 
+        *isolation_level* (``"SERIALIZABLE"``, ``"REPEATABLE READ"``,
+        ``"READ COMMITTED"``, ...): the level the block's transaction runs at,
+        set before it begins, for this block only. A nested block, or a block
+        joining a transaction that runs already, may only name the level in
+        force; anything else raises
+        :class:`~sparc.sa.exceptions.IsolationLevelError`, as do execution
+        options given to ``session.connection()`` once the transaction has
+        begun (SQLAlchemy would ignore them with a warning).
+
         .. versionchanged:: 2.0
-           *transaction_manager*, *readonly*, *after*.
+           *transaction_manager*, *readonly*, *after*, *isolation_level*.
         """
+        isolation = sessions.check_isolation(isolation_level)
         if readonly or after is not None:
+            _no_isolation_when_readonly(isolation)
             return _readonly_block(self, readonly, after)
         if savepoint is not True and savepoint is not False:
             raise TypeError(
@@ -330,7 +343,7 @@ class ThreadLocalSASessionTransaction:
             )
         if transaction_manager is not None:
             _check_manager(transaction_manager, self._join)
-        return Block(self, savepoint, transaction_manager)
+        return Block(self, savepoint, transaction_manager, False, isolation)
 
     def run(
         self,
@@ -340,6 +353,8 @@ class ThreadLocalSASessionTransaction:
         attempts: int = 3,
         readonly: bool = False,
         after: str | None = None,
+        isolation_level: str | None = None,
+        transaction_manager: Any = None,
         **kwargs: Any,
     ) -> _T:
         """Call ``fn(session, *args, **kwargs)`` in a block and return its result,
@@ -349,11 +364,20 @@ class ThreadLocalSASessionTransaction:
         retries), *fn* runs once in a SAVEPOINT.
 
         With ``readonly=True`` the block is read-only (see :meth:`__call__`),
-        and a read whose replica dies under it runs once more elsewhere."""
+        and a read whose replica dies under it runs once more elsewhere.
+        *isolation_level* and *transaction_manager* are the block's, as for
+        :meth:`__call__`; with a *transaction_manager* the block joins its
+        transaction, whose owner retries, so *fn* runs once."""
+        isolation = sessions.check_isolation(isolation_level)
         if readonly or after is not None:
+            _no_isolation_when_readonly(isolation)
             _readonly_block(self, readonly, after)  # checks the arguments
             return run_readonly(self, fn, args, kwargs, attempts, after)
-        return _run(self, fn, args, kwargs, check_attempts(attempts))
+        if transaction_manager is not None:
+            _check_manager(transaction_manager, self._join)
+        return _run(
+            self, fn, args, kwargs, check_attempts(attempts), isolation, transaction_manager
+        )
 
     # -- scopes --------------------------------------------------------------------
 
@@ -387,6 +411,7 @@ class ThreadLocalSASessionTransaction:
                 # runs (request.dbsession.add() in a view): the session goes
                 # with that transaction, committed or aborted with it, as
                 # zope.sqlalchemy's registered session does.
+                keep_shared_connection(self._engine)  # as a joined block does
                 dm = joined.join_scope(self, scope, txn)
                 dm.fresh = False  # it may write outside any block
                 return dm.session
@@ -476,6 +501,8 @@ def _run(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     attempts: int,
+    isolation: str | None = None,
+    tm: Any = None,
 ) -> _T:
     """The body of :meth:`ThreadLocalSASessionTransaction.run`."""
     if inspect.iscoroutinefunction(fn) or inspect.isawaitable(fn):
@@ -485,15 +512,20 @@ def _run(
             "or call a plain function"
         )
     scope = manager.scopes.current()
-    if scope.blocks or scope.joined is not None or manager._transaction_to_join() is not None:
+    if (
+        scope.blocks
+        or scope.joined is not None
+        or tm is not None
+        or manager._transaction_to_join() is not None
+    ):
         # Retrying an inner block cannot help: the server aborted the
         # whole transaction, which only its owner can restart.
-        block = Block(manager, True)
+        block = Block(manager, True, tm, False, isolation)
         with block:
             return _no_coroutine(fn(block.session, *args, **kwargs), fn)
     attempt = 1
     while True:
-        block = Block(manager, True)
+        block = Block(manager, True, None, False, isolation)
         try:
             with block:
                 return _no_coroutine(fn(block.session, *args, **kwargs), fn)
@@ -503,6 +535,14 @@ def _run(
             )
             time.sleep(delay)
             attempt += 1
+
+
+def _no_isolation_when_readonly(isolation: str | None) -> None:
+    if isolation is not None:
+        raise TypeError(
+            "a read-only block chooses its own isolation (a snapshot on the replica "
+            "or READ ONLY on the primary); give isolation_level to writing blocks only"
+        )
 
 
 def _check_manager(tm: object, join: str) -> None:

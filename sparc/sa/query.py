@@ -62,8 +62,10 @@ from sparc.sa.values import (
     MAX_FILTER_TEXT,
     MAX_FILTER_VALUES,
     Budget,
+    check_length,
     check_like_pattern,
     coerce,
+    column_type,
     kind,
     python_type,
 )
@@ -365,6 +367,10 @@ def _check_attribute(attribute: Any, path: str) -> None:
         raise InvalidFilterError(path, f"expected a mapped column attribute, got {attribute!r}")
 
 
+def _attribute_name(attribute: Any) -> str:
+    return f"{getattr(attribute.class_, '__name__', '?')}.{attribute.key}"
+
+
 def _operation(condition: object, path: str) -> str:
     if isinstance(condition, str):
         operation = _OPERATIONS.get(condition.strip().lower())
@@ -397,13 +403,20 @@ def _value(attribute: Any, operation: str, value: Any, path: str) -> Any:
     if isinstance(value, (list, tuple, set, Mapping)):
         raise InvalidFilterError(path, f"expected a single value, got {kind(value)}")
     if operation in ("like", "ilike"):
-        if python_type(attribute) not in (str, None):
+        if python_type(attribute) not in (str, None) or getattr(
+            column_type(attribute), "enums", None
+        ):
+            # PostgreSQL has no LIKE for an ENUM type: a driver error that aborts the transaction
             raise InvalidFilterError(path, f"'{operation}' applies to string columns only")
         if not isinstance(value, str):
             raise InvalidFilterError(
                 path, f"'{operation}' needs a string pattern, got {kind(value)}"
             )
-        return check_like_pattern(value, path)
+        return check_length(attribute, check_like_pattern(value, path), path)
+    if operation in ("lt", "le", "gt", "ge") and python_type(attribute) is bool:
+        # SQLAlchemy refuses to build `flag < false` (an ArgumentError)
+        symbol = {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}[operation]
+        raise InvalidFilterError(path, f"'{symbol}' does not apply to true/false columns")
     return coerce(attribute, value, path)
 
 
@@ -424,7 +437,11 @@ class SAModelFilterExpression:
         operation = _operation(condition, f"{at}condition")
         self.attribute = attribute
         self.condition = condition.strip().lower()
-        self.value = _value(attribute, operation, value, f"{at}value")
+        try:
+            self.value = _value(attribute, operation, value, f"{at}value")
+        except InvalidFilterError as exc:
+            # a value from a request: say which column refused it, not only where
+            raise InvalidFilterError(exc.path, exc.expected, _attribute_name(attribute)) from None
         self._operation = operation
 
     def __repr__(self) -> str:

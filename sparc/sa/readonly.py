@@ -46,6 +46,7 @@ from sparc.sa.replicas import (
     guard,
     install_guards,
     is_disconnect,
+    later,
     nested_wait,
     read_only_end,
     read_token,
@@ -111,7 +112,7 @@ class ReadOnlyBlock:
         factory = _factory(manager)
         rs = self._rs = replica_set(manager.engine)
         if rs is not None:
-            need = max(rs.position(), rs.token_need(self._after))
+            need = rs.need(self._after)
             if need != PRIMARY_ONLY:
                 for replica in rs.candidates():
                     on_replica = self._open(manager, scope, factory, replica, need)
@@ -127,13 +128,13 @@ class ReadOnlyBlock:
         """A token inside an open block: seen by that block's transaction, or
         StaleSnapshotError (see :func:`sparc.sa.replicas.nested_wait`)."""
         rs = replica_set(self._manager.engine)
-        need = self._after[0] if rs is None else max(rs.position(), rs.token_need(self._after))
+        need = self._after[0] if rs is None else rs.need(self._after)
         deadline = time.monotonic() + (rs.wait if rs is not None else 0.0)
         while (pause := nested_wait(rs, session, need, deadline)) is not None:
             time.sleep(pause)
 
     def _open(
-        self, manager: Any, scope: Scope, factory: Any, replica: Replica | None, need: int
+        self, manager: Any, scope: Scope, factory: Any, replica: Replica | None, need: Any
     ) -> scoped_session[Session] | None:
         """Open the block in a session of its own, on *replica* or on the
         primary; None if the replica cannot serve it now. Whatever stops it
@@ -166,7 +167,7 @@ class ReadOnlyBlock:
             floor = replica.replayed
             if rs.needs_check(replica, need):
                 rs.check(replica, session, need)
-                floor = max(floor, need)
+                floor = later(floor, need)
             session.info[ON_REPLICA] = (replica, floor)
         except BaseException as error:
             unusable = replica is not None and isinstance(

@@ -46,9 +46,12 @@ Standbys of this primary only
 Balance
     Read-only blocks take the healthy replicas in turn (round robin).
 
-Replicas are PostgreSQL-only: the read-your-writes promise rests on
-PostgreSQL's WAL positions. MariaDB's GTIDs (``MASTER_GTID_WAIT``) could
-carry the same promise, but that is not built yet.
+MariaDB
+    The same, with GTID positions: ``@@last_gtid`` after a commit, and
+    ``MASTER_GTID_WAIT`` on the replica before the block's first read. The
+    dialect's half lives in :mod:`sparc.sa.gtid`; this module calls into it
+    where it reads a position, waits for replay, tells a replica from
+    another server, or puts a connection in read-only mode.
 """
 
 from __future__ import annotations
@@ -71,7 +74,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from sparc.sa import gtid
 from sparc.sa.exceptions import ReadOnlyTransactionError, StaleSnapshotError
+from sparc.sa.gtid import Gtid
 
 __all__ = [
     "REPLICA_KEYS",
@@ -110,7 +115,10 @@ CHECK_INTERVAL: Final = 1.0
 _TOKEN = re.compile(r"^pg:([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})(?:\.([0-9a-f]{8}))?$")
 #: A position no replica reaches: the read goes to the primary.
 PRIMARY_ONLY: Final = 1 << 63
-_READING = frozenset({"select", "show", "values", "explain", "table", "fetch", "set", "with"})
+# "start": START TRANSACTION [READ ONLY] begins, it does not write.
+_READING = frozenset(
+    {"select", "show", "values", "explain", "table", "fetch", "set", "with", "start"}
+)
 _FIRST_WORD = re.compile(r"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*(\w+)", re.S)
 
 # The position of a scope's latest commit, per replica set. Contexts follow
@@ -119,7 +127,8 @@ _FIRST_WORD = re.compile(r"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*(\w+)", re.S)
 # Keyed by ReplicaSet.key, a serial number never given twice (an id() is
 # reused once its object is gone, and would hand a disposed engine's
 # positions to a new one).
-_positions: contextvars.ContextVar[dict[int, int] | None] = contextvars.ContextVar(
+# A position is an int (a PostgreSQL WAL position) or a Gtid (MariaDB).
+_positions: contextvars.ContextVar[dict[int, Any] | None] = contextvars.ContextVar(
     "sparc.sa commit positions", default=None
 )
 _serials = itertools.count(1)  # next() is atomic under the GIL
@@ -160,13 +169,17 @@ def check_readonly_arguments(readonly: object, after: object, spelling: str) -> 
     return after
 
 
-def read_token(token: str | None) -> tuple[int, str]:
+def read_token(token: str | None) -> tuple[Any, str]:
     """``(WAL position, check)`` of a commit token; ``(0, "")`` for None or ''.
-    A ValueError names the expected form when it is not one."""
+    A ValueError names the expected form when it is not one. A MariaDB
+    token (``my:...``) gives ``(Gtid, "my")``: its check, which depends on
+    its position alone, is verified here (:func:`sparc.sa.gtid.parse_token`)."""
     if not token:
         return 0, ""
     if not isinstance(token, str):
         raise TypeError(f"'after' must be a commit token string, got {type(token).__name__}")
+    if token.startswith("my:"):  # MariaDB
+        return gtid.parse_token(token), "my"
     match = _TOKEN.match(token)
     if match is None:
         raise ValueError(
@@ -177,9 +190,10 @@ def read_token(token: str | None) -> tuple[int, str]:
     return position, match.group(3) or ""
 
 
-def parse_token(token: str | None) -> int:
+def parse_token(token: str | None) -> Any:
     """The WAL position in a commit token (0 for None or ''); its check is
-    not verified here (see :meth:`ReplicaSet.token_need`)."""
+    not verified here (see :meth:`ReplicaSet.token_need`). A MariaDB token's
+    :class:`~sparc.sa.gtid.Gtid`, its check verified."""
     return read_token(token)[0]
 
 
@@ -200,6 +214,8 @@ def commit_token(engine: Any) -> str | None:
     if not position:
         return None
     assert rs is not None
+    if isinstance(position, Gtid):  # MariaDB
+        return gtid.format_token(position)
     # The identity was read with the position; if that failed, the check is
     # made against nothing, and the token's reads go to the primary.
     system = rs.identity[0] if rs.identity is not None else ""
@@ -270,17 +286,26 @@ def attach(primary: Engine, options: dict[str, Any], build: Callable[[Any], Any]
     """Build the replica engines with *build* and attach them to *primary*."""
     from sparc.sa.options import hide_dsn
 
-    if primary.dialect.name != "postgresql":
+    mariadb = primary.dialect.name in gtid.DIALECTS  # GTID positions (sparc.sa.gtid)
+    if primary.dialect.name != "postgresql" and not mariadb:
         raise ValueError(
-            f"'replicas' are supported for PostgreSQL only (read-your-writes rests on "
-            f"its WAL positions), got a {primary.dialect.name} engine for {hide_dsn(primary.url)}"
+            f"'replicas' are supported for PostgreSQL and MariaDB only (read-your-writes "
+            f"rests on their WAL positions and GTIDs), got a {primary.dialect.name} engine "
+            f"for {hide_dsn(primary.url)}"
         )
     engines = [build(config) for config in options["replicas"]]
     for engine in engines:
         sync = getattr(engine, "sync_engine", engine)
         if sync.dialect.is_async != primary.dialect.is_async:
             raise ValueError(_mismatch(primary, sync))
-        if sync.dialect.name != "postgresql":
+        if mariadb:
+            if sync.dialect.name not in gtid.DIALECTS:
+                raise ValueError(
+                    f"a replica must be a MariaDB database like its primary, got "
+                    f"{hide_dsn(sync.url)}"
+                )
+            gtid.keep_read_only(sync)
+        elif sync.dialect.name != "postgresql":
             raise ValueError(
                 f"a replica must be a PostgreSQL database like its primary, got "
                 f"{hide_dsn(sync.url)}"
@@ -297,11 +322,15 @@ def _mismatch(primary: Engine, replica: Engine) -> str:
         mode = "an asyncio" if engine.dialect.is_async else "a synchronous"
         return f"{mode} driver ({engine.dialect.driver})"
 
+    example = (
+        "mysql+asyncmy:// for both or mysql+pymysql:// for both"
+        if primary.dialect.name in gtid.DIALECTS
+        else "postgresql+asyncpg:// for both or postgresql+psycopg:// for both"
+    )
     return (
         f"replica {hide_dsn(replica.url)} has {kind(replica)} and its primary "
         f"{hide_dsn(primary.url)} has {kind(primary)}: a replica serves the "
-        "primary's manager, so both need the same kind, e.g. postgresql+asyncpg:// "
-        "for both or postgresql+psycopg:// for both"
+        f"primary's manager, so both need the same kind, e.g. {example}"
     )
 
 
@@ -334,9 +363,12 @@ class Replica:
     # "up", "down", "lagging", or "foreign": answering, but not a standby of
     # this primary (promoted, another cluster, another timeline).
     state: str = "up"
-    replayed: int = 0  # the latest replay position seen while it was a standby of ours
+    # The latest replay position seen while it was a standby of ours (a Gtid on MariaDB).
+    replayed: Any = 0
     lag: float | None = None  # seconds, as last measured
     checked: float = 0.0  # time.monotonic() of that measurement
+    confirmed: float = 0.0  # MariaDB: time.monotonic() it was last seen replicating ours
+    unjudged: bool = False  # MariaDB: its replication status cannot be read (warned once)
     retry_at: float = 0.0
     failures: int = 0
     reason: str = field(default="", repr=False)
@@ -375,11 +407,14 @@ class ReplicaSet:
                 f"'replica_wait' must be a number of seconds (0 or more, and finite), got {wait!r}"
             )
         self.wait = wait
+        #: MariaDB: positions are GTIDs (sparc.sa.gtid).
+        self.mariadb = self.primary.dialect.name in gtid.DIALECTS
         #: This set's key in a scope's positions: never given to another set.
         self.key = next(_serials)
         #: The primary's (system identifier, timeline), read with a commit's
         #: position or on demand; forgotten when the primary engine connects
-        #: anew (it may be another server after a failover).
+        #: anew (it may be another server after a failover). On MariaDB,
+        #: (``@@server_id``, ``@@log_bin``): see :mod:`sparc.sa.gtid`.
         self.identity: tuple[str, int | None] | None = None
         # Guards the replicas' states; held only to read or change them.
         self._lock = threading.Lock()
@@ -394,18 +429,26 @@ class ReplicaSet:
 
     # -- positions --
 
-    def position(self) -> int:
+    def position(self) -> Any:
         """The position of the current scope's latest commit (0: none)."""
         positions = _positions.get()
         return 0 if positions is None else positions.get(self.key, 0)
 
-    def note(self, position: int) -> None:
+    def note(self, position: Any) -> None:
         positions = _positions.get()
         if positions is None:
             positions = {}
             _positions.set(positions)
-        if position > positions.get(self.key, 0):
-            positions[self.key] = position
+        positions[self.key] = later(positions.get(self.key, 0), position)
+
+    def need(self, token: tuple[Any, str]) -> Any:
+        """The position a read-only block must see: the scope's own latest
+        commit and the token's position (see :meth:`token_need`). Sync, or
+        inside SQLAlchemy's greenlet for an asyncio engine (it may ask the
+        primary for its identity)."""
+        if self.mariadb or isinstance(token[0], Gtid):
+            return gtid.need(self.mariadb, self.position(), token[0])
+        return max(self.position(), self.token_need(token))
 
     def load_identity(self) -> tuple[str, int | None]:
         """The primary's identity, asked of it if not known (sync, or inside
@@ -413,7 +456,10 @@ class ReplicaSet:
         identity = self.identity
         if identity is None:
             with self.primary.connect() as conn:
-                system, timeline = conn.exec_driver_sql(_IDENTITY).one()
+                if self.mariadb:
+                    system, timeline = gtid.primary_identity(conn)
+                else:
+                    system, timeline = conn.exec_driver_sql(_IDENTITY).one()
             identity = self.identity = (str(system), timeline)
         return identity
 
@@ -449,21 +495,30 @@ class ReplicaSet:
             usable = usable[start:] + usable[:start]
         return usable
 
-    def needs_check(self, replica: Replica, need: int) -> bool:
+    def needs_check(self, replica: Replica, need: Any) -> bool:
         """Whether this block checks *replica* before its first read: when the
         scope needs more than the replica was seen to replay, when it was not
         up, and at most once per CHECK_INTERVAL anyway, which is how a
-        promoted replica is found out although nobody wrote."""
+        promoted replica is found out although nobody wrote. On MariaDB,
+        always: the block connects as it opens, and :func:`sparc.sa.gtid.measure`
+        asks the server only when it must."""
+        if self.mariadb:
+            return True
         return (
             need > replica.replayed
             or replica.state != "up"
             or time.monotonic() - replica.checked >= CHECK_INTERVAL
         )
 
-    def measure(self, replica: Replica, connection: Any, need: int) -> bool:
+    def measure(self, replica: Replica, connection: Any, need: Any) -> bool:
         """One position check on *connection* (a block's own, on *replica*):
         whether it has replayed *need*; :class:`_Unusable` if it lags too far
         or is not a standby of this primary."""
+        if self.mariadb:
+            reached = gtid.measure(self, replica, connection, need)
+            if reached is None:
+                raise _Unusable
+            return reached
         self.stats["checks"] += 1
         standby, replayed, lag, system, timeline = connection.exec_driver_sql(_CHECK).one()
         try:
@@ -519,9 +574,13 @@ class ReplicaSet:
         self.stats["waits"] += 1
         return min(0.02, left)
 
-    def check(self, replica: Replica, session: Session, need: int) -> None:
+    def check(self, replica: Replica, session: Session, need: Any) -> None:
         """Check *session*'s replica, waiting up to ``wait`` for it to reach
         *need*; :class:`_Unusable` if it does not, or lags too far."""
+        if self.mariadb:  # one MASTER_GTID_WAIT, before the block's first read
+            if not gtid.wait(self, replica, session.connection(), need):
+                raise _Unusable
+            return
         deadline = time.monotonic() + self.wait
         while not self.measure(replica, session.connection(), need):
             pause = self.waited(deadline)
@@ -581,6 +640,9 @@ class ReplicaSet:
         for replica in self.replicas:
             try:
                 with replica.sync_engine.connect() as conn:
+                    if self.mariadb:
+                        gtid.probe_one(self, replica, conn)
+                        continue
                     self.measure(replica, conn, 0)
             except _Unusable:
                 continue
@@ -639,7 +701,7 @@ ON_REPLICA: Final = "sparc.sa on replica"
 
 
 def nested_wait(
-    rs: ReplicaSet | None, session: Session, need: int, deadline: float
+    rs: ReplicaSet | None, session: Session, need: Any, deadline: float
 ) -> float | None:
     """A read-only block given a token (*need*) inside an open block of its
     scope runs in that block's transaction: None once that transaction
@@ -649,7 +711,7 @@ def nested_wait(
     replica does not replay that far before *deadline*, or the token failed
     its check and only the primary may serve it."""
     where = session.info.get(ON_REPLICA)
-    if where is not None and need <= where[1]:
+    if where is not None and reached(where[1], need):
         return None  # the outer block's snapshot includes it, whatever the isolation
     connection = session.connection()
     isolation = _isolation(connection)
@@ -688,9 +750,27 @@ def nested_wait(
 def _isolation(connection: Any) -> str | None:
     """The isolation level of *connection*'s transaction, as PostgreSQL
     spells it ('read committed'); None on a database without positions."""
+    if connection.dialect.name in gtid.DIALECTS:
+        return gtid.isolation(connection)
     if connection.dialect.name != "postgresql":
         return None
     return str(connection.exec_driver_sql("SHOW transaction_isolation").scalar())
+
+
+def later(position: Any, other: Any) -> Any:
+    """The later of two positions of one replica set (merged domain by
+    domain for MariaDB's GTIDs)."""
+    if isinstance(position, Gtid) or isinstance(other, Gtid):
+        mine = position if isinstance(position, Gtid) else Gtid()
+        return mine.merge(other)
+    return max(position, other)
+
+
+def reached(have: Any, need: Any) -> bool:
+    """Whether a server at position *have* has applied *need*."""
+    if isinstance(have, Gtid) or isinstance(need, Gtid):
+        return (have if isinstance(have, Gtid) else Gtid()).covers(need)
+    return bool(have >= need)
 
 
 # -- what the primary wrote --------------------------------------------------------
@@ -727,13 +807,17 @@ def _track(rs: ReplicaSet) -> None:
     def checkin(dbapi_connection: Any, record: Any) -> None:
         info = record.info
         if info.pop(_COMMITTED, False) and dbapi_connection is not None:
+            position: Any
             try:
-                position = current_lsn(dbapi_connection, rs)
+                if rs.mariadb:
+                    position = gtid.current_position(dbapi_connection, rs)
+                else:
+                    position = current_lsn(dbapi_connection, rs)
             except Exception:
                 # The commit happened; without its position this scope's
                 # reads go to the primary until its next commit.
                 logger.warning("could not read the WAL position after a commit", exc_info=True)
-                position = 1 << 62
+                position = gtid.UNKNOWN if rs.mariadb else 1 << 62
             rs.note(position)
 
 
@@ -775,6 +859,15 @@ def _read_only_mode(dbapi_connection: Any, on: bool) -> bool:
 
 def after_begin(session: Session, transaction: Any, connection: Any) -> None:
     """A read-only block's transaction on the primary is READ ONLY."""
+    if (
+        session.info.get(READONLY)
+        and not transaction.nested
+        and connection.dialect.name in gtid.DIALECTS
+    ):
+        # MariaDB, on the primary and on replicas: the READ ONLY session
+        # mode, which refuses DDL too (sparc.sa.gtid)
+        session.info[_READ_ONLY_MODE] = (gtid.begin_read_only(connection), "mariadb")
+        return
     if session.info.get(READONLY) is not True or transaction.nested:
         return
     name = connection.dialect.name
@@ -789,10 +882,6 @@ def after_begin(session: Session, transaction: Any, connection: Any) -> None:
             session.info[_READ_ONLY_MODE] = (raw, "psycopg")
         else:
             connection.exec_driver_sql("SET TRANSACTION READ ONLY")
-    elif name in ("mysql", "mariadb"):
-        # Begun here and now: SET TRANSACTION would wait for the next
-        # statement, and stay pending on the connection if none came.
-        connection.exec_driver_sql("START TRANSACTION READ ONLY")
 
 
 def after_end(session: Session) -> None:
@@ -809,6 +898,8 @@ def after_end(session: Session) -> None:
             cursor.execute("PRAGMA query_only = 0")
         finally:
             cursor.close()
+    elif kind == "mariadb":
+        gtid.end_read_only(raw)
     else:
         _read_only_mode(raw, False)
 
@@ -872,8 +963,10 @@ def unguard(session: Session) -> None:
 
 def is_disconnect(error: BaseException | None) -> bool:
     """Whether *error* says the connection (a replica's, say) is gone."""
-    return isinstance(error, sa_exc.DBAPIError) and (
-        error.connection_invalidated or isinstance(error, sa_exc.OperationalError)
+    return (
+        isinstance(error, sa_exc.DBAPIError)
+        and (error.connection_invalidated or isinstance(error, sa_exc.OperationalError))
+        and not gtid.is_refusal(error)  # MariaDB: a refusal, raised as OperationalError
     )
 
 
@@ -886,9 +979,7 @@ def is_read_only_violation(error: BaseException) -> bool:
     if code == "25006":
         return True
     args = getattr(orig, "args", ())
-    if (
-        args and args[0] == 1792
-    ):  # MySQL/MariaDB: Cannot execute statement in a READ ONLY transaction
+    if args and args[0] in gtid.READ_ONLY_CODES:  # MariaDB: READ ONLY transaction, --read-only
         return True
     return "readonly database" in str(orig) or "read-only transaction" in str(orig)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sparc.sa import fork
+from sparc.sa import begun, fork
 from sparc.sa.gate import gate_for
 
 if TYPE_CHECKING:
@@ -194,6 +194,9 @@ def close_abandoned(scope: Scope) -> None:
         # A block of this scope is still open, handed to another thread or
         # task to close, or the session belongs to a Zope transaction that is
         # still running: whoever ends those finishes and resets the session.
+        joined = scope.joined
+        if joined is not None and not joined.ended and isinstance(scope, ThreadScope):
+            begun.warn_left(joined)  # most likely nobody will: say so
         return
     scope.session = None
     if sys.is_finalizing():

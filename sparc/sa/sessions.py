@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
-from sparc.sa import resets
-from sparc.sa.exceptions import JoinedTransactionError
+from sparc.sa import frameworks, resets
+from sparc.sa.exceptions import IsolationLevelError, JoinedTransactionError
 
 if TYPE_CHECKING:
     from sparc.sa.scope import Scope
@@ -32,8 +32,11 @@ __all__ = [
     "aborted",
     "begin_nested",
     "begin_on_sqlite",
+    "check_isolation",
+    "check_late_options",
     "checks_aborted",
     "close_failed",
+    "established_connection",
     "freshen",
     "refuse_commit_when_joined",
     "release",
@@ -61,13 +64,6 @@ COMMITTING: Final = "sparc.sa.committing"
 # installs these on such a session once); blocks need no notes.
 WATCHED: Final = "sparc.sa.watched"
 
-_REFUSED_COMMIT: Final = (
-    "this session belongs to a transaction of the `transaction` package "
-    "(a Zope request), which commits it: do not call session.commit(); "
-    "end the `with tx():` block, and its work commits when the request "
-    "(or transaction.commit()) does"
-)
-
 
 def wrote(session: Session) -> bool:
     """Whether *session* wrote (flushed, or executed anything but a SELECT)
@@ -86,7 +82,88 @@ class BlockSession(Session):
       ROLLBACK after its own COMMIT or ROLLBACK.
     * On PostgreSQL, the liveness check of the checkout that begins its
       transaction is that transaction's BEGIN (:mod:`sparc.sa.liveness`).
+    * Execution options given to :meth:`connection` once its transaction
+      holds a connection raise :class:`~sparc.sa.exceptions.IsolationLevelError`
+      instead of being ignored with a warning: an isolation level that does
+      not apply could let an update be lost.
     """
+
+    def connection(
+        self,
+        bind_arguments: Any = None,
+        execution_options: Any = None,
+    ) -> Any:
+        if execution_options:
+            established = established_connection(self)
+            if established is not None:
+                check_late_options(established, execution_options)
+                return super().connection(bind_arguments)
+        return super().connection(bind_arguments, execution_options)
+
+
+def established_connection(session: Session) -> Any:
+    """The connection *session*'s transaction holds, or None (not begun, or
+    begun without one yet)."""
+    transaction = session.get_transaction()
+    if transaction is None:
+        return None
+    # SessionTransaction._connections: bind -> (connection, transaction, ...).
+    # SQLAlchemy offers no public way to ask whether a transaction has taken
+    # its connection without taking one (see DEVELOPERS.md, private names).
+    for connection, *_ in getattr(transaction, "_connections", {}).values():
+        return connection
+    return None
+
+
+def check_isolation(level: object) -> str | None:
+    """A block's *isolation_level*, normalised (``"repeatable_read"`` ->
+    ``"REPEATABLE READ"``), or None; a clear error for anything else."""
+    if level is None:
+        return None
+    if not isinstance(level, str) or not level.strip():
+        raise TypeError(
+            "'isolation_level' must be a level's name such as 'SERIALIZABLE', "
+            f"'REPEATABLE READ' or 'READ COMMITTED', got {level!r}"
+        )
+    normal = " ".join(level.upper().replace("_", " ").split())
+    if normal == "AUTOCOMMIT":
+        raise ValueError(
+            "isolation_level='AUTOCOMMIT' would commit every statement on its own, "
+            "and a block is all or nothing; use a connection of its own for that: "
+            "engine.connect().execution_options(isolation_level='AUTOCOMMIT')"
+        )
+    return normal
+
+
+def _same_level(wanted: object, connection: Any) -> bool:
+    if not isinstance(wanted, str):
+        return False
+    current = connection.get_execution_options().get("isolation_level")
+    if current is None:
+        current = connection.get_isolation_level()  # the engine's or the server's
+    return check_isolation(wanted) == check_isolation(current)
+
+
+def check_late_options(connection: Any, options: dict[str, Any]) -> None:
+    """Execution options asked for once *connection* runs the transaction:
+    fine if they are in force already, else an error that says what to do."""
+    current = connection.get_execution_options()
+    late = sorted(
+        key
+        for key, value in options.items()
+        if current.get(key) != value
+        and not (key == "isolation_level" and _same_level(value, connection))
+    )
+    if not late:
+        return
+    names = ", ".join(repr(key) for key in late)
+    raise IsolationLevelError(
+        f"execution options {names} were given after this block's transaction had "
+        "begun on its connection, where they cannot apply (SQLAlchemy would ignore "
+        "them with a warning, and the block would run at another isolation level "
+        "than asked). Give the level to the block that begins the transaction: "
+        "`with tx(isolation_level='SERIALIZABLE'):` (or set it on the engine)"
+    )
 
 
 sa_event.listen(BlockSession, "after_begin", resets.note_session_transaction)
@@ -100,7 +177,7 @@ class JoinedSession(Session):
 
     def commit(self) -> None:
         if not self.info.get(COMMITTING):
-            raise JoinedTransactionError(_REFUSED_COMMIT)
+            raise JoinedTransactionError(frameworks.commit_refusal())
         super().commit()
 
 
@@ -156,7 +233,7 @@ def refuse_commit_when_joined(session: Session) -> None:
     if info.get(JOINED) and not info.get(COMMITTING):
         if session.get_nested_transaction() is not None:
             return  # releasing the application's own SAVEPOINT (begin_nested())
-        raise JoinedTransactionError(_REFUSED_COMMIT)
+        raise JoinedTransactionError(frameworks.commit_refusal())
 
 
 def begin_on_sqlite(session: Session, transaction: Any, connection: Any) -> None:
@@ -227,23 +304,38 @@ def release(savepoint: Any, session: Session) -> None:
     If the RELEASE itself fails, the savepoint is rolled back before the
     error propagates: SQLAlchemy marks a savepoint whose RELEASE failed as
     inactive without undoing it, and on PostgreSQL the transaction would stay
-    aborted, so that a later COMMIT silently rolls back everything."""
+    aborted, so that a later COMMIT silently rolls back everything.
+
+    An interrupt (KeyboardInterrupt, SystemExit, a cancellation) reaches the
+    caller as itself: if undoing the savepoint fails meanwhile (SQLAlchemy
+    invalidated the connection, or the server had released it already), that
+    failure is logged, not raised in its place, and the block dooms the outer
+    transaction."""
     info = session.info
     info[COMMITTING] = True
     try:
         savepoint.commit()
-    except BaseException:
-        _undo_failed_release(savepoint)
+    except BaseException as error:
+        interrupted = not isinstance(error, Exception)
+        try:
+            _undo_failed_release(savepoint, interrupted)
+        except BaseException:
+            if not interrupted:
+                raise
+            # An `except Exception:` in the application must not swallow a
+            # Ctrl-C because the undo of its savepoint failed (logged).
         raise
     finally:
         info.pop(COMMITTING, None)
 
 
-def _undo_failed_release(savepoint: Any) -> None:
+def _undo_failed_release(savepoint: Any, interrupted: bool = False) -> None:
     for connection, transaction, *_ in list(getattr(savepoint, "_connections", {}).values()):
         name = getattr(transaction, "_savepoint", None)
         if name is None or transaction.is_active or connection.closed:
             continue  # not a SAVEPOINT, or SQLAlchemy still owns its rollback
+        if connection.invalidated:
+            continue  # its DBAPI connection is closed: the server rolled it all back
         if connection._nested_transaction is not transaction:
             continue  # released after all (the failure came later)
         # SQLAlchemy refuses statements on a connection whose savepoint is
@@ -256,7 +348,18 @@ def _undo_failed_release(savepoint: Any) -> None:
             finally:
                 cursor.close()
         except Exception:
-            logger.error("rolling back to a savepoint whose RELEASE failed failed", exc_info=True)
+            if interrupted:
+                # The RELEASE may have run before the interrupt: expected, and
+                # the outer block rolls back (the nested block dooms it).
+                logger.warning(
+                    "rolling back to a savepoint whose RELEASE was interrupted failed; "
+                    "the outer block will roll back",
+                    exc_info=True,
+                )
+            else:
+                logger.error(
+                    "rolling back to a savepoint whose RELEASE failed failed", exc_info=True
+                )
             raise
 
 

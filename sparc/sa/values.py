@@ -8,12 +8,31 @@ send it. The rules are those of the strictest supported server:
 
 * integers fit the column's type: ``SmallInteger`` 16 bits, ``Integer``
   32 bits, ``BigInteger`` (and anything else) 64 bits, as on PostgreSQL;
-* numbers are finite; on a ``Float`` column they fit a double; on a
+* numbers are finite, and written with an exponent of at most
+  :data:`MAX_EXPONENT` either way (``'0e-20000000'`` included: zero is no
+  exception, since drivers write out every digit of it); on a ``Float``
+  column they fit a double (a single-precision float for ``REAL`` and
+  ``Float(precision<=24)``, which PostgreSQL stores as ``real``); on a
   ``Numeric`` column they have at most :data:`MAX_DIGITS` digits and a
   magnitude between 1e-:data:`MAX_EXPONENT` and 1e+:data:`MAX_EXPONENT`
   (PostgreSQL's numeric refuses much larger or much smaller ones);
+* on a ``Numeric(precision, scale)`` column, a number fits the column: at
+  most ``scale`` digits after the point (trailing zeros aside) and at most
+  ``precision - scale`` before it. asyncpg casts every value to the
+  column's type, which rounds the extra digits away (changing what ``==``
+  and ``<`` select) or overflows; the other drivers compare exactly. The
+  one answer that is the same everywhere is to refuse such a number;
+* a ``DateTime`` value is compared in UTC: an aware value on a naive
+  column is converted to UTC and its time zone dropped (a naive column is
+  taken to hold UTC, the SQLAlchemy convention), and on a
+  ``DateTime(timezone=True)`` column a naive value is taken as UTC. asyncpg
+  refuses to compare an aware value with a naive column and PyMySQL drops
+  the offset unconverted; this is the one reading every driver can send.
+  A ``Time`` value carries no time zone;
 * strings hold no NUL character (PostgreSQL's text cannot) and no lone
-  surrogate (no driver can encode it); a ``like`` pattern does not end in an
+  surrogate (no driver can encode it), and no more characters than the
+  column's length where its type has one (asyncpg casts to
+  ``VARCHAR(n)``, which truncates); a ``like`` pattern does not end in an
   unescaped backslash (PostgreSQL refuses it);
 * a column whose values are structures (``JSON``, ``ARRAY``, ``Interval``,
   ``PickleType`` ...) only takes ``is null`` and ``is not null``.
@@ -25,6 +44,7 @@ sends, so that no filter within the documented limits exceeds PostgreSQL's
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import decimal
 import math
@@ -43,6 +63,7 @@ __all__ = [
     "MAX_FILTER_TEXT",
     "MAX_FILTER_VALUES",
     "Budget",
+    "check_length",
     "check_like_pattern",
     "check_text",
     "coerce",
@@ -68,8 +89,12 @@ MAX_DIGITS = 1000
 MAX_EXPONENT = 1000
 
 _INTEGER_TEXT = re.compile(r"[+-]?\d{1,19}")
-_NUMBER_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_NUMBER_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE]([+-]?\d+))?")
 _FLOAT_MAX = sys.float_info.max
+#: The largest and smallest positive single-precision floats (PostgreSQL's
+#: ``real`` refuses values beyond either end).
+_REAL_MAX = 3.4028234663852886e38
+_REAL_MIN = 1.1754943508222875e-38
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -159,9 +184,14 @@ def check_like_pattern(value: str, path: str) -> str:
 
 def _number(value: Any, path: str) -> decimal.Decimal | float | int:
     """An int, a float or a Decimal from a number or numeric text; InvalidFilterError if not."""
-    if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()):
+    if isinstance(value, str) and (match := _NUMBER_TEXT.fullmatch(value.strip())):
         if len(value) > MAX_DIGITS + 20:
             raise InvalidFilterError(path, f"expected a number of at most {MAX_DIGITS} digits")
+        exponent = match.group(4)
+        # Decimal() refuses an exponent beyond 10**18 with InvalidOperation,
+        # and takes a smaller huge one: bound it here, before either happens.
+        if exponent is not None and len(exponent.lstrip("+-").lstrip("0")) > 9:
+            raise InvalidFilterError(path, _MAGNITUDE)
         value = decimal.Decimal(value.strip())
     if isinstance(value, bool) or not isinstance(value, (int, float, decimal.Decimal)):
         raise InvalidFilterError(path, f"expected a number, got {kind(value)}")
@@ -174,23 +204,70 @@ def _number(value: Any, path: str) -> decimal.Decimal | float | int:
     return value
 
 
+_MAGNITUDE = (
+    f"expected a number between 1e-{MAX_EXPONENT} and 1e+{MAX_EXPONENT} in magnitude, "
+    f"written with an exponent between -{MAX_EXPONENT} and {MAX_EXPONENT}"
+)
+
+
 def _decimal(value: decimal.Decimal | float | int, path: str) -> decimal.Decimal:
     if isinstance(value, int) and value.bit_length() > MAX_DIGITS * 4:
         # not even converted to text: int -> str is quadratic, and limited
         raise InvalidFilterError(path, f"expected a number of at most {MAX_DIGITS} digits")
     number = decimal.Decimal(value) if isinstance(value, int) else decimal.Decimal(str(value))
-    digits = number.as_tuple().digits
+    _, digits, exponent = number.as_tuple()
     if len(digits) > MAX_DIGITS:
         raise InvalidFilterError(path, f"expected a number of at most {MAX_DIGITS} digits")
-    if number and not -MAX_EXPONENT <= number.adjusted() <= MAX_EXPONENT:
+    # Zero too: 0e-20000000 is written out digit by digit by PyMySQL (20 MB)
+    # and overflows PostgreSQL's numeric.
+    assert isinstance(exponent, int)  # a finite number: _number() checked
+    if not -MAX_EXPONENT <= number.adjusted() <= MAX_EXPONENT or not (
+        -MAX_EXPONENT - MAX_DIGITS <= exponent <= MAX_EXPONENT
+    ):
+        raise InvalidFilterError(path, _MAGNITUDE)
+    return number
+
+
+def _fit_numeric(number: decimal.Decimal, type_: Any, path: str) -> decimal.Decimal:
+    """``number``, if it fits a ``Numeric(precision, scale)`` column unrounded."""
+    precision = getattr(type_, "precision", None)
+    if precision is None:
+        return number  # NUMERIC without a precision: the global limits only
+    scale = getattr(type_, "scale", None) or 0
+    _, digits, exponent = number.as_tuple()
+    assert isinstance(exponent, int)
+    significant = len(digits)
+    while significant > 1 and digits[significant - 1] == 0 and exponent < 0:
+        significant -= 1  # trailing zeros after the point: 12.500 is 12.5
+        exponent += 1
+    if not any(digits):
+        return number
+    if -exponent > scale:
         raise InvalidFilterError(
             path,
-            f"expected a number between 1e-{MAX_EXPONENT} and 1e+{MAX_EXPONENT} in magnitude, or 0",
+            f"expected a number with at most {scale} digits after the decimal point, "
+            f"as the column's Numeric({precision}, {scale}) holds",
+        )
+    if number.adjusted() + 1 > precision - scale:
+        raise InvalidFilterError(
+            path,
+            f"expected a number with at most {precision - scale} digits before the "
+            f"decimal point, as the column's Numeric({precision}, {scale}) holds",
         )
     return number
 
 
-def _float(value: decimal.Decimal | float | int, path: str) -> float:
+def _single(type_: Any) -> bool:
+    """True if the column's float is single precision (PostgreSQL's ``real``)."""
+    if isinstance(type_, sa.REAL):
+        return True
+    precision = getattr(type_, "precision", None)
+    return isinstance(precision, int) and precision <= 24
+
+
+def _float(value: decimal.Decimal | float | int, path: str, single: bool = False) -> float:
+    if isinstance(value, decimal.Decimal):
+        _decimal(value, path)  # its exponent too: float('0e-99999999999') is fine, str() is not
     try:
         number = float(value)
     except OverflowError:  # an int beyond a double
@@ -199,7 +276,50 @@ def _float(value: decimal.Decimal | float | int, path: str) -> float:
         raise InvalidFilterError(
             path, f"expected a number between -{_FLOAT_MAX:.1e} and {_FLOAT_MAX:.1e}"
         )
+    if single and not (number == 0 or _REAL_MIN <= abs(number) <= _REAL_MAX):
+        raise InvalidFilterError(
+            path,
+            f"expected 0 or a number between {_REAL_MIN:.2e} and {_REAL_MAX:.2e} in "
+            "magnitude, as the column's single-precision float holds",
+        )
     return number
+
+
+def _moment(type_: Any, value: datetime.datetime, path: str) -> datetime.datetime:
+    """A datetime as the column compares it: in UTC, aware only on an aware column."""
+    aware = bool(getattr(type_, "timezone", False))
+    naive = value.tzinfo is None or value.utcoffset() is None
+    if naive and not aware:
+        return value  # the common case: nothing to convert
+    try:
+        if naive:
+            utc = value.replace(tzinfo=datetime.timezone.utc)
+        else:
+            utc = value.astimezone(datetime.timezone.utc)
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
+        raise InvalidFilterError(
+            path, "expected a datetime between years 1 and 9999 once converted to UTC"
+        ) from None
+    return utc if aware else utc.replace(tzinfo=None)
+
+
+def _length(type_: Any) -> int | None:
+    length = getattr(type_, "length", None)
+    return length if isinstance(length, int) and isinstance(type_, sa.String) else None
+
+
+def check_length(attribute: Any, value: str, path: str) -> str:
+    """``value``, if the column's type has no length or the value fits it."""
+    return _fit_length(column_type(attribute), value, path)
+
+
+def _fit_length(type_: Any, value: str, path: str) -> str:
+    length = _length(type_)
+    if length is not None and len(value) > length:
+        raise InvalidFilterError(
+            path, f"expected at most {length} characters, as the column's String({length}) holds"
+        )
+    return value
 
 
 def coerce(attribute: Any, value: Any, path: str) -> Any:
@@ -228,25 +348,33 @@ def coerce(attribute: Any, value: Any, path: str) -> Any:
                 path, f"expected an integer that fits the column's {bits} bits"
             )
         raise InvalidFilterError(path, f"expected an integer, got {kind(value)}")
-    if wanted is float:
-        return _float(_number(value, path), path)
-    if wanted is decimal.Decimal:
+    if wanted in (float, decimal.Decimal) or isinstance(type_, sa.Numeric):
         number = _number(value, path)
-        return _decimal(number, path)
+        if isinstance(type_, sa.Float) or not isinstance(type_, sa.Numeric):
+            checked = _float(number, path, _single(type_))
+            return checked if wanted is float else _decimal(number, path)
+        exact = _fit_numeric(_decimal(number, path), type_, path)
+        return float(exact) if wanted is float else exact
     if wanted is str:
         if isinstance(value, str):
-            return check_text(value, path)
+            return _fit_length(type_, check_text(value, path), path)
         raise InvalidFilterError(path, f"expected a string, got {kind(value)}")
     for moment in (datetime.datetime, datetime.date, datetime.time):
         if wanted is moment:
-            if type(value) is moment:
-                return value
-            if isinstance(value, str):
-                try:
-                    return moment.fromisoformat(value)
-                except ValueError:
-                    pass
-            raise InvalidFilterError(path, f"expected an ISO 8601 {moment.__name__}")
+            found: Any = value if type(value) is moment else None
+            if found is None and isinstance(value, str) and len(value) <= 64:
+                if moment is datetime.datetime and value[-1:] in ("Z", "z"):
+                    # toISOString()'s UTC suffix: Python reads it only from 3.11 on
+                    value = value[:-1] + "+00:00"
+                with contextlib.suppress(ValueError):
+                    found = moment.fromisoformat(value)
+            if found is None:
+                raise InvalidFilterError(path, f"expected an ISO 8601 {moment.__name__}")
+            if moment is datetime.datetime:
+                return _moment(type_, found, path)
+            if moment is datetime.time and found.tzinfo is not None:
+                raise InvalidFilterError(path, "expected a time without a time zone")
+            return found
     if wanted is uuid.UUID:
         if isinstance(value, uuid.UUID):
             return value

@@ -1,0 +1,274 @@
+"""Isolation per block: ``tx(isolation_level=...)``, sync and asyncio.
+
+zope.sqlalchemy code sets the level on the session's connection
+(``session.connection(execution_options={"isolation_level": ...})``). Inside
+a block whose transaction has begun, SQLAlchemy ignores that with a warning
+and the update it guarded could be lost; sparc.sa raises
+IsolationLevelError instead, and gives the level to the block that begins
+the transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import threading
+import warnings
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from sparc.sa.exceptions import IsolationLevelError
+from sparc.sa.orm import ThreadLocalSASessionTransaction, scoped_transaction
+
+from .conftest import checked_out, count_rows
+from .test_async import ASYNC_BACKENDS, async_database
+
+txnpkg = pytest.importorskip("transaction")
+
+
+def level_in_force(backend: str, session: Any) -> str:
+    """The isolation level the session's transaction runs at, as the server says."""
+    if backend.startswith("postgresql"):
+        return str(session.execute(sa.text("SHOW transaction_isolation")).scalar_one()).upper()
+    if backend.startswith("mysql"):
+        value = session.execute(sa.text("SELECT @@session.tx_isolation")).scalar_one()
+        return str(value).replace("-", " ").upper()
+    uncommitted = session.execute(sa.text("PRAGMA read_uncommitted")).scalar_one()
+    return "READ UNCOMMITTED" if uncommitted else "SERIALIZABLE"
+
+
+OTHER_LEVEL = {
+    "sqlite": "READ UNCOMMITTED",
+    "sqlite-file": "READ UNCOMMITTED",
+    "postgresql": "SERIALIZABLE",
+    "mysql": "SERIALIZABLE",
+}
+
+
+def test_a_block_runs_at_its_level_and_the_next_at_the_engines(
+    backend: str, engine: Engine, transaction: ThreadLocalSASessionTransaction
+) -> None:
+    tx = transaction
+    with tx() as session:
+        default = level_in_force(backend, session())
+    level = OTHER_LEVEL[backend]
+    assert default != level
+    with tx(isolation_level=level.lower().replace(" ", "_")) as session:
+        assert level_in_force(backend, session()) == level
+    with tx() as session:
+        assert level_in_force(backend, session()) == default
+    assert checked_out(engine) == 0
+
+
+def test_options_after_the_transaction_began_raise_instead_of_being_ignored(
+    backend: str, engine: Engine, models: Any, transaction: ThreadLocalSASessionTransaction
+) -> None:
+    tx = transaction
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no SAWarning either
+        with pytest.raises(IsolationLevelError, match="tx\\(isolation_level="), tx():
+            tx.session.add(models.Item(name="guarded"))
+            tx.session.flush()
+            tx.session.connection(execution_options={"isolation_level": OTHER_LEVEL[backend]})
+            tx.session.add(models.Item(name="never"))
+    assert count_rows(engine, models.Item) == 0
+    # The level in force already is no error.
+    with tx(isolation_level=OTHER_LEVEL[backend]):
+        tx.session.add(models.Item(name="kept"))
+        tx.session.flush()
+        tx.session.connection(execution_options={"isolation_level": OTHER_LEVEL[backend]})
+    assert count_rows(engine, models.Item) == 1
+    assert checked_out(engine) == 0
+
+
+def test_a_nested_block_names_only_its_outer_blocks_level(
+    backend: str, engine: Engine, models: Any, transaction: ThreadLocalSASessionTransaction
+) -> None:
+    tx = transaction
+    level = OTHER_LEVEL[backend]
+    with tx(isolation_level=level):
+        with tx(isolation_level=level):
+            tx.session.add(models.Item(name="same level"))
+        with pytest.raises(IsolationLevelError, match="outer block"):  # noqa: SIM117
+            with tx(
+                isolation_level="READ COMMITTED" if backend in OTHER_SERVER else "SERIALIZABLE"
+            ):
+                pass
+    assert count_rows(engine, models.Item) == 1
+    assert checked_out(engine) == 0
+
+
+OTHER_SERVER = ("postgresql", "mysql")
+
+
+@pytest.mark.parametrize("level", [1, "", "   ", b"SERIALIZABLE"])
+def test_a_level_must_be_a_name(transaction: ThreadLocalSASessionTransaction, level: Any) -> None:
+    with pytest.raises(TypeError, match="'isolation_level' must be a level's name"):
+        transaction(isolation_level=level)
+
+
+def test_autocommit_is_refused_for_a_block(transaction: ThreadLocalSASessionTransaction) -> None:
+    with pytest.raises(ValueError, match="all or nothing"):
+        transaction(isolation_level="autocommit")
+    with pytest.raises(TypeError, match="read-only block chooses its own isolation"):
+        transaction(readonly=True, isolation_level="SERIALIZABLE")
+
+
+def test_a_level_the_database_lacks_names_the_valid_ones(
+    backend: str, transaction: ThreadLocalSASessionTransaction, engine: Engine
+) -> None:
+    with (
+        pytest.raises(sa.exc.ArgumentError, match="Valid isolation levels"),
+        transaction(isolation_level="SNAPSHOT"),
+    ):
+        pass
+    assert checked_out(engine) == 0
+
+
+# -- joined -----------------------------------------------------------------------------
+
+
+def test_joined_the_first_block_sets_the_level_and_others_must_agree(
+    backend: str, engine: Engine, models: Any, joined: Any
+) -> None:
+    level = OTHER_LEVEL[backend]
+    txnpkg.begin()
+    with joined(isolation_level=level) as session:
+        assert level_in_force(backend, session()) == level
+        joined.session.add(models.Item(name="first"))
+    with joined(isolation_level=level):
+        joined.session.add(models.Item(name="second"))
+    with pytest.raises(IsolationLevelError, match="give the level to the first block"):  # noqa: SIM117
+        with joined(
+            isolation_level="REPEATABLE READ" if level != "REPEATABLE READ" else "SERIALIZABLE"
+        ):
+            pass
+    txnpkg.commit()
+    assert count_rows(engine, models.Item) == 2
+    assert checked_out(engine) == 0
+
+
+def test_joined_options_after_the_transaction_began_raise(
+    backend: str, engine: Engine, models: Any, joined: Any
+) -> None:
+    """The zope.sqlalchemy habit, inside a joined block: the request's SQL
+    transaction holds its connection already, so the level cannot apply."""
+    txnpkg.begin()
+    with pytest.raises(IsolationLevelError), joined():
+        joined.session.add(models.Item(name="guarded"))
+        joined.session.connection(execution_options={"isolation_level": OTHER_LEVEL[backend]})
+    txnpkg.commit()
+    assert count_rows(engine, models.Item) == 0
+    assert checked_out(engine) == 0
+
+
+# -- no lost update ------------------------------------------------------------------
+
+
+@pytest.fixture
+def counter(engine: Engine, models: Any) -> Iterator[Any]:
+    with engine.begin() as conn:
+        conn.execute(sa.insert(models.Counter.__table__).values(id=1, value=0))
+    yield models.Counter
+
+
+def _increment_concurrently(
+    tx: ThreadLocalSASessionTransaction, model: Any, level: str | None
+) -> list[BaseException]:
+    """Two threads read the counter, wait for each other, then write
+    value + 1, through run() (which retries serialization failures)."""
+    barrier = threading.Barrier(2, timeout=20)
+    errors: list[BaseException] = []
+
+    def increment(session: Any) -> None:
+        row = session.get(model, 1)
+        value = row.value
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()  # broken: the retry of a conflicting attempt runs alone
+        row.value = value + 1
+        session.flush()
+
+    def worker() -> None:
+        try:
+            tx.run(increment, attempts=5, isolation_level=level)
+        except BaseException as error:
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return errors
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"], indirect=True)
+def test_serializable_blocks_lose_no_update(
+    backend: str, engine: Engine, models: Any, counter: Any
+) -> None:
+    tx = scoped_transaction(engine, models.Base)
+    assert _increment_concurrently(tx, counter, "SERIALIZABLE") == []
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(counter.value)).scalar_one() == 2
+    assert checked_out(engine) == 0
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_without_a_level_the_same_increments_lose_one(
+    backend: str, engine: Engine, models: Any, counter: Any
+) -> None:
+    """The control: at PostgreSQL's default READ COMMITTED the second write
+    overwrites the first, which the serializable test above rules out."""
+    tx = scoped_transaction(engine, models.Base)
+    assert _increment_concurrently(tx, counter, None) == []
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(counter.value)).scalar_one() == 1
+
+
+# -- asyncio ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=ASYNC_BACKENDS)
+def adb(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[SimpleNamespace]:
+    yield from async_database(request.param, tmp_path)
+
+
+def test_async_blocks_take_a_level_too(adb: SimpleNamespace) -> None:
+    backend = {"aiosqlite-file": "sqlite", "aiosqlite": "sqlite"}.get(adb.backend, adb.backend)
+    name = "postgresql" if backend in ("asyncpg", "psycopg_async") else backend
+    name = "mysql" if name == "asyncmy" else name
+    level = OTHER_LEVEL.get(name, "READ UNCOMMITTED")
+    tx = adb.tx
+
+    async def main() -> list[str]:
+        seen = []
+        async with tx() as session:
+            seen.append(await session.run_sync(lambda s: level_in_force(name, s)))
+        async with tx(isolation_level=level) as session:
+            seen.append(await session.run_sync(lambda s: level_in_force(name, s)))
+            async with tx(isolation_level=level):
+                pass
+            with pytest.raises(IsolationLevelError, match="outer block"):
+                async with tx(
+                    isolation_level="READ COMMITTED" if name != "sqlite" else "SERIALIZABLE"
+                ):
+                    pass
+            with pytest.raises(IsolationLevelError):
+                await session.connection(
+                    execution_options={
+                        "isolation_level": "READ COMMITTED" if name != "sqlite" else "SERIALIZABLE"
+                    }
+                )
+        async with tx() as session:
+            seen.append(await session.run_sync(lambda s: level_in_force(name, s)))
+        return seen
+
+    default, during, after = adb.run(main)
+    assert during == level
+    assert default == after != level
