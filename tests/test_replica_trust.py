@@ -35,7 +35,13 @@ from sparc.sa.exceptions import StaleSnapshotError
 from sparc.sa.orm import ThreadLocalSASessionTransaction
 from sparc.sa.replicas import ReplicaSet, commit_token, replica_set, replicas
 from tests.conftest import build_models
-from tests.test_replicas import PASSWORD, control, pair_dsns, wait_caught_up
+from tests.test_replicas import (
+    PASSWORD,
+    control,
+    ensure_fault_standby,
+    pair_dsns,
+    wait_caught_up,
+)
 
 ROOT = Path(__file__).parent.parent
 PORT = sa.text("SELECT inet_server_port()")
@@ -361,8 +367,7 @@ def set_paused(replica_dsn: str, paused: bool) -> None:
 @pytest.fixture
 def faults() -> Iterator[SimpleNamespace]:
     primary_dsn, replica_dsn = fault_dsns()
-    if control(replica_dsn, "SELECT pg_is_in_recovery()") != [True]:
-        remake_fault_replica(replica_dsn)
+    ensure_fault_standby(replica_dsn)  # stopped or promoted by an interrupted test: again
     set_paused(replica_dsn, False)
     engine = engine_from_config({"dsn": primary_dsn, "replicas": [replica_dsn], "replica_wait": 3})
     assert isinstance(engine, Engine)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import queue
 import random
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -166,6 +169,35 @@ def pair() -> Iterator[SimpleNamespace]:
         each.dispose()
 
 
+def ensure_fault_standby(replica_dsn: str) -> None:
+    """Make sure the throwaway replica answers as a standby of the primary:
+    a fault test that was itself interrupted may have left it stopped, and
+    promotion is one-way. .ci/replica.sh starts a stopped replica and makes
+    a promoted or broken one again."""
+    try:
+        if control(replica_dsn, "SELECT pg_is_in_recovery()") == [True]:
+            return
+    except sa.exc.OperationalError:
+        pass  # stopped: .ci/replica.sh starts it
+    if os.geteuid() != 0 or shutil.which("pg_ctlcluster") is None:
+        pytest.fail(
+            "the throwaway replica is down or promoted, and making it again needs root "
+            "and Debian's pg_ctlcluster"
+        )
+    env = {
+        **os.environ,
+        "PG_REPLICA_CLUSTER": os.environ.get("TEST_PG_FAULT_REPLICA_CLUSTER", "replica_faults"),
+        "PG_REPLICA_PORT": str(make_url(replica_dsn).port),
+    }
+    subprocess.run(
+        [str(pathlib.Path(__file__).parent.parent / ".ci" / "replica.sh")],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
 @pytest.fixture
 def fault_pair() -> Iterator[SimpleNamespace]:
     """As `pair`, on the throwaway replica that fault tests may stop."""
@@ -176,6 +208,7 @@ def fault_pair() -> Iterator[SimpleNamespace]:
             "TEST_PG_DSN and TEST_PG_FAULT_REPLICA_DSN are not both set, so there is no "
             "throwaway replica to stop (.ci/run makes one)"
         )
+    ensure_fault_standby(replica_dsn)
     engine = engine_from_config({"dsn": primary_dsn, "replicas": [replica_dsn]})
     assert isinstance(engine, Engine)
     models = build_models()
