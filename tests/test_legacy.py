@@ -252,8 +252,15 @@ import importlib, sys, threading
 
 # SQLAlchemy itself cannot be imported for the first time by several threads
 # at once (CPython hands one of them a half-initialised sqlalchemy.engine), so
-# it is loaded before the race: the race under test is sparc.sa's own.
+# it is loaded before the race: the race under test is sparc.sa's own. The
+# same holds for the `transaction` package, whose __init__ and interfaces
+# import each other: two threads importing it first can meet CPython's
+# _DeadlockError (seen under load), whoever imports them.
 import sqlalchemy.ext.asyncio, sqlalchemy.orm, zope.component, zope.configuration.xmlconfig
+try:
+    import transaction, transaction.interfaces
+except ImportError:
+    pass
 
 sys.setswitchinterval(1e-4)
 NAMES = {names!r}
