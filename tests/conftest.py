@@ -228,3 +228,35 @@ def count_rows(engine: Engine, model: Any) -> int:
 def names(engine: Engine, model: Any) -> list[str]:
     with engine.connect() as conn:
         return sorted(conn.execute(sa.select(model.__table__.c.name)).scalars())
+
+
+# -- pytest-xdist: what must not run on two workers at once -------------------------------
+
+#: Modules whose tests change state outside the process that other tests of
+#: the same group read or change too: one worker runs each group, in file
+#: order (``--dist loadgroup``, DEVELOPERS.md "Running the tests in parallel").
+GROUPED_MODULES = {
+    # the shared PostgreSQL replica on 5433 (its replay delayed by ALTER SYSTEM)
+    # and the throwaway fault replica (replay paused, stopped, promoted, re-made)
+    "test_replicas.py": "pg-replicas",
+    "test_replica_trust.py": "pg-replicas",
+    # the MariaDB GTID pair on 3316/3317 (replication or a server stopped)
+    "test_mariadb_replicas.py": "mariadb-replicas",
+    # the process's own state: os.fork(), gevent's monkey patching (in a child)
+    "test_fork.py": "process-fork",
+    "test_gevent.py": "process-gevent",
+}
+#: Single tests in otherwise parallel modules, by test function name.
+GROUPED_TESTS = {
+    "test_async_readonly_on_replica_reads_own_writes": "pg-replicas",
+    "test_signal_interrupts_during_many_blocks_never_wedge": "process-signals",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks into the node ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        function = getattr(item, "originalname", None)
+        group = GROUPED_TESTS.get(function or "") or GROUPED_MODULES.get(item.path.name)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
