@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import random
 import signal
 import sys
@@ -448,6 +449,11 @@ def test_signal_interrupts_during_many_blocks_never_wedge(
         raise Interrupt("SIGALRM")
 
     previous = signal.signal(signal.SIGALRM, alarm)
+    # logging's handlers are not safe against an exception at any line: one
+    # landing between a handler's lock.acquire() and its try leaves the lock
+    # held by this thread for good, and every later thread of the process that
+    # logs (pytest's session-wide handlers outlive this test) then hangs.
+    logging.disable(logging.CRITICAL)
     try:
         for n in range(rounds):
             try:
@@ -466,6 +472,7 @@ def test_signal_interrupts_during_many_blocks_never_wedge(
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        logging.disable(logging.NOTSET)
     gc.collect()  # finalisers of blocks whose exits were interrupted
     assert open_blocks(transaction) == 0
     rows = names(engine, models.Item)
