@@ -253,10 +253,35 @@ GROUPED_TESTS = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks into the node ids
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        function = getattr(item, "originalname", None)
-        group = GROUPED_TESTS.get(function or "") or GROUPED_MODULES.get(item.path.name)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+def group_of(nodeid: str) -> str | None:
+    """The xdist group of the test *nodeid* (``tests/x.py::test_y[z]``), if any."""
+    if "@" in nodeid:  # a group pytest-xdist took from an xdist_group mark
+        return nodeid.rsplit("@", 1)[1]
+    path, _, name = nodeid.partition("::")
+    function = name.rsplit("::", 1)[-1].split("[", 1)[0]
+    return GROUPED_TESTS.get(function) or GROUPED_MODULES.get(path.rsplit("/", 1)[-1])
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """The group as a mark too, for ``-m xdist_group`` and for readers."""
+    group = group_of(item.nodeid)
+    if group is not None:
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``, with the groups above read from the node ids.
+
+    pytest-xdist 3.8 passes a mark's group to the controller by rewriting
+    ``item._nodeid``, which pytest 9.2 no longer reads (its node ids come
+    from ``item._id``): the marks alone would group nothing."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid) or nodeid
+
+    return GroupScheduling(config, log)
