@@ -228,3 +228,60 @@ def count_rows(engine: Engine, model: Any) -> int:
 def names(engine: Engine, model: Any) -> list[str]:
     with engine.connect() as conn:
         return sorted(conn.execute(sa.select(model.__table__.c.name)).scalars())
+
+
+# -- pytest-xdist: what must not run on two workers at once -------------------------------
+
+#: Modules whose tests change state outside the process that other tests of
+#: the same group read or change too: one worker runs each group, in file
+#: order (``--dist loadgroup``, DEVELOPERS.md "Running the tests in parallel").
+GROUPED_MODULES = {
+    # the shared PostgreSQL replica on 5433 (its replay delayed by ALTER SYSTEM)
+    # and the throwaway fault replica (replay paused, stopped, promoted, re-made)
+    "test_replicas.py": "pg-replicas",
+    "test_replica_trust.py": "pg-replicas",
+    # the MariaDB GTID pair on 3316/3317 (replication or a server stopped)
+    "test_mariadb_replicas.py": "mariadb-replicas",
+    # the process's own state: os.fork(), gevent's monkey patching (in a child)
+    "test_fork.py": "process-fork",
+    "test_gevent.py": "process-gevent",
+}
+#: Single tests in otherwise parallel modules, by test function name.
+GROUPED_TESTS = {
+    "test_async_readonly_on_replica_reads_own_writes": "pg-replicas",
+    "test_signal_interrupts_during_many_blocks_never_wedge": "process-signals",
+}
+
+
+def group_of(nodeid: str) -> str | None:
+    """The xdist group of the test *nodeid* (``tests/x.py::test_y[z]``), if any."""
+    if "@" in nodeid:  # a group pytest-xdist took from an xdist_group mark
+        return nodeid.rsplit("@", 1)[1]
+    path, _, name = nodeid.partition("::")
+    function = name.rsplit("::", 1)[-1].split("[", 1)[0]
+    return GROUPED_TESTS.get(function) or GROUPED_MODULES.get(path.rsplit("/", 1)[-1])
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """The group as a mark too, for ``-m xdist_group`` and for readers."""
+    group = group_of(item.nodeid)
+    if group is not None:
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``, with the groups above read from the node ids.
+
+    pytest-xdist 3.8 passes a mark's group to the controller by rewriting
+    ``item._nodeid``, which pytest 9.2 no longer reads (its node ids come
+    from ``item._id``): the marks alone would group nothing."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid) or nodeid
+
+    return GroupScheduling(config, log)

@@ -184,12 +184,17 @@ def _increment_concurrently(
     value + 1, through run() (which retries serialization failures)."""
     barrier = threading.Barrier(2, timeout=20)
     errors: list[BaseException] = []
+    waited: set[int] = set()
 
     def increment(session: Any) -> None:
         row = session.get(model, 1)
         value = row.value
-        with contextlib.suppress(threading.BrokenBarrierError):
-            barrier.wait()  # broken: the retry of a conflicting attempt runs alone
+        # Only a first attempt waits: the retry of a conflicting attempt runs
+        # alone, and would otherwise wait out the barrier's timeout.
+        if threading.get_ident() not in waited:
+            waited.add(threading.get_ident())
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()  # broken: the other thread failed
         row.value = value + 1
         session.flush()
 

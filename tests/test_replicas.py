@@ -125,6 +125,8 @@ def control(replica_dsn: str, *statements: str) -> list[Any]:
 
 def set_delay(replica_dsn: str, delay: str | None) -> None:
     """Delay the replica's replay of commits (None: no delay)."""
+    if delay is None and control(replica_dsn, "SHOW recovery_min_apply_delay") == ["0"]:
+        return  # no delay already: nothing to reload, nothing to wait for
     control(
         replica_dsn,
         f"ALTER SYSTEM SET recovery_min_apply_delay = '{delay}'"
