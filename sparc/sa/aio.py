@@ -44,7 +44,7 @@ Generators
     An async generator that yields inside its block keeps the block open
     while suspended; a block that the same task opens meanwhile raises
     :class:`~sparc.sa.exceptions.SuspendedBlockError` at entry (see
-    :mod:`sparc.sa.suspended`).
+    :mod:`sparc.sa.tx.suspended`).
 
 Event loops
     An ``AsyncEngine``'s connections belong to the event loop that opened
@@ -73,8 +73,8 @@ from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from zope.component import adapter
 from zope.interface import implementer
 
-from sparc.sa import resets, sessions, sqlitebegin
-from sparc.sa.cache import check_base, shared
+from sparc.sa.connections import resets
+from sparc.sa.connections.keep import keep_shared_connection
 from sparc.sa.exceptions import (
     BlockOrderError,
     CrossScopeSessionError,
@@ -89,12 +89,13 @@ from sparc.sa.interfaces import (
     ISAAsyncScopedTransaction,
     ISADeclarativeMeta,
 )
-from sparc.sa.keep import keep_shared_connection
 from sparc.sa.replicas import READONLY, commit_token, is_disconnect, prepare
-from sparc.sa.retry import check_attempts, delay_before_next
-from sparc.sa.sessions import check_isolation
-from sparc.sa.shielded import cancel_pending, end_session, finish, quietly, run_detached
-from sparc.sa.suspended import GENERATOR, check_owner, owner_of_block
+from sparc.sa.tx import sessions, sqlitebegin
+from sparc.sa.tx.cache import check_base, shared
+from sparc.sa.tx.retry import check_attempts, delay_before_next
+from sparc.sa.tx.sessions import check_isolation
+from sparc.sa.tx.shielded import cancel_pending, end_session, finish, quietly, run_detached
+from sparc.sa.tx.suspended import GENERATOR, check_owner, owner_of_block
 
 __all__ = ["AsyncScopedTransaction", "async_scoped_transaction"]
 
@@ -230,7 +231,7 @@ class _Scope:
         self.broken = False  # blocks ended out of order
         self.gate: asyncio.Lock | None = None
         # The async generator whose frame opened the outermost block, if
-        # iteration drives it (see sparc.sa.suspended).
+        # iteration drives it (see sparc.sa.tx.suspended).
         self.owner: FrameType | None = None
 
 
@@ -264,7 +265,7 @@ class _AsyncBlock:
         self._manager = manager
         self._isolation = isolation  # normalised by sessions.check_isolation
         self._savepoint = savepoint
-        self._readonly = readonly  # see sparc.sa.areadonly
+        self._readonly = readonly  # see sparc.sa.replicas.areadonly
         self._factory = factory  # the read-only block's sessions, if not the manager's
         self._scope: _Scope | None = None
         self._nested: Any = None
@@ -555,7 +556,7 @@ class AsyncScopedTransaction:
         isolation_level: str | None = None,
     ) -> Any:
         """An ``async with`` block; ``readonly=True`` (and *after*, a commit
-        token) as for the threaded manager (:mod:`sparc.sa.areadonly`);
+        token) as for the threaded manager (:mod:`sparc.sa.replicas.areadonly`);
         *isolation_level* as for the threaded manager's blocks."""
         if type(savepoint) is not bool:
             raise TypeError(f"savepoint must be True or False, got {savepoint!r}")
@@ -569,7 +570,7 @@ class AsyncScopedTransaction:
                 )
             return _AsyncBlock(self, savepoint, isolation=isolation)
         if readonly or after is not None:
-            from sparc.sa.areadonly import async_readonly_block
+            from sparc.sa.replicas.areadonly import async_readonly_block
 
             return async_readonly_block(self, readonly, after)
         return _AsyncBlock(self, savepoint)
@@ -661,7 +662,7 @@ _CACHE_ATTR = "_sparc_sa_async_managers"
 
 def async_scoped_transaction(engine: AsyncEngine, base: type[Any]) -> AsyncScopedTransaction:
     """The adapter factory: the one shared manager for ``engine`` and ``base``
-    (see :mod:`sparc.sa.cache`)."""
+    (see :mod:`sparc.sa.tx.cache`)."""
     return shared(
         engine.sync_engine.__dict__,
         _CACHE_ATTR,

@@ -35,7 +35,6 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from sparc.sa.block import Block
 from sparc.sa.replicas import (
     ON_REPLICA,
     PRIMARY_ONLY,
@@ -53,15 +52,16 @@ from sparc.sa.replicas import (
     replica_set,
     unguard,
 )
-from sparc.sa.retry import check_attempts, delay_before_next
-from sparc.sa.sessions import begin_on_sqlite
+from sparc.sa.tx.block import Block
+from sparc.sa.tx.retry import check_attempts, delay_before_next
+from sparc.sa.tx.sessions import begin_on_sqlite
 
 if TYPE_CHECKING:
-    from sparc.sa.scope import Scope
+    from sparc.sa.tx.scope import Scope
 
 __all__ = ["ReadOnlyBlock", "run_readonly"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.readonly")  # its name before the move
 _T = TypeVar("_T")
 
 

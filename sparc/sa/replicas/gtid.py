@@ -78,7 +78,7 @@ __all__ = [
     "wait",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.gtid")  # its name before the move
 
 #: Dialect names of MariaDB (and MySQL) engines.
 DIALECTS: Final = frozenset({"mysql", "mariadb"})

@@ -23,7 +23,7 @@ from sqlalchemy.pool import Pool, SingletonThreadPool, StaticPool
 from sparc.sa.exceptions import InterleavedTransactionError
 
 if TYPE_CHECKING:
-    from sparc.sa.scope import Scope
+    from sparc.sa.tx.scope import Scope
 
 __all__ = [
     "DEFAULT_GATE_TIMEOUT",
@@ -37,7 +37,7 @@ __all__ = [
     "quiet_close",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.gate")  # its name before the move
 
 
 class Waiter(Protocol):

@@ -49,7 +49,7 @@ Balance
 MariaDB
     The same, with GTID positions: ``@@last_gtid`` after a commit, and
     ``MASTER_GTID_WAIT`` on the replica before the block's first read. The
-    dialect's half lives in :mod:`sparc.sa.gtid`; this module calls into it
+    dialect's half lives in :mod:`sparc.sa.replicas.gtid`; this module calls into it
     where it reads a position, waits for replay, tells a replica from
     another server, or puts a connection in read-only mode.
 """
@@ -74,9 +74,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sparc.sa import gtid
 from sparc.sa.exceptions import ReadOnlyTransactionError, StaleSnapshotError
-from sparc.sa.gtid import Gtid
+from sparc.sa.replicas import gtid
+from sparc.sa.replicas.gtid import Gtid
 
 __all__ = [
     "REPLICA_KEYS",
@@ -173,7 +173,7 @@ def read_token(token: str | None) -> tuple[Any, str]:
     """``(WAL position, check)`` of a commit token; ``(0, "")`` for None or ''.
     A ValueError names the expected form when it is not one. A MariaDB
     token (``my:...``) gives ``(Gtid, "my")``: its check, which depends on
-    its position alone, is verified here (:func:`sparc.sa.gtid.parse_token`)."""
+    its position alone, is verified here (:func:`sparc.sa.replicas.gtid.parse_token`)."""
     if not token:
         return 0, ""
     if not isinstance(token, str):
@@ -193,7 +193,7 @@ def read_token(token: str | None) -> tuple[Any, str]:
 def parse_token(token: str | None) -> Any:
     """The WAL position in a commit token (0 for None or ''); its check is
     not verified here (see :meth:`ReplicaSet.token_need`). A MariaDB token's
-    :class:`~sparc.sa.gtid.Gtid`, its check verified."""
+    :class:`~sparc.sa.replicas.gtid.Gtid`, its check verified."""
     return read_token(token)[0]
 
 
@@ -286,7 +286,7 @@ def attach(primary: Engine, options: dict[str, Any], build: Callable[[Any], Any]
     """Build the replica engines with *build* and attach them to *primary*."""
     from sparc.sa.options import hide_dsn
 
-    mariadb = primary.dialect.name in gtid.DIALECTS  # GTID positions (sparc.sa.gtid)
+    mariadb = primary.dialect.name in gtid.DIALECTS  # GTID positions (sparc.sa.replicas.gtid)
     if primary.dialect.name != "postgresql" and not mariadb:
         raise ValueError(
             f"'replicas' are supported for PostgreSQL and MariaDB only (read-your-writes "
@@ -407,14 +407,14 @@ class ReplicaSet:
                 f"'replica_wait' must be a number of seconds (0 or more, and finite), got {wait!r}"
             )
         self.wait = wait
-        #: MariaDB: positions are GTIDs (sparc.sa.gtid).
+        #: MariaDB: positions are GTIDs (sparc.sa.replicas.gtid).
         self.mariadb = self.primary.dialect.name in gtid.DIALECTS
         #: This set's key in a scope's positions: never given to another set.
         self.key = next(_serials)
         #: The primary's (system identifier, timeline), read with a commit's
         #: position or on demand; forgotten when the primary engine connects
         #: anew (it may be another server after a failover). On MariaDB,
-        #: (``@@server_id``, ``@@log_bin``): see :mod:`sparc.sa.gtid`.
+        #: (``@@server_id``, ``@@log_bin``): see :mod:`sparc.sa.replicas.gtid`.
         self.identity: tuple[str, int | None] | None = None
         # Guards the replicas' states; held only to read or change them.
         self._lock = threading.Lock()
@@ -500,7 +500,7 @@ class ReplicaSet:
         scope needs more than the replica was seen to replay, when it was not
         up, and at most once per CHECK_INTERVAL anyway, which is how a
         promoted replica is found out although nobody wrote. On MariaDB,
-        always: the block connects as it opens, and :func:`sparc.sa.gtid.measure`
+        always: the block connects as it opens, and :func:`sparc.sa.replicas.gtid.measure`
         asks the server only when it must."""
         if self.mariadb:
             return True
@@ -865,7 +865,7 @@ def after_begin(session: Session, transaction: Any, connection: Any) -> None:
         and connection.dialect.name in gtid.DIALECTS
     ):
         # MariaDB, on the primary and on replicas: the READ ONLY session
-        # mode, which refuses DDL too (sparc.sa.gtid)
+        # mode, which refuses DDL too (sparc.sa.replicas.gtid)
         session.info[_READ_ONLY_MODE] = (gtid.begin_read_only(connection), "mariadb")
         return
     if session.info.get(READONLY) is not True or transaction.nested:

@@ -30,23 +30,23 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 from zope.interface import implementer
 
-from sparc.sa import begun, sessions
 from sparc.sa.exceptions import (
     AbortedTransactionError,
     BlockOrderError,
     JoinedTransactionError,
     RetryableDatabaseError,
 )
-from sparc.sa.gate import Gate, ThreadGate
-from sparc.sa.retry import is_retryable, retryable_in_request
-from sparc.sa.scope import Scope
+from sparc.sa.tx import begun, sessions
+from sparc.sa.tx.gate import Gate, ThreadGate
+from sparc.sa.tx.retry import is_retryable, retryable_in_request
+from sparc.sa.tx.scope import Scope
 
 if TYPE_CHECKING:
-    from sparc.sa.joined import Joiner
+    from sparc.sa.tx.joined import Joiner
 
 __all__ = ["WHOLE_TRANSACTION", "SessionDataManager"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.datamanager")  # its name before the move
 
 #: The "savepoint" of a joined block that is alone in its SQL transaction:
 #: rolling back the whole SQL transaction undoes exactly that block.

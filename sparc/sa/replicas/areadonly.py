@@ -1,6 +1,6 @@
 """The asyncio read-only block: ``async with atx(readonly=True):``.
 
-The asyncio twin of :mod:`sparc.sa.readonly`, with the same rules: on a
+The asyncio twin of :mod:`sparc.sa.replicas.readonly`, with the same rules: on a
 replica that has replayed the task's own commits (and the *after* token),
 else on the primary in a READ ONLY transaction; inside an open block of the
 task, in that block's transaction, refusing writes. Waiting for a replica to
@@ -130,7 +130,7 @@ class AsyncReadOnlyBlock:
             return None
         try:
             floor = replica.replayed
-            if rs.mariadb:  # one MASTER_GTID_WAIT on the server (sparc.sa.gtid)
+            if rs.mariadb:  # one MASTER_GTID_WAIT on the server (sparc.sa.replicas.gtid)
                 await session.run_sync(lambda s: rs.check(replica, s, need))
                 floor = later(floor, need)
             elif rs.needs_check(replica, need):

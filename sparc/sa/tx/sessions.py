@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
-from sparc.sa import frameworks, resets
+from sparc.sa.connections import resets
 from sparc.sa.exceptions import IsolationLevelError, JoinedTransactionError
+from sparc.sa.tx import frameworks
 
 if TYPE_CHECKING:
-    from sparc.sa.scope import Scope
+    from sparc.sa.tx.scope import Scope
 
 __all__ = [
     "COMMITTING",
@@ -48,7 +49,7 @@ __all__ = [
     "wrote",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.sessions")  # its name before the move
 _DEBUG: Final = logging.DEBUG
 
 # Keys of Session.info. IN_BLOCK: a block of ours is open on the session.
@@ -57,7 +58,7 @@ _DEBUG: Final = logging.DEBUG
 # COMMITTING: our data manager is committing it (session.commit() allowed).
 IN_BLOCK: Final = "sparc.sa.in_block"
 WROTE: Final = "sparc.sa.wrote"
-JOINED: Final = "sparc.sa.joined"
+JOINED: Final = "sparc.sa.tx.joined"
 COMMITTING: Final = "sparc.sa.committing"
 # Writes are noted only on sessions used outside blocks, whose next block
 # must know whether to end their transaction or carry it on (the manager
@@ -78,10 +79,10 @@ class BlockSession(Session):
     the application names its own (``class_``, or ``sync_session_class``
     under asyncio).
 
-    * Its connections are marked for :mod:`sparc.sa.resets`: no pool reset
+    * Its connections are marked for :mod:`sparc.sa.connections.resets`: no pool reset
       ROLLBACK after its own COMMIT or ROLLBACK.
     * On PostgreSQL, the liveness check of the checkout that begins its
-      transaction is that transaction's BEGIN (:mod:`sparc.sa.liveness`).
+      transaction is that transaction's BEGIN (:mod:`sparc.sa.tx.liveness`).
     * Execution options given to :meth:`connection` once its transaction
       holds a connection raise :class:`~sparc.sa.exceptions.IsolationLevelError`
       instead of being ignored with a warning: an isolation level that does

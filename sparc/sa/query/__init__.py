@@ -58,7 +58,7 @@ from sparc.sa.interfaces import (
     ISAQuery,
     ISAResultRowModel,
 )
-from sparc.sa.values import (
+from sparc.sa.query.values import (
     MAX_FILTER_TEXT,
     MAX_FILTER_VALUES,
     Budget,
@@ -113,7 +113,7 @@ MAX_FILTER_DEPTH = 8
 #: A filter container holds at most this many expressions and groups in all.
 MAX_FILTER_EXPRESSIONS = 200
 #: An 'in' or 'not in' expression takes at most this many values (and all the
-#: expressions of a container at most MAX_FILTER_VALUES, see sparc.sa.values).
+#: expressions of a container at most MAX_FILTER_VALUES, see sparc.sa.query.values).
 MAX_IN_VALUES = 1000
 
 
