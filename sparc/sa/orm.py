@@ -70,8 +70,9 @@ from sparc.sa.interfaces import (
     ISASession,
 )
 from sparc.sa.legacy import package_path
-from sparc.sa.replicas import check_readonly_arguments, commit_token
+from sparc.sa.replicas.positions import check_readonly_arguments
 from sparc.sa.replicas.readonly import ReadOnlyBlock, run_readonly
+from sparc.sa.replicas.tokens import commit_token
 from sparc.sa.tx import begun, cache, joined, sessions
 from sparc.sa.tx.block import Block
 from sparc.sa.tx.cache import check_base

@@ -1,10 +1,9 @@
-"""Connections: what sparc.sa adds to SQLAlchemy's pool and dialect.
+"""Connections: what sparc.sa does to SQLAlchemy's pooled connections.
 
-Private to sparc.sa. The checkout ping (liveness), the pool reset after a
-block's own end (resets), the BEGIN an aiosqlite block sends (sqlitebegin),
-what a forked child must not touch (fork), and the one shared SQLite
-connection that survives interruptions (keep).
+Private to sparc.sa. No pool reset ROLLBACK after a block's own COMMIT or
+ROLLBACK (resets), what a forked child must not touch (fork), and the one
+shared SQLite connection that survives interruptions (keep).
 
-These modules import nothing of the transaction core (:mod:`sparc.sa.tx`):
-``tests/test_layout.py`` checks it.
+These modules know nothing of sessions or blocks: they import nothing of
+:mod:`sparc.sa.tx`, and ``tests/test_layout.py`` checks it.
 """

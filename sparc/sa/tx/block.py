@@ -39,12 +39,13 @@ from sparc.sa.exceptions import (
     JoinedTransactionError,
     ReadOnlyTransactionError,
 )
-from sparc.sa.replicas import GUARDED, READONLY
 from sparc.sa.tx import begun, joined
 from sparc.sa.tx.gate import Gate, GateCache, ThreadGate
 from sparc.sa.tx.scope import Scope, ScopeRegistry, after_interruption, note_interruption
 from sparc.sa.tx.sessions import (
+    GUARDED,
     IN_BLOCK,
+    READONLY,
     aborted,
     begin_nested,
     check_late_options,

@@ -21,9 +21,9 @@ connection back to the pool.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
@@ -39,12 +39,8 @@ from sparc.sa.exceptions import (
 from sparc.sa.tx import begun, sessions
 from sparc.sa.tx.gate import Gate, ThreadGate
 from sparc.sa.tx.retry import is_retryable, retryable_in_request
-from sparc.sa.tx.scope import Scope
 
-if TYPE_CHECKING:
-    from sparc.sa.tx.joined import Joiner
-
-__all__ = ["WHOLE_TRANSACTION", "SessionDataManager"]
+__all__ = ["WHOLE_TRANSACTION", "JoinedScope", "Joiner", "SessionDataManager"]
 
 logger = logging.getLogger("sparc.sa.datamanager")  # its name before the move
 
@@ -86,6 +82,36 @@ def _transient(what: str, lost_connection: bool = True) -> Iterator[None]:
         raise
 
 
+class Joiner(Protocol):
+    """What joined mode needs of a transaction manager."""
+
+    @property
+    def gate_timeout(self) -> float: ...
+    @property
+    def twophase(self) -> bool: ...
+    @property
+    def sqlite_begin(self) -> bool: ...
+    @property
+    def switches_class(self) -> bool: ...
+    def new_session(self) -> Session: ...
+    def current_gate(self) -> Gate | ThreadGate | None: ...
+
+
+class JoinedScope(Protocol):
+    """What the data manager needs of a scope that joins its transaction
+    (:class:`sparc.sa.tx.scope.Scope`)."""
+
+    session: Session | None
+    joined: SessionDataManager | None
+    doomed: bool
+
+    @property
+    def blocks(self) -> Sequence[object]: ...
+    @property
+    def thread(self) -> int: ...
+    def cancel_open_blocks(self) -> None: ...
+
+
 @implementer(*_DM_INTERFACES)
 class SessionDataManager:
     """Takes part in a transaction of the ``transaction`` package for one
@@ -94,7 +120,7 @@ class SessionDataManager:
     def __init__(
         self,
         manager: Joiner,
-        scope: Scope,
+        scope: JoinedScope,
         session: Session,
         txn: Any,
         gate: Gate | ThreadGate | None,
@@ -105,7 +131,7 @@ class SessionDataManager:
         #: brought the session and holds the gate.
         self.scopes = [scope]
         # Other scopes' own sessions, given back when the transaction ends.
-        self._own_sessions: list[tuple[Scope, Session | None]] = []
+        self._own_sessions: list[tuple[JoinedScope, Session | None]] = []
         self.session = session
         self.txn = txn
         self._gate = gate
@@ -130,7 +156,7 @@ class SessionDataManager:
     def ended(self) -> bool:
         return self._ended
 
-    def attach(self, scope: Scope) -> None:
+    def attach(self, scope: JoinedScope) -> None:
         """Let *scope* (of another manager of the same engine) work in this
         transaction, with this session, until the transaction ends."""
         self._own_sessions.append((scope, scope.session))
@@ -138,7 +164,7 @@ class SessionDataManager:
         scope.joined = self
         self.scopes.append(scope)
 
-    def others_open(self, scope: Scope) -> bool:
+    def others_open(self, scope: JoinedScope) -> bool:
         """Whether a scope other than *scope* has a block open here."""
         return any(other.blocks for other in self.scopes if other is not scope)
 

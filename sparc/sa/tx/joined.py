@@ -59,7 +59,7 @@ import importlib
 import logging
 import sys
 from types import FrameType
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from sqlalchemy.orm import Session
 
@@ -71,8 +71,7 @@ from sparc.sa.exceptions import (
     RetryableDatabaseError,
 )
 from sparc.sa.tx import begun, liveness, sessions
-from sparc.sa.tx.datamanager import WHOLE_TRANSACTION, SessionDataManager
-from sparc.sa.tx.gate import Gate, ThreadGate
+from sparc.sa.tx.datamanager import WHOLE_TRANSACTION, Joiner, SessionDataManager
 from sparc.sa.tx.retry import retryable_in_request
 from sparc.sa.tx.scope import Scope
 
@@ -87,21 +86,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("sparc.sa.joined")  # its name before the move
-
-
-class Joiner(Protocol):
-    """What joined mode needs of a transaction manager."""
-
-    @property
-    def gate_timeout(self) -> float: ...
-    @property
-    def twophase(self) -> bool: ...
-    @property
-    def sqlite_begin(self) -> bool: ...
-    @property
-    def switches_class(self) -> bool: ...
-    def new_session(self) -> Session: ...
-    def current_gate(self) -> Gate | ThreadGate | None: ...
 
 
 # -- which transaction ---------------------------------------------------------------

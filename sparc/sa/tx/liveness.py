@@ -72,8 +72,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm.session import SessionTransaction
 from sqlalchemy.util import concurrency
 
-from sparc.sa.replicas import READONLY
-from sparc.sa.tx.sessions import BlockSession
+from sparc.sa.tx.sessions import READONLY, BlockSession
 
 __all__ = [
     "RECENT",

@@ -31,7 +31,7 @@ from sparc.sa.tx.gate import gate_for
 if TYPE_CHECKING:
     from asyncio import Task
 
-    from sparc.sa.tx.joined import SessionDataManager
+    from sparc.sa.tx.datamanager import SessionDataManager
 
 __all__ = [
     "OpenBlock",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
@@ -20,16 +20,16 @@ from sparc.sa.connections import resets
 from sparc.sa.exceptions import IsolationLevelError, JoinedTransactionError
 from sparc.sa.tx import frameworks
 
-if TYPE_CHECKING:
-    from sparc.sa.tx.scope import Scope
-
 __all__ = [
     "COMMITTING",
+    "GUARDED",
     "IN_BLOCK",
     "JOINED",
+    "READONLY",
     "WROTE",
     "BlockSession",
     "JoinedSession",
+    "SessionHolder",
     "aborted",
     "begin_nested",
     "begin_on_sqlite",
@@ -58,12 +58,18 @@ _DEBUG: Final = logging.DEBUG
 # COMMITTING: our data manager is committing it (session.commit() allowed).
 IN_BLOCK: Final = "sparc.sa.in_block"
 WROTE: Final = "sparc.sa.wrote"
-JOINED: Final = "sparc.sa.tx.joined"
+JOINED: Final = "sparc.sa.joined"
 COMMITTING: Final = "sparc.sa.committing"
 # Writes are noted only on sessions used outside blocks, whose next block
 # must know whether to end their transaction or carry it on (the manager
 # installs these on such a session once); blocks need no notes.
 WATCHED: Final = "sparc.sa.watched"
+#: ``session.info`` key: the session runs a read-only block (the whole
+#: transaction). Set by sparc.sa.replicas' read-only blocks; the core reads
+#: it, so it lives here and the feature imports it.
+READONLY: Final = "sparc.sa readonly"
+#: ``session.info`` key: read-only blocks nested in a writing block, open now.
+GUARDED: Final = "sparc.sa readonly guard"
 
 
 def wrote(session: Session) -> bool:
@@ -72,6 +78,13 @@ def wrote(session: Session) -> bool:
     they happened in, so a transaction that ended takes its note along."""
     noted = session.info.get(WROTE)
     return noted is not None and noted is session.get_transaction()
+
+
+class SessionHolder(Protocol):
+    """What these steps need of a scope (:class:`sparc.sa.tx.scope.Scope`)."""
+
+    session: Session | None
+    doomed: bool
 
 
 class BlockSession(Session):
@@ -412,7 +425,7 @@ def rollback(session: Session, cause: BaseException | None) -> None:
         )
 
 
-def rollback_savepoint(scope: Scope, savepoint: Any) -> None:
+def rollback_savepoint(scope: SessionHolder, savepoint: Any) -> None:
     """Roll back to *savepoint*; if that fails the inner work may still be
     there, so the scope is doomed: its outer block will roll back."""
     try:
@@ -425,7 +438,7 @@ def rollback_savepoint(scope: Scope, savepoint: Any) -> None:
         )
 
 
-def close_failed(scope: Scope, session: Session) -> None:
+def close_failed(scope: SessionHolder, session: Session) -> None:
     """Closing *session* failed: the scope must not stay wedged on it, so it
     is dropped, and the scope gets a fresh one on next use."""
     logger.error("closing the session after a block failed", exc_info=True)
