@@ -96,7 +96,7 @@ class AsyncReadOnlyBlock:
         return await block.__aenter__()
 
     async def _honour(self, session: AsyncSession) -> None:
-        """A token inside an open block (see :func:`sparc.sa.replicas.nested_wait`)."""
+        """A token inside an open block (see :func:`sparc.sa.replicas.tokens.nested_wait`)."""
         rs = replica_set(self._manager.engine)
         if rs is None:
             need = self._after[0]

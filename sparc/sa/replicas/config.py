@@ -76,7 +76,7 @@ def _seconds(section: Mapping[str, Any], name: str, default: float | None) -> fl
 
 def attach(primary: Engine, options: dict[str, Any], build: Callable[[Any], Any]) -> ReplicaSet:
     """Build the replica engines with *build* and attach them to *primary*."""
-    from sparc.sa.options import hide_dsn
+    from sparc.sa.config.secrets import hide_dsn
 
     mariadb = primary.dialect.name in gtid.DIALECTS  # GTID positions (sparc.sa.replicas.gtid)
     if primary.dialect.name != "postgresql" and not mariadb:
@@ -108,7 +108,7 @@ def attach(primary: Engine, options: dict[str, Any], build: Callable[[Any], Any]
 
 
 def _mismatch(primary: Engine, replica: Engine) -> str:
-    from sparc.sa.options import hide_dsn
+    from sparc.sa.config.secrets import hide_dsn
 
     def kind(engine: Engine) -> str:
         mode = "an asyncio" if engine.dialect.is_async else "a synchronous"

@@ -37,7 +37,7 @@ def is_read_only_violation(error: BaseException) -> bool:
 
 
 def translate(error: BaseException) -> ReadOnlyTransactionError:
-    from sparc.sa.options import hide_secrets_in_text
+    from sparc.sa.config.secrets import hide_secrets_in_text
 
     first = hide_secrets_in_text(str(getattr(error, "orig", error)).splitlines()[0])
     return ReadOnlyTransactionError(

@@ -114,7 +114,7 @@ class ReadOnlyBlock:
 
     def _honour(self, session: Session) -> None:
         """A token inside an open block: seen by that block's transaction, or
-        StaleSnapshotError (see :func:`sparc.sa.replicas.nested_wait`)."""
+        StaleSnapshotError (see :func:`sparc.sa.replicas.tokens.nested_wait`)."""
         rs = replica_set(self._manager.engine)
         need = self._after[0] if rs is None else rs.need(self._after)
         deadline = time.monotonic() + (rs.wait if rs is not None else 0.0)

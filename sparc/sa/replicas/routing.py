@@ -107,7 +107,7 @@ class ReplicaSet:
         max_lag: float | None = None,
         wait: float | None = 0.2,
     ) -> None:
-        from sparc.sa.options import hide_dsn
+        from sparc.sa.config.secrets import hide_dsn
 
         self.primary = getattr(primary, "sync_engine", primary)
         self.replicas = tuple(
@@ -335,7 +335,7 @@ class ReplicaSet:
             )
 
     def failed(self, replica: Replica, error: BaseException) -> None:
-        from sparc.sa.options import hide_secrets_in_text
+        from sparc.sa.config.secrets import hide_secrets_in_text
 
         lines = str(error).splitlines() or [""]
         reason = hide_secrets_in_text(f"{type(error).__name__}: {lines[0]}")
