@@ -14,6 +14,8 @@ from sqlalchemy.engine import URL
 _SECRET_WORDS = r"pass|pwd|secret|token|credential|api_?key|ssl_?key"
 SECRET_KEY = re.compile(_SECRET_WORDS, re.I)
 HIDDEN = "***"
+
+
 # -- hiding secrets -----------------------------------------------------------
 
 

@@ -14,6 +14,8 @@ from sparc.sa.replicas.routing import ATTR, ReplicaSet
 
 #: The keys of an engine configuration that describe its replicas.
 REPLICA_KEYS: Final = ("replicas", "replica_max_lag", "replica_wait")
+
+
 # -- configuration -----------------------------------------------------------------
 
 

@@ -15,6 +15,8 @@ from sparc.sa.tx.sessions import GUARDED, READONLY
 
 _READ_ONLY_MODE: Final = "sparc.sa read only mode"
 _LISTENING: Final = "sparc.sa readonly guard listening"
+
+
 # -- read-only transactions on the primary and write guards --------------------------
 
 
