@@ -221,3 +221,17 @@ def test_joined_mode_and_asyncio_use_no_private_name_of_orm() -> None:
         if name.split(".")[0] in ("tx", "aio"):
             for dep, _, line in GRAPH[name]:
                 assert dep != "orm", f"{name} line {line} imports orm"
+
+
+def test_a_package_face_imports_nothing_when_imported() -> None:
+    """A sub-package's ``__init__`` runs no import of sparc.sa at import time
+    (its names come on first use): a thread importing one of its modules
+    would otherwise wait for another thread's import of the package, which
+    waits for that module in turn, and Python hands one of them a module
+    half made (tests/test_legacy.py's thread race)."""
+    for name, path in NAMES.items():
+        if path.name != "__init__.py" or name == "__init__":
+            continue
+        for node in ast.parse(path.read_text()).body:  # top level, not under TYPE_CHECKING
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                assert not imported(node), f"sparc/sa/{name.replace('.', '/')} line {node.lineno}"

@@ -56,19 +56,21 @@ MariaDB
 
 from __future__ import annotations
 
-# The public names (__all__), and what sparc.sa's other modules and tools
-# use through this module: the parts live in the modules beside it.
-from sparc.sa.replicas.config import REPLICA_KEYS
-from sparc.sa.replicas.config import attach as attach
-from sparc.sa.replicas.config import split_config as split_config
-from sparc.sa.replicas.errors import is_disconnect as is_disconnect
-from sparc.sa.replicas.positions import check_readonly_arguments, parse_token
-from sparc.sa.replicas.positions import lsn_to_int as lsn_to_int
-from sparc.sa.replicas.positions import token_check as token_check
-from sparc.sa.replicas.routing import Replica, ReplicaSet, replica_set, replicas
-from sparc.sa.replicas.routing import describe_lines as describe_lines
-from sparc.sa.replicas.tokens import commit_token
-from sparc.sa.replicas.tokens import prepare as prepare
+import importlib as _importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sparc.sa.replicas.config import REPLICA_KEYS
+    from sparc.sa.replicas.config import attach as attach
+    from sparc.sa.replicas.config import split_config as split_config
+    from sparc.sa.replicas.errors import is_disconnect as is_disconnect
+    from sparc.sa.replicas.positions import check_readonly_arguments, parse_token
+    from sparc.sa.replicas.positions import lsn_to_int as lsn_to_int
+    from sparc.sa.replicas.positions import token_check as token_check
+    from sparc.sa.replicas.routing import Replica, ReplicaSet, replica_set, replicas
+    from sparc.sa.replicas.routing import describe_lines as describe_lines
+    from sparc.sa.replicas.tokens import commit_token
+    from sparc.sa.replicas.tokens import prepare as prepare
 
 __all__ = [
     "REPLICA_KEYS",
@@ -80,3 +82,47 @@ __all__ = [
     "replica_set",
     "replicas",
 ]
+
+# The public names (__all__), and what sparc.sa's other modules and tools
+# use through this module, by the module beside it that holds each. They
+# are imported on first use, as sparc.sa's own names are: this module runs
+# no import, so a thread importing one of its modules never waits for
+# another thread's import of this one (which would wait for it in turn:
+# Python then hands one of them a module half made).
+_HOMES = {
+    "REPLICA_KEYS": "config",
+    "attach": "config",
+    "split_config": "config",
+    "is_disconnect": "errors",
+    "check_readonly_arguments": "positions",
+    "lsn_to_int": "positions",
+    "parse_token": "positions",
+    "token_check": "positions",
+    "Replica": "routing",
+    "ReplicaSet": "routing",
+    "describe_lines": "routing",
+    "replica_set": "routing",
+    "replicas": "routing",
+    "commit_token": "tokens",
+    "prepare": "tokens",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, or a module of this package not imported yet."""
+    home = _HOMES.get(name)
+    if home is not None:
+        value = getattr(_importlib.import_module(f"{__name__}.{home}"), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):
+        try:
+            return _importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
