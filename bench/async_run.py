@@ -20,7 +20,7 @@ times (on SQLite, as SQLite's own trace callback saw them, the driver's
 implicit BEGIN included). ``ping`` is SQLAlchemy's liveness check on
 checkout: on asyncpg, since SQLAlchemy 2.0.21, a BEGIN, a ``;`` and a
 ROLLBACK, three round trips. ``ping=BEGIN`` marks sparc.sa's check of a
-block's checkout, which is the transaction's own BEGIN (sparc.sa.liveness).
+block's checkout, which is the transaction's own BEGIN (sparc.sa.tx.liveness).
 Backends: aiosqlite on a file, and asyncpg when TEST_PG_DSN is set.
 Nothing is asserted: this measures.
 """

@@ -52,7 +52,7 @@ LIMITS: dict[str, float] = {
 }
 FACTOR = 2.0
 #: What each contender sends per one-row insert transaction: on PostgreSQL
-#: sparc.sa's BEGIN is also its ping (sparc.sa.liveness).
+#: sparc.sa's BEGIN is also its ping (sparc.sa.tx.liveness).
 SENT = {
     ("sqlite", "plain"): "BEGIN INSERT COMMIT",
     ("sqlite", "sparc.sa"): "BEGIN INSERT COMMIT",

@@ -43,9 +43,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sparc.sa.engine import engine_from_config
-from sparc.sa.gtid import Gtid, format_token
 from sparc.sa.orm import ThreadLocalSASessionTransaction
 from sparc.sa.replicas import lsn_to_int, replica_set, replicas, token_check
+from sparc.sa.replicas.gtid import Gtid, format_token
 
 QUICK = "--quick" in sys.argv
 COST_ONLY = "--cost" in sys.argv  # part 1 only: no replay delay set on the replica

@@ -351,7 +351,7 @@ def counting_pings(engine: Engine, counts: Counter[str]) -> Iterator[None]:
     sparc.sa checks with the transaction's BEGIN instead (PostgreSQL) counts
     as ``counts["ping=BEGIN"]``: that BEGIN is counted as a BEGIN too, where
     BEGINs are counted, and it is the only one the transaction sends."""
-    from sparc.sa import liveness
+    from sparc.sa.tx import liveness
 
     def count(dbapi_connection: Any) -> None:
         counts["ping"] += 1

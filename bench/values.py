@@ -15,7 +15,7 @@ any SQL, so a database would only add the same query time to each):
     (``Part.price == Decimal('12.50')``, ``and_()``): what a filter costs
     with no checks at all;
 ``coerce``
-    ``sparc.sa.values.coerce()`` alone: the check and conversion of one value.
+    ``sparc.sa.query.values.coerce()`` alone: the check and conversion of one value.
 
 Each figure is the median over rounds of the per-value CPU time of this
 process (``time.process_time``), so neighbours on a shared machine inflate
@@ -38,7 +38,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sparc.sa import query, values
+from sparc.sa import query
+from sparc.sa.query import values
 
 
 class Base(DeclarativeBase):

@@ -15,7 +15,7 @@ pool is never seen by a request. How they check, ``--ping``:
     same       both check every checkout: both engines are configured with
                pool_pre_ping (sparc.sa's with pool_pre_ping="true"). On
                PostgreSQL sparc.sa's check of a block's checkout is the
-               transaction's BEGIN (sparc.sa.liveness), the Zope stack's a
+               transaction's BEGIN (sparc.sa.tx.liveness), the Zope stack's a
                ping of its own
     sqlalchemy as ``same``, with sparc.sa's liveness wrapper taken off its
                engine: both run SQLAlchemy's own ping, call for call
@@ -184,8 +184,8 @@ def layers(app: Any, urls: dict[str, str], n: int) -> None:
     import benchapp
     import zope.sqlalchemy.datamanager as zsa_dm
 
-    import sparc.sa.block as sparc_block
-    import sparc.sa.datamanager as sparc_dm
+    import sparc.sa.tx.block as sparc_block
+    import sparc.sa.tx.datamanager as sparc_dm
 
     spent: Counter[str] = Counter()
 
@@ -255,7 +255,7 @@ def main() -> None:
         sys.exit("give --dsn, or set TEST_PG_DSN")
     app, (ours, theirs, control), benchapp = start_zope(args.dsn, args.ping)
     if args.ping == "sqlalchemy":
-        del ours.dialect.do_ping  # sparc.sa.liveness's wrapper: SQLAlchemy's own again
+        del ours.dialect.do_ping  # sparc.sa.tx.liveness's wrapper: SQLAlchemy's own again
     try:
         first, first_engine = ("control", control) if args.control else ("sparc.sa", ours)
         urls = {first: f"/@@{first.split('.')[0]}", "zope": "/@@zope"}

@@ -603,7 +603,7 @@ def aiosqlite_file(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> It
     (whose connections are the driver's own), and a manager."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from sparc.sa.sqlitebegin import BeginningConnection
+    from sparc.sa.tx.sqlitebegin import BeginningConnection
 
     dsn = f"sqlite+aiosqlite:///{tmp_path / 'begin.db'}"
     engine: Any = (
@@ -675,7 +675,7 @@ def test_aiosqlite_a_reading_block_makes_no_more_trips_than_plain(
     """Every call into aiosqlite's thread is one trip (counted at aiosqlite's
     queue). A block that reads sends a BEGIN that plain
     ``async_sessionmaker.begin()`` does not, and skips the pool's ROLLBACK
-    after its COMMIT (sparc.sa.resets): on the factory's engine the BEGIN
+    after its COMMIT (sparc.sa.connections.resets): on the factory's engine the BEGIN
     rides on the first statement's trip, so the block makes one trip fewer
     than plain; elsewhere the BEGIN is a trip of its own."""
     import aiosqlite

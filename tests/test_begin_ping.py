@@ -1,5 +1,5 @@
 """On PostgreSQL, the liveness check of a block's checkout is its BEGIN
-(sparc.sa.liveness): one round trip fewer per transaction, the same
+(sparc.sa.tx.liveness): one round trip fewer per transaction, the same
 guarantee that a connection the server killed in the pool is never seen,
 and every other checkout pinged as before.
 
@@ -20,9 +20,9 @@ import transaction as zope_transaction
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
-from sparc.sa import liveness
 from sparc.sa.engine import engine_from_config
 from sparc.sa.orm import scoped_transaction
+from sparc.sa.tx import liveness
 
 from .conftest import build_models, make_engine, managed_engine, names, server_dsn
 from .test_async import async_database

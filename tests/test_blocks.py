@@ -23,8 +23,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from sparc.sa.exceptions import BlockOrderError, CrossScopeSessionError, DoomedTransactionError
-from sparc.sa.gate import gate_for as _gate_for
 from sparc.sa.orm import ThreadLocalSASessionTransaction
+from sparc.sa.tx.gate import gate_for as _gate_for
 
 from .conftest import build_models, checked_out, count_rows, make_engine, names
 

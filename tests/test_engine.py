@@ -176,10 +176,14 @@ def test_sqlite_file_keeps_sqlalchemys_defaults(tmp_path: pathlib.Path) -> None:
 
 
 def test_server_database_gets_a_liveness_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sparc.sa.liveness import begins_on_checkout, is_checked, trusting_recent_connections
+    from sparc.sa.tx.liveness import (
+        begins_on_checkout,
+        is_checked,
+        trusting_recent_connections,
+    )
 
     engine = build({}, SERVER_URL)
-    # SQLAlchemy's pre-ping, with sparc.sa.liveness's additions on this
+    # SQLAlchemy's pre-ping, with sparc.sa.tx.liveness's additions on this
     # engine's own dialect, and no pool event listener
     assert is_checked(engine) and engine.pool._pre_ping is True
     assert "do_ping" in vars(engine.dialect) and begins_on_checkout(engine)
@@ -334,7 +338,7 @@ def test_servers_get_pre_ping_and_work(backend: str) -> None:
         {"dsn": server_dsn(backend), "kwargs": {"pool_size": "2", "max_overflow": "0"}}
     )
     try:
-        from sparc.sa.liveness import is_checked
+        from sparc.sa.tx.liveness import is_checked
 
         assert is_checked(engine) and engine.pool.size() == 2
         with engine.connect() as conn:

@@ -133,7 +133,7 @@ def test_a_zope_request_trusts_only_a_connection_a_request_took_moments_ago(
     connection a joined checkout took under a second ago is handed over
     unpinged (a kill in between surfaces, and Zope's publisher retries);
     after the window, or outside a joined transaction, it is pinged."""
-    from sparc.sa import liveness
+    from sparc.sa.tx import liveness
 
     engine, admin, _, _ = server
     one = make_engine(

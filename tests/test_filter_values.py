@@ -22,8 +22,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from zope.component import getMultiAdapter
 from zope.interface.common.mapping import IIterableMapping
 
-from sparc.sa import query, values
+from sparc.sa import query
 from sparc.sa.exceptions import InvalidFilterError
+from sparc.sa.query import values
 
 
 def build_samples() -> SimpleNamespace:

@@ -233,11 +233,11 @@ def test_locks_held_by_another_thread_at_fork_do_not_block_the_child(
 ) -> None:
     """A thread inside the manager cache's lock at fork time does not exist
     in the child; the child must not wait for it. (Gates are made without a
-    lock, see sparc.sa.gate.gate_for.)"""
+    lock, see sparc.sa.tx.gate.gate_for.)"""
     import threading
 
-    from sparc.sa import cache
     from sparc.sa.orm import scoped_transaction
+    from sparc.sa.tx import cache
 
     holding, release = threading.Event(), threading.Event()
 

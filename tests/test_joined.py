@@ -409,7 +409,7 @@ def test_a_failure_at_either_vote_commits_neither_side(
 def test_auto_joins_while_a_request_is_being_published(engine: Engine, models: Any) -> None:
     """ZPublisher begins the transaction (implicit mode) and sets the request
     (zope.globalrequest); a transaction that merely exists because something
-    called transaction.get() is not joined, request or not (sparc.sa.begun)."""
+    called transaction.get() is not joined, request or not (sparc.sa.tx.begun)."""
     globalrequest = pytest.importorskip("zope.globalrequest")
     manager = scoped_transaction(engine, models.Base)
     transaction.abort()

@@ -36,7 +36,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / ".ci" / "mariadb-replica.sh"
 
 
 def test_gtid_positions_compare_per_domain() -> None:
-    from sparc.sa.gtid import Gtid
+    from sparc.sa.replicas.gtid import Gtid
 
     need = Gtid.parse("0-1-10,1-1-5")
     assert str(need) == "0-1-10,1-1-5"
@@ -52,8 +52,8 @@ def test_gtid_positions_compare_per_domain() -> None:
 
 
 def test_mariadb_tokens_carry_a_check() -> None:
-    from sparc.sa.gtid import Gtid, format_token
-    from sparc.sa.gtid import parse_token as parse_my_token
+    from sparc.sa.replicas.gtid import Gtid, format_token
+    from sparc.sa.replicas.gtid import parse_token as parse_my_token
 
     token = format_token(Gtid.parse("0-1-5425458,1-1-7"))
     assert token is not None and token.startswith("my:0-1-5425458,1-1-7.")
@@ -64,7 +64,7 @@ def test_mariadb_tokens_carry_a_check() -> None:
     with pytest.raises(ValueError, match=r"like 'my:0-1-25\.1f2e3d4c'"):
         parse_my_token("my:0-1-5")
     assert format_token(Gtid()) is None and format_token(Gtid(unknown=True)) is None
-    from sparc.sa.gtid import need
+    from sparc.sa.replicas.gtid import need
 
     mine = Gtid.parse("0-1-3")
     assert need(True, mine, Gtid.parse("0-1-2,1-1-1")) == Gtid.parse("0-1-3,1-1-1")
@@ -856,7 +856,7 @@ def test_interrupt_before_the_read_write_reset_leaves_no_read_only_connection_in
     connection is set back to READ WRITE: the next writer, on the same
     one-connection pool, writes, in another thread too (whose scope was not
     interrupted, so nothing replaces the pool for it)."""
-    import sparc.sa.gtid
+    import sparc.sa.replicas.gtid
 
     dsn = os.environ.get("TEST_MYSQL_DSN")
     if not dsn:
@@ -867,7 +867,7 @@ def test_interrupt_before_the_read_write_reset_leaves_no_read_only_connection_in
     models.Base.metadata.create_all(engine)
     tx = ThreadLocalSASessionTransaction(engine, models.Base)
     Item = models.Item
-    end_read_only = sparc.sa.gtid.end_read_only
+    end_read_only = sparc.sa.replicas.gtid.end_read_only
     landed: list[bool] = []
 
     def interrupted(mode: Any) -> None:
@@ -876,7 +876,7 @@ def test_interrupt_before_the_read_write_reset_leaves_no_read_only_connection_in
             raise KeyboardInterrupt
         end_read_only(mode)
 
-    monkeypatch.setattr(sparc.sa.gtid, "end_read_only", interrupted)
+    monkeypatch.setattr(sparc.sa.replicas.gtid, "end_read_only", interrupted)
     try:
         with pytest.raises(KeyboardInterrupt), tx(readonly=True) as session:
             assert session.scalars(sa.select(Item.name)).all() == []

@@ -17,7 +17,7 @@ from zope.configuration import xmlconfig
 from zope.configuration.exceptions import ConfigurationError
 
 from sparc.sa.engine import engine_from_config
-from sparc.sa.frameworks import commit_refusal, framework_in_use
+from sparc.sa.tx.frameworks import commit_refusal, framework_in_use
 
 # -- a missing driver names its package ------------------------------------------------
 

@@ -29,8 +29,8 @@ transaction = pytest.importorskip("transaction")
 
 from transaction.interfaces import DoomedTransaction, TransientError  # noqa: E402
 
-from sparc.sa import begun  # noqa: E402
 from sparc.sa.orm import scoped_transaction  # noqa: E402
+from sparc.sa.tx import begun  # noqa: E402
 
 from .conftest import checked_out, names  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The pool's reset after a block's end (sparc.sa.resets): a block's COMMIT
+"""The pool's reset after a block's end (sparc.sa.connections.resets): a block's COMMIT
 or ROLLBACK is the last thing its connection sends before the pool takes it
 back, so the pool's own ROLLBACK is skipped; every other use of the engine
 is reset as SQLAlchemy resets it."""
@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from sparc.sa import resets
+from sparc.sa.connections import resets
 
 from .conftest import checked_out, count_rows, names
 
@@ -138,7 +138,7 @@ def test_no_interrupted_block_leaves_a_mark_that_skips_a_later_reset(
     when it goes back to the pool."""
     import sys
 
-    from sparc.sa.gate import gate_for
+    from sparc.sa.tx.gate import gate_for
 
     from .test_blocks import InterruptAtLine, interrupted
 

@@ -209,7 +209,7 @@ class StandIn:
 
 
 def our_resources(txn: Any) -> list[Any]:
-    from sparc.sa.joined import SessionDataManager
+    from sparc.sa.tx.joined import SessionDataManager
 
     return [r for r in txn._resources if isinstance(r, SessionDataManager)]
 

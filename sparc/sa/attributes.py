@@ -6,7 +6,7 @@ whose ``name`` is ``'x'``. The column is expected to be unique; a key held by
 several rows raises ``sqlalchemy.orm.exc.MultipleResultsFound``.
 
 A key is checked and converted as a filter value is
-(:func:`sparc.sa.values.coerce`): a key no supported server could compare
+(:func:`sparc.sa.query.values.coerce`): a key no supported server could compare
 with the column (a string with a NUL, an integer beyond the column's range
 ...) raises :class:`~sparc.sa.exceptions.InvalidFilterError` with the path
 ``key``, before any SQL.
@@ -24,7 +24,7 @@ from zope.interface import implementer
 from zope.interface.common.mapping import IIterableMapping
 
 from sparc.sa.interfaces import ISAInstrumentedAttribute, ISASession
-from sparc.sa.values import coerce
+from sparc.sa.query.values import coerce
 
 __all__ = ["ISAInstrumentedAttribute", "ModelMappingForUniqueInstrumentedAttribute"]
 

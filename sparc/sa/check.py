@@ -29,7 +29,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sparc.sa import liveness, options, replicas
+from sparc.sa import options, replicas
+from sparc.sa.tx import liveness
 
 if TYPE_CHECKING:  # needs greenlet at run time
     from sqlalchemy.ext.asyncio import AsyncEngine

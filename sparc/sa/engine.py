@@ -21,10 +21,12 @@ import zope.event
 from sqlalchemy.engine import URL, Engine
 from zope.component.factory import Factory
 
-from sparc.sa import fork, liveness, mismatch, options, replicas, resets, sqlitebegin
+from sparc.sa import mismatch, options, replicas
+from sparc.sa.connections import fork, resets
 from sparc.sa.events import EngineCreatedEvent
 from sparc.sa.interfaces import ISAEngine
 from sparc.sa.legacy import package_path
+from sparc.sa.tx import liveness, sqlitebegin
 
 if TYPE_CHECKING:  # needs greenlet at run time
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -112,7 +114,7 @@ def engine_from_config(
         if replica_options is not None:
             replicas.attach(aengine.sync_engine, replica_options, engine_from_config)
         return aengine
-    # SQLAlchemy's pre-ping with sparc.sa.liveness's additions: a block's
+    # SQLAlchemy's pre-ping with sparc.sa.tx.liveness's additions: a block's
     # BEGIN as its ping (PostgreSQL), and the Zope-request shortcut unless
     # the configuration asked for pool_pre_ping itself.
     asked = "pool_pre_ping" in (options.unwrap(config).get("kwargs") or {})
@@ -218,7 +220,7 @@ def _async_engine(url: URL, kwargs: dict[str, Any], shown: str) -> AsyncEngine:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     # aiosqlite: a block's BEGIN rides on its first statement's trip to the
-    # driver's thread (sparc.sa.sqlitebegin).
+    # driver's thread (sparc.sa.tx.sqlitebegin).
     beginning = sqlitebegin.use_beginning_connections(url, kwargs)
     engine: Any = _create_engine(url, kwargs, shown, create_async_engine)
     if beginning:

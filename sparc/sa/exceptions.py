@@ -91,7 +91,7 @@ class SuspendedBlockError(BlockOrderError):
     its entry instead, and nothing of it ran. Finish or close the generator
     first, or open the generator's block in a ``contextlib`` context manager
     whose ``with`` statement encloses the new block (see
-    :mod:`sparc.sa.suspended`).
+    :mod:`sparc.sa.tx.suspended`).
     """
 
 

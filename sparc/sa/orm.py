@@ -11,7 +11,7 @@ Scopes
     current thread. Each scope has its own session, created on first use and
     kept for the scope's lifetime. When a thread or task ends, its session is
     closed at once and its connection returned to the pool
-    (:mod:`sparc.sa.scope`).
+    (:mod:`sparc.sa.tx.scope`).
 
 Blocks
     ``with tx():`` commits on success and rolls back on any exception,
@@ -20,12 +20,12 @@ Blocks
     with ``savepoint=False``), and only the innermost open block may end.
     Entering a block is atomic: it is either fully open or nothing changed.
     The outermost block starts from a fresh view of the database
-    (:mod:`sparc.sa.block`).
+    (:mod:`sparc.sa.tx.block`).
 
 Joined mode
     Inside a transaction of the ``transaction`` package (a Zope request),
     blocks join it instead of committing by themselves; see
-    :mod:`sparc.sa.joined`.
+    :mod:`sparc.sa.tx.joined`.
 
 This module holds the manager and the adapter; the parts they are built from
 each have a module of their own (see DEVELOPERS.md, "Layout").
@@ -51,10 +51,8 @@ from sqlalchemy.pool import StaticPool
 from zope.component import adapter
 from zope.interface import implementer
 
-from sparc.sa import begun, cache, fork, joined, resets, sessions
-from sparc.sa.block import Block
-from sparc.sa.cache import check_base
-from sparc.sa.datamanager import ENDED, guard, hand_out
+from sparc.sa.connections import fork, resets
+from sparc.sa.connections.keep import keep_shared_connection
 from sparc.sa.exceptions import (
     BlockOrderError,
     CrossScopeSessionError,
@@ -64,7 +62,6 @@ from sparc.sa.exceptions import (
     JoinedTransactionError,
     RetryableDatabaseError,
 )
-from sparc.sa.gate import Gate, GateCache, ThreadGate, forget_gate, gate_timeout
 from sparc.sa.interfaces import (
     ISADeclarativeMeta,
     ISAEngine,
@@ -72,11 +69,16 @@ from sparc.sa.interfaces import (
     ISAScopedTransaction,
     ISASession,
 )
-from sparc.sa.keep import keep_shared_connection
 from sparc.sa.legacy import package_path
-from sparc.sa.readonly import ReadOnlyBlock, run_readonly
-from sparc.sa.replicas import check_readonly_arguments, commit_token
-from sparc.sa.retry import (
+from sparc.sa.replicas.positions import check_readonly_arguments
+from sparc.sa.replicas.readonly import ReadOnlyBlock, run_readonly
+from sparc.sa.replicas.tokens import commit_token
+from sparc.sa.tx import begun, cache, joined, sessions
+from sparc.sa.tx.block import Block
+from sparc.sa.tx.cache import check_base
+from sparc.sa.tx.datamanager import ENDED, guard, hand_out
+from sparc.sa.tx.gate import Gate, GateCache, ThreadGate, forget_gate, gate_timeout
+from sparc.sa.tx.retry import (
     RETRY_MYSQL_ERRORS,
     RETRY_SQLITE_CODES,
     RETRY_SQLSTATES,
@@ -84,7 +86,7 @@ from sparc.sa.retry import (
     delay_before_next,
     is_retryable,
 )
-from sparc.sa.scope import Scope, ScopeRegistry
+from sparc.sa.tx.scope import Scope, ScopeRegistry
 
 if TYPE_CHECKING:
     from asyncio import Task
@@ -159,7 +161,7 @@ class ThreadLocalSASessionTransaction:
 
     *join* says whether blocks join a transaction of the ``transaction``
     package (``"auto"``, ``"always"`` or ``"never"``; see
-    :mod:`sparc.sa.joined`), and *twophase* whether a joined transaction
+    :mod:`sparc.sa.tx.joined`), and *twophase* whether a joined transaction
     commits with two-phase commit.
 
     Sessions are made with ``expire_on_commit=False``: every block resets its
@@ -251,7 +253,7 @@ class ThreadLocalSASessionTransaction:
 
     @property
     def join(self) -> str:
-        """``"auto"``, ``"always"`` or ``"never"``: see :mod:`sparc.sa.joined`."""
+        """``"auto"``, ``"always"`` or ``"never"``: see :mod:`sparc.sa.tx.joined`."""
         return self._join
 
     @property
@@ -319,7 +321,7 @@ class ThreadLocalSASessionTransaction:
         ``tx(readonly=True)`` is a read-only block: on a replica that has
         replayed this scope's own writes (and the commit token *after*) when
         the engine has replicas, else on the primary in a READ ONLY
-        transaction; see :mod:`sparc.sa.readonly`.
+        transaction; see :mod:`sparc.sa.replicas.readonly`.
 
         *isolation_level* (``"SERIALIZABLE"``, ``"REPEATABLE READ"``,
         ``"READ COMMITTED"``, ...): the level the block's transaction runs at,
@@ -432,7 +434,7 @@ class ThreadLocalSASessionTransaction:
 
     def _running_transaction(self, scope: Scope) -> Any:
         """The transaction of the ``transaction`` package that this scope's
-        work joins now (see :mod:`sparc.sa.joined`), or None; cheap when the
+        work joins now (see :mod:`sparc.sa.tx.joined`), or None; cheap when the
         application runs none."""
         module = sys.modules.get("transaction")
         if module is not None:
@@ -583,7 +585,7 @@ _CACHE_ATTR: Final = "_sparc_sa_transactions"
 
 def scoped_transaction(engine: Engine, base: type[Any]) -> ThreadLocalSASessionTransaction:
     """The adapter factory: the one shared manager for *engine* and *base*
-    (see :mod:`sparc.sa.cache`)."""
+    (see :mod:`sparc.sa.tx.cache`)."""
     return cache.shared(
         engine.__dict__, _CACHE_ATTR, base, lambda: ThreadLocalSASessionTransaction(engine, base)
     )

@@ -52,7 +52,7 @@ from sparc.sa.orm import (
     configure_shared,
     scoped_transaction,
 )
-from sparc.sa.replicas import REPLICA_KEYS, split_config
+from sparc.sa.replicas.config import REPLICA_KEYS, split_config
 
 __all__ = ["NAMESPACE", "IEngineDirective", "ITransactionDirective", "engine", "transaction"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final, Protocol
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
@@ -22,13 +22,11 @@ from sqlalchemy.pool import Pool, SingletonThreadPool, StaticPool
 
 from sparc.sa.exceptions import InterleavedTransactionError
 
-if TYPE_CHECKING:
-    from sparc.sa.scope import Scope
-
 __all__ = [
     "DEFAULT_GATE_TIMEOUT",
     "Gate",
     "GateCache",
+    "Holder",
     "ThreadGate",
     "Waiter",
     "forget_gate",
@@ -37,7 +35,15 @@ __all__ = [
     "quiet_close",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.gate")  # its name before the move
+
+
+class Holder(Protocol):
+    """What a gate needs of the scope that takes it (a
+    :class:`sparc.sa.tx.scope.Scope`, or an asyncio task's scope)."""
+
+    @property
+    def thread(self) -> int: ...
 
 
 class Waiter(Protocol):
@@ -81,7 +87,7 @@ class Gate:
     def owner(self) -> object:
         return self._state.get("owner")
 
-    def acquire(self, scope: Scope, waiter: Waiter) -> bool:
+    def acquire(self, scope: Holder, waiter: Waiter) -> bool:
         """Wait for the connection, at most the waiter's gate_timeout."""
         owner = self._state.setdefault("owner", scope)
         if owner is scope:
@@ -105,7 +111,7 @@ class Gate:
                 self._waiting -= 1
         return True
 
-    def _wait(self, scope: Scope, deadline: float, timeout: float) -> None:
+    def _wait(self, scope: Holder, deadline: float, timeout: float) -> None:
         # Counted in _waiting before looking, under the condition's lock: a
         # release() that empties the gate after our look sees the count and
         # notifies; one before it left the gate free for setdefault to take.
@@ -164,7 +170,7 @@ class ThreadGate:
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def acquire(self, scope: Scope, waiter: Waiter) -> bool:
+    def acquire(self, scope: Holder, waiter: Waiter) -> bool:
         state = self._local.__dict__
         owner = state.setdefault("owner", scope)
         if owner is scope:

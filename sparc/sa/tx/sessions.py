@@ -11,24 +11,25 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
-from sparc.sa import frameworks, resets
+from sparc.sa.connections import resets
 from sparc.sa.exceptions import IsolationLevelError, JoinedTransactionError
-
-if TYPE_CHECKING:
-    from sparc.sa.scope import Scope
+from sparc.sa.tx import frameworks
 
 __all__ = [
     "COMMITTING",
+    "GUARDED",
     "IN_BLOCK",
     "JOINED",
+    "READONLY",
     "WROTE",
     "BlockSession",
     "JoinedSession",
+    "SessionHolder",
     "aborted",
     "begin_nested",
     "begin_on_sqlite",
@@ -48,7 +49,7 @@ __all__ = [
     "wrote",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.sessions")  # its name before the move
 _DEBUG: Final = logging.DEBUG
 
 # Keys of Session.info. IN_BLOCK: a block of ours is open on the session.
@@ -63,6 +64,12 @@ COMMITTING: Final = "sparc.sa.committing"
 # must know whether to end their transaction or carry it on (the manager
 # installs these on such a session once); blocks need no notes.
 WATCHED: Final = "sparc.sa.watched"
+#: ``session.info`` key: the session runs a read-only block (the whole
+#: transaction). Set by sparc.sa.replicas' read-only blocks; the core reads
+#: it, so it lives here and the feature imports it.
+READONLY: Final = "sparc.sa readonly"
+#: ``session.info`` key: read-only blocks nested in a writing block, open now.
+GUARDED: Final = "sparc.sa readonly guard"
 
 
 def wrote(session: Session) -> bool:
@@ -73,15 +80,22 @@ def wrote(session: Session) -> bool:
     return noted is not None and noted is session.get_transaction()
 
 
+class SessionHolder(Protocol):
+    """What these steps need of a scope (:class:`sparc.sa.tx.scope.Scope`)."""
+
+    session: Session | None
+    doomed: bool
+
+
 class BlockSession(Session):
     """The class of the sessions of sparc.sa's transaction managers, unless
     the application names its own (``class_``, or ``sync_session_class``
     under asyncio).
 
-    * Its connections are marked for :mod:`sparc.sa.resets`: no pool reset
+    * Its connections are marked for :mod:`sparc.sa.connections.resets`: no pool reset
       ROLLBACK after its own COMMIT or ROLLBACK.
     * On PostgreSQL, the liveness check of the checkout that begins its
-      transaction is that transaction's BEGIN (:mod:`sparc.sa.liveness`).
+      transaction is that transaction's BEGIN (:mod:`sparc.sa.tx.liveness`).
     * Execution options given to :meth:`connection` once its transaction
       holds a connection raise :class:`~sparc.sa.exceptions.IsolationLevelError`
       instead of being ignored with a warning: an isolation level that does
@@ -411,7 +425,7 @@ def rollback(session: Session, cause: BaseException | None) -> None:
         )
 
 
-def rollback_savepoint(scope: Scope, savepoint: Any) -> None:
+def rollback_savepoint(scope: SessionHolder, savepoint: Any) -> None:
     """Roll back to *savepoint*; if that fails the inner work may still be
     there, so the scope is doomed: its outer block will roll back."""
     try:
@@ -424,7 +438,7 @@ def rollback_savepoint(scope: Scope, savepoint: Any) -> None:
         )
 
 
-def close_failed(scope: Scope, session: Session) -> None:
+def close_failed(scope: SessionHolder, session: Session) -> None:
     """Closing *session* failed: the scope must not stay wedged on it, so it
     is dropped, and the scope gets a fresh one on next use."""
     logger.error("closing the session after a block failed", exc_info=True)

@@ -12,7 +12,8 @@ How the old dotted paths still import:
 1. ``sparc/sa/orm.py``, ``engine.py`` and ``ext.py`` set a module
    ``__path__``. That makes each of them a package to the import system,
    while staying a single file. Their ``__path__`` is the directory of the
-   same name beside them (``sparc/sa/orm/``), which holds only ZCML, so that
+   same name in this package (``sparc/sa/legacy/orm/``), which holds only
+   ZCML, so that
    ``<include package="sparc.sa.orm" />`` finds its ``configure.zcml`` there
    as it did in 1.x.
 2. :class:`LegacyFinder`, installed on ``sys.meta_path`` when ``sparc.sa``
@@ -44,7 +45,8 @@ from typing import Any
 
 __all__ = ["ALIASES", "MODULE_PACKAGES", "Alias", "LegacyFinder", "install", "is_submodule"]
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.dirname(os.path.abspath(__file__))  # sparc/sa/legacy: the 1.x ZCML folders
+_SA = os.path.dirname(_HERE)  # sparc/sa
 
 #: 1.x module path -> the module that now holds its names.
 ALIASES: dict[str, str] = {
@@ -77,12 +79,15 @@ MODULE_PACKAGES = ("sparc.sa.engine", "sparc.sa.ext", "sparc.sa.orm")
 
 
 def is_submodule(name: str) -> bool:
-    """Whether ``sparc.sa.<name>`` is a module of this package (a file beside this one)."""
-    return name.isidentifier() and os.path.isfile(os.path.join(_HERE, f"{name}.py"))
+    """Whether ``sparc.sa.<name>`` is a module or sub-package of sparc.sa."""
+    return name.isidentifier() and (
+        os.path.isfile(os.path.join(_SA, f"{name}.py"))
+        or os.path.isfile(os.path.join(_SA, name, "__init__.py"))
+    )
 
 
 def package_path(name: str) -> list[str]:
-    """The ``__path__`` of 1.x package ``name``: its directory under sparc/sa/."""
+    """The ``__path__`` of 1.x package ``name``: its directory under sparc/sa/legacy/."""
     parts = name.split(".")[2:]  # drop "sparc", "sa"
     return [os.path.join(_HERE, *parts)]
 

@@ -8,7 +8,7 @@ a block opened inside another runs in a SAVEPOINT (or, with
 and only the innermost open block may end. Entering is atomic: a block is
 fully open or nothing changed. The outermost block starts from a fresh view
 of the database. Inside a transaction of the ``transaction`` package the
-outermost block joins it (:mod:`sparc.sa.joined`) instead of committing.
+outermost block joins it (:mod:`sparc.sa.tx.joined`) instead of committing.
 
 States: NEW -> OPEN -> DONE, or CANCELLED when the scope's transaction was
 rolled back by someone else (an outer block ending first, or the joined
@@ -29,7 +29,7 @@ from typing import Any, Final, Protocol
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, scoped_session
 
-from sparc.sa import begun, joined
+from sparc.sa.connections.keep import keep_shared_connection
 from sparc.sa.exceptions import (
     AbortedTransactionError,
     BlockOrderError,
@@ -39,12 +39,13 @@ from sparc.sa.exceptions import (
     JoinedTransactionError,
     ReadOnlyTransactionError,
 )
-from sparc.sa.gate import Gate, GateCache, ThreadGate
-from sparc.sa.keep import keep_shared_connection
-from sparc.sa.replicas import GUARDED, READONLY
-from sparc.sa.scope import Scope, ScopeRegistry, after_interruption, note_interruption
-from sparc.sa.sessions import (
+from sparc.sa.tx import begun, joined
+from sparc.sa.tx.gate import Gate, GateCache, ThreadGate
+from sparc.sa.tx.scope import Scope, ScopeRegistry, after_interruption, note_interruption
+from sparc.sa.tx.sessions import (
+    GUARDED,
     IN_BLOCK,
+    READONLY,
     aborted,
     begin_nested,
     check_late_options,
@@ -55,12 +56,12 @@ from sparc.sa.sessions import (
     rollback,
     rollback_savepoint,
 )
-from sparc.sa.suspended import GENERATOR as _GENERATOR
-from sparc.sa.suspended import check_owner, owner_of_block
+from sparc.sa.tx.suspended import GENERATOR as _GENERATOR
+from sparc.sa.tx.suspended import check_owner, owner_of_block
 
 __all__ = ["Block", "BlockHost"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.block")  # its name before the move
 _DEBUG: Final = logging.DEBUG
 
 
@@ -142,7 +143,7 @@ class Block:
     ) -> None:
         self._manager = manager
         self._isolation = isolation  # normalised by sessions.check_isolation
-        self._readonly = readonly  # never joins; see sparc.sa.readonly
+        self._readonly = readonly  # never joins; see sparc.sa.replicas.readonly
         self._savepoint = savepoint
         self._tm = tm  # a transaction manager whose transaction to join
         self._state = _NEW
@@ -155,7 +156,7 @@ class Block:
         self._inner_done = 0  # inner blocks that ended normally inside this one
         self._session: Any = None
         self._nested_ = False
-        self._owner: FrameType | None = None  # see sparc.sa.suspended
+        self._owner: FrameType | None = None  # see sparc.sa.tx.suspended
         self._ref = weakref.ref(self)
 
     # __enter__ and __exit__ run on every transaction: the common case (a
@@ -193,13 +194,13 @@ class Block:
         if join != "never" and not self._readonly:
             # Inline, as it runs for every block: is a transaction of the
             # `transaction` package running for this thread, or a Pyramid
-            # request's? (sparc.sa.joined)
+            # request's? (sparc.sa.tx.joined)
             module = sys.modules.get("transaction")
             running = False
             if module is not None:
                 tm = module.manager  # the thread's TransactionManager is tm.manager
                 inner = getattr(tm, "manager", tm)
-                if scope.watched is not inner:  # once per thread: see sparc.sa.begun
+                if scope.watched is not inner:  # once per thread: see sparc.sa.tx.begun
                     begun.watch(inner)
                     scope.watched = inner
                 running = inner.__dict__.get("_txn") is not None

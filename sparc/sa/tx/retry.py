@@ -37,7 +37,7 @@ RETRY_MYSQL_ERRORS: Final = frozenset({1213, 1205, 1020})
 #: and its extended forms (SQLITE_BUSY_RECOVERY, _SNAPSHOT, _TIMEOUT).
 RETRY_SQLITE_CODES: Final = frozenset({5, 261, 517, 773})
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.retry")  # its name before the move
 
 # How far down the chain of causes and contexts to look: an error raised
 # while handling another carries it, but the chain is not walked unbounded.

@@ -25,7 +25,7 @@ made for. Everything else on the engine (``engine.connect()``, a plain
 it.
 
 This wraps the dialect's ``do_begin``, ``do_commit`` and ``do_rollback``
-for one engine's dialect instance, as :mod:`sparc.sa.liveness` wraps its
+for one engine's dialect instance, as :mod:`sparc.sa.tx.liveness` wraps its
 ping: no engine or pool event listener, nothing per statement.
 """
 

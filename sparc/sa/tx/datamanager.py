@@ -21,9 +21,9 @@ connection back to the pool.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
@@ -31,23 +31,27 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 from zope.interface import implementer
 
-from sparc.sa import begun, sessions
 from sparc.sa.exceptions import (
     AbortedTransactionError,
     BlockOrderError,
     JoinedTransactionError,
     RetryableDatabaseError,
 )
-from sparc.sa.gate import Gate, ThreadGate
-from sparc.sa.retry import is_retryable, retryable_in_request
-from sparc.sa.scope import Scope
+from sparc.sa.tx import begun, sessions
+from sparc.sa.tx.gate import Gate, ThreadGate
+from sparc.sa.tx.retry import is_retryable, retryable_in_request
 
-if TYPE_CHECKING:
-    from sparc.sa.joined import Joiner
+__all__ = [
+    "ENDED",
+    "WHOLE_TRANSACTION",
+    "JoinedScope",
+    "Joiner",
+    "SessionDataManager",
+    "guard",
+    "hand_out",
+]
 
-__all__ = ["ENDED", "WHOLE_TRANSACTION", "SessionDataManager", "guard", "hand_out"]
-
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.datamanager")  # its name before the move
 
 #: Key of Session.info: the transaction this session last worked in has
 #: ended, and nobody has taken the session from ``tx.session`` or joined it
@@ -95,6 +99,36 @@ def _transient(what: str, lost_connection: bool = True) -> Iterator[None]:
         raise
 
 
+class Joiner(Protocol):
+    """What joined mode needs of a transaction manager."""
+
+    @property
+    def gate_timeout(self) -> float: ...
+    @property
+    def twophase(self) -> bool: ...
+    @property
+    def sqlite_begin(self) -> bool: ...
+    @property
+    def switches_class(self) -> bool: ...
+    def new_session(self) -> Session: ...
+    def current_gate(self) -> Gate | ThreadGate | None: ...
+
+
+class JoinedScope(Protocol):
+    """What the data manager needs of a scope that joins its transaction
+    (:class:`sparc.sa.tx.scope.Scope`)."""
+
+    session: Session | None
+    joined: SessionDataManager | None
+    doomed: bool
+
+    @property
+    def blocks(self) -> Sequence[object]: ...
+    @property
+    def thread(self) -> int: ...
+    def cancel_open_blocks(self) -> None: ...
+
+
 @implementer(*_DM_INTERFACES)
 class SessionDataManager:
     """Takes part in a transaction of the ``transaction`` package for one
@@ -103,7 +137,7 @@ class SessionDataManager:
     def __init__(
         self,
         manager: Joiner,
-        scope: Scope,
+        scope: JoinedScope,
         session: Session,
         txn: Any,
         gate: Gate | ThreadGate | None,
@@ -114,7 +148,7 @@ class SessionDataManager:
         #: brought the session and holds the gate.
         self.scopes = [scope]
         # Other scopes' own sessions, given back when the transaction ends.
-        self._own_sessions: list[tuple[Scope, Session | None]] = []
+        self._own_sessions: list[tuple[JoinedScope, Session | None]] = []
         self.session = session
         self.txn = txn
         self._gate = gate
@@ -140,7 +174,7 @@ class SessionDataManager:
     def ended(self) -> bool:
         return self._ended
 
-    def attach(self, scope: Scope) -> None:
+    def attach(self, scope: JoinedScope) -> None:
         """Let *scope* (of another manager of the same engine) work in this
         transaction, with this session, until the transaction ends."""
         self._own_sessions.append((scope, scope.session))
@@ -148,7 +182,7 @@ class SessionDataManager:
         scope.joined = self
         self.scopes.append(scope)
 
-    def others_open(self, scope: Scope) -> bool:
+    def others_open(self, scope: JoinedScope) -> bool:
         """Whether a scope other than *scope* has a block open here."""
         return any(other.blocks for other in self.scopes if other is not scope)
 

@@ -1,6 +1,6 @@
 """The asyncio read-only block: ``async with atx(readonly=True):``.
 
-The asyncio twin of :mod:`sparc.sa.readonly`, with the same rules: on a
+The asyncio twin of :mod:`sparc.sa.replicas.readonly`, with the same rules: on a
 replica that has replayed the task's own commits (and the *after* token),
 else on the primary in a READ ONLY transaction; inside an open block of the
 task, in that block's transaction, refusing writes. Waiting for a replica to
@@ -21,33 +21,26 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
-from sparc.sa.aio import AsyncScopedTransaction, _AsyncBlock
-from sparc.sa.replicas import (
-    ON_REPLICA,
-    PRIMARY_ONLY,
-    READONLY,
-    Replica,
-    ReplicaSet,
-    _Unusable,
+from sparc.sa.replicas.errors import read_only_end
+from sparc.sa.replicas.guards import (
     after_begin,
     after_end,
     before_flush,
-    check_readonly_arguments,
     do_orm_execute,
     guard,
-    later,
-    nested_wait,
-    read_only_end,
-    read_token,
-    replica_set,
     unguard,
 )
+from sparc.sa.replicas.positions import PRIMARY_ONLY, check_readonly_arguments, later, read_token
+from sparc.sa.replicas.routing import Replica, ReplicaSet, Unusable, replica_set
+from sparc.sa.replicas.tokens import ON_REPLICA, nested_wait
+from sparc.sa.tx.asyncblock import AsyncBlock, AsyncBlockHost
+from sparc.sa.tx.sessions import READONLY
 
 __all__ = ["AsyncReadOnlyBlock", "async_readonly_block"]
 
 
 def async_readonly_block(
-    manager: AsyncScopedTransaction, readonly: object, after: object
+    manager: AsyncBlockHost, readonly: object, after: object
 ) -> AsyncReadOnlyBlock:
     return AsyncReadOnlyBlock(manager, check_readonly_arguments(readonly, after, "atx"))
 
@@ -57,10 +50,10 @@ class AsyncReadOnlyBlock:
 
     __slots__ = ("_after", "_block", "_guarded", "_manager", "_replica", "_rs")
 
-    def __init__(self, manager: AsyncScopedTransaction, after: str | None = None) -> None:
+    def __init__(self, manager: AsyncBlockHost, after: str | None = None) -> None:
         self._manager = manager
         self._after = read_token(after)
-        self._block: _AsyncBlock | None = None
+        self._block: AsyncBlock | None = None
         self._guarded: Session | None = None
         self._replica: Replica | None = None
         self._rs: ReplicaSet | None = None
@@ -76,7 +69,7 @@ class AsyncReadOnlyBlock:
         scope = manager._scopes.get(task) if task is not None else None
         if scope is not None and scope.blocks:
             # In the writing transaction around it, to see its uncommitted work.
-            block = self._block = _AsyncBlock(manager, True, readonly=True)
+            block = self._block = AsyncBlock(manager, True, readonly=True)
             session = await block.__aenter__()
             guarded = self._guarded = session.sync_session
             guard(guarded)
@@ -99,11 +92,11 @@ class AsyncReadOnlyBlock:
                         rs.stats["replica"] += 1
                         return on_replica
             rs.stats["primary"] += 1
-        block = self._block = _AsyncBlock(manager, True, readonly=True, factory=_factory(manager))
+        block = self._block = AsyncBlock(manager, True, readonly=True, factory=_factory(manager))
         return await block.__aenter__()
 
     async def _honour(self, session: AsyncSession) -> None:
-        """A token inside an open block (see :func:`sparc.sa.replicas.nested_wait`)."""
+        """A token inside an open block (see :func:`sparc.sa.replicas.tokens.nested_wait`)."""
         rs = replica_set(self._manager.engine)
         if rs is None:
             need = self._after[0]
@@ -116,13 +109,13 @@ class AsyncReadOnlyBlock:
             await asyncio.sleep(pause)
 
     async def _on_replica(
-        self, manager: AsyncScopedTransaction, rs: ReplicaSet, replica: Replica, need: Any
+        self, manager: AsyncBlockHost, rs: ReplicaSet, replica: Replica, need: Any
     ) -> AsyncSession | None:
         """The block on *replica* once it has replayed *need*; None if it
         cannot serve it now. A cancellation (a timeout around the block, say)
         while it connects or waits ends the block first: the task keeps no
         block open and no replica connection."""
-        block = _AsyncBlock(manager, True, readonly=True, factory=_factory(manager, replica))
+        block = AsyncBlock(manager, True, readonly=True, factory=_factory(manager, replica))
         try:
             session = await block.__aenter__()  # connects
         except (sa_exc.DBAPIError, OSError) as error:
@@ -130,7 +123,7 @@ class AsyncReadOnlyBlock:
             return None
         try:
             floor = replica.replayed
-            if rs.mariadb:  # one MASTER_GTID_WAIT on the server (sparc.sa.gtid)
+            if rs.mariadb:  # one MASTER_GTID_WAIT on the server (sparc.sa.replicas.gtid)
                 await session.run_sync(lambda s: rs.check(replica, s, need))
                 floor = later(floor, need)
             elif rs.needs_check(replica, need):
@@ -144,8 +137,8 @@ class AsyncReadOnlyBlock:
                 floor = later(floor, need)
             session.sync_session.info[ON_REPLICA] = (replica, floor)
         except BaseException as error:
-            unusable = isinstance(error, (_Unusable, sa_exc.DBAPIError, OSError))
-            if unusable and not isinstance(error, _Unusable):
+            unusable = isinstance(error, (Unusable, sa_exc.DBAPIError, OSError))
+            if unusable and not isinstance(error, Unusable):
                 rs.failed(replica, error)
             await block.__aexit__(type(error), error, error.__traceback__)
             if unusable:
@@ -180,7 +173,7 @@ _lock = threading.Lock()
 _FACTORIES: Final = "_sparc_sa_readonly_factories"
 
 
-def _factory(manager: AsyncScopedTransaction, replica: Replica | None = None) -> Any:
+def _factory(manager: AsyncBlockHost, replica: Replica | None = None) -> Any:
     factories: dict[Replica | None, Any] = manager.__dict__.setdefault(_FACTORIES, {})
     key = replica
     factory = factories.get(key)

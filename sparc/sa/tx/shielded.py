@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 __all__ = ["cancel_pending", "end_session", "finish", "quietly", "run_detached"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.shielded")  # its name before the move
 _T = TypeVar("_T")
 
 # Tasks that finish blocks, for tasks that ended or were cancelled among

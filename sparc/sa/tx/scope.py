@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sparc.sa import begun, fork
-from sparc.sa.gate import gate_for
+from sparc.sa.connections import fork
+from sparc.sa.tx import begun
+from sparc.sa.tx.gate import gate_for
 
 if TYPE_CHECKING:
     from asyncio import Task
 
-    from sparc.sa.joined import SessionDataManager
+    from sparc.sa.tx.datamanager import SessionDataManager
 
 __all__ = [
     "OpenBlock",
@@ -42,7 +43,7 @@ __all__ = [
     "note_interruption",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.scope")  # its name before the move
 _get_ident = threading.get_ident
 
 
@@ -74,7 +75,7 @@ class Scope:
     def __init__(self, engine: Engine) -> None:
         self.session: Session | None = None
         # The scope's own session while an outermost read-only block runs in
-        # a session of its own (sparc.sa.readonly): closed with the scope too.
+        # a session of its own (sparc.sa.replicas.readonly): closed with the scope too.
         self.set_aside: Session | None = None
         # The open blocks, outermost first. Held weakly: a block whose `with`
         # statement is gone without its __exit__ having run (interrupted before
@@ -90,7 +91,7 @@ class Scope:
         self.thread = _get_ident()
         self.engine = engine
         # The thread's manager of the `transaction` package, once its begins
-        # are watched (sparc.sa.begun): asked once per scope, not per block.
+        # are watched (sparc.sa.tx.begun): asked once per scope, not per block.
         self.watched: Any = None
 
     def cancel_open_blocks(self) -> None:

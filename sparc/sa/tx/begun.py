@@ -43,7 +43,7 @@ __all__ = [
     "watching",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.begun")  # its name before the move
 
 #: What :func:`began` answers.
 BEGUN: Final = "begun"

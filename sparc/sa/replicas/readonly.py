@@ -35,33 +35,21 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from sparc.sa.block import Block
-from sparc.sa.replicas import (
-    ON_REPLICA,
-    PRIMARY_ONLY,
-    READONLY,
-    Replica,
-    ReplicaSet,
-    _Unusable,
-    guard,
-    install_guards,
-    is_disconnect,
-    later,
-    nested_wait,
-    read_only_end,
-    read_token,
-    replica_set,
-    unguard,
-)
-from sparc.sa.retry import check_attempts, delay_before_next
-from sparc.sa.sessions import begin_on_sqlite
+from sparc.sa.replicas.errors import is_disconnect, read_only_end
+from sparc.sa.replicas.guards import guard, install_guards, unguard
+from sparc.sa.replicas.positions import PRIMARY_ONLY, later, read_token
+from sparc.sa.replicas.routing import Replica, ReplicaSet, Unusable, replica_set
+from sparc.sa.replicas.tokens import ON_REPLICA, nested_wait
+from sparc.sa.tx.block import Block
+from sparc.sa.tx.retry import check_attempts, delay_before_next
+from sparc.sa.tx.sessions import READONLY, begin_on_sqlite
 
 if TYPE_CHECKING:
-    from sparc.sa.scope import Scope
+    from sparc.sa.tx.scope import Scope
 
 __all__ = ["ReadOnlyBlock", "run_readonly"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sparc.sa.readonly")  # its name before the move
 _T = TypeVar("_T")
 
 
@@ -126,7 +114,7 @@ class ReadOnlyBlock:
 
     def _honour(self, session: Session) -> None:
         """A token inside an open block: seen by that block's transaction, or
-        StaleSnapshotError (see :func:`sparc.sa.replicas.nested_wait`)."""
+        StaleSnapshotError (see :func:`sparc.sa.replicas.tokens.nested_wait`)."""
         rs = replica_set(self._manager.engine)
         need = self._after[0] if rs is None else rs.need(self._after)
         deadline = time.monotonic() + (rs.wait if rs is not None else 0.0)
@@ -171,9 +159,9 @@ class ReadOnlyBlock:
             session.info[ON_REPLICA] = (replica, floor)
         except BaseException as error:
             unusable = replica is not None and isinstance(
-                error, (_Unusable, sa_exc.DBAPIError, OSError)
+                error, (Unusable, sa_exc.DBAPIError, OSError)
             )
-            if unusable and not isinstance(error, _Unusable):
+            if unusable and not isinstance(error, Unusable):
                 assert rs is not None and replica is not None
                 rs.failed(replica, error)
             try:

@@ -18,7 +18,7 @@ transaction: ZODB's, and now the database's. A transaction manager's
     publishes a request, and during a Pyramid request that pyramid_tm
     manages (``request.tm``, whichever manager its ``tm.manager_hook``
     makes). A transaction that exists only because something called
-    ``transaction.get()`` is not joined (:mod:`sparc.sa.begun` tells them
+    ``transaction.get()`` is not joined (:mod:`sparc.sa.tx.begun` tells them
     apart). Otherwise as ``"never"``.
 
 ``with tx(transaction_manager=tm):`` joins *tm*'s current transaction
@@ -31,7 +31,7 @@ after-abort hooks) do not join it: they commit by themselves. Blocks in
 before-commit and before-abort hooks still belong to it.
 
 All managers of one engine share one SQL transaction per joined
-transaction, on one connection (see :mod:`sparc.sa.datamanager`).
+transaction, on one connection (see :mod:`sparc.sa.tx.datamanager`).
 
 In a joined transaction the outermost block of a scope runs in a SAVEPOINT:
 on normal exit it flushes and releases it, on an exception it rolls back to
@@ -59,12 +59,10 @@ import importlib
 import logging
 import sys
 from types import FrameType
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from sqlalchemy.orm import Session
 
-from sparc.sa import begun, liveness, sessions
-from sparc.sa.datamanager import WHOLE_TRANSACTION, SessionDataManager
 from sparc.sa.exceptions import (
     AbortedTransactionError,
     DoomedTransactionError,
@@ -72,9 +70,10 @@ from sparc.sa.exceptions import (
     JoinedTransactionError,
     RetryableDatabaseError,
 )
-from sparc.sa.gate import Gate, ThreadGate
-from sparc.sa.retry import retryable_in_request
-from sparc.sa.scope import Scope
+from sparc.sa.tx import begun, liveness, sessions
+from sparc.sa.tx.datamanager import WHOLE_TRANSACTION, Joiner, SessionDataManager
+from sparc.sa.tx.retry import retryable_in_request
+from sparc.sa.tx.scope import Scope
 
 __all__ = [
     "WHOLE_TRANSACTION",
@@ -87,22 +86,7 @@ __all__ = [
     "transaction_to_join",
 ]
 
-logger = logging.getLogger(__name__)
-
-
-class Joiner(Protocol):
-    """What joined mode needs of a transaction manager."""
-
-    @property
-    def gate_timeout(self) -> float: ...
-    @property
-    def twophase(self) -> bool: ...
-    @property
-    def sqlite_begin(self) -> bool: ...
-    @property
-    def switches_class(self) -> bool: ...
-    def new_session(self) -> Session: ...
-    def current_gate(self) -> Gate | ThreadGate | None: ...
+logger = logging.getLogger("sparc.sa.joined")  # its name before the move
 
 
 # -- which transaction ---------------------------------------------------------------
@@ -287,7 +271,7 @@ def join_scope(
         txn.join(dm)
         txn.set_data(engine, dm)
         # Take the connection now, trusting one returned a moment ago: if it
-        # died meanwhile, the request is retried (see sparc.sa.liveness).
+        # died meanwhile, the request is retried (see sparc.sa.tx.liveness).
         with liveness.trusting_recent_connections():
             dm.note_root()
     except BaseException:

@@ -28,7 +28,7 @@ ping is a round trip of its own: psycopg sends ``;`` outside any transaction
 and then, before the first statement, the transaction's BEGIN; SQLAlchemy's
 asyncpg adapter sends BEGIN, ``;`` and ROLLBACK (since SQLAlchemy 2.0.21)
 and then BEGIN again. When the checkout is the one a session of
-sparc.sa's (:class:`sparc.sa.sessions.BlockSession`) makes to begin its
+sparc.sa's (:class:`sparc.sa.tx.sessions.BlockSession`) makes to begin its
 transaction, the check is that transaction's own BEGIN, sent as the
 connection leaves the pool, the one the driver would have sent before the
 first statement: if the connection died in the pool, the BEGIN fails as
@@ -72,8 +72,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm.session import SessionTransaction
 from sqlalchemy.util import concurrency
 
-from sparc.sa.replicas import READONLY
-from sparc.sa.sessions import BlockSession
+from sparc.sa.tx.sessions import READONLY, BlockSession
 
 __all__ = [
     "RECENT",

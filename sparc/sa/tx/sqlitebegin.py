@@ -6,7 +6,7 @@ reads would run outside its transaction, so two reads of one block could see
 two states of the database, and a SAVEPOINT outside a transaction starts one
 of its own, whose RELEASE commits. So a block begins its transaction before
 its first statement. (The synchronous driver's twin is
-:func:`sparc.sa.sessions.begin_on_sqlite`.)
+:func:`sparc.sa.tx.sessions.begin_on_sqlite`.)
 
 Every statement on aiosqlite is a trip to the connection's own thread and
 back, the largest cost of a short transaction there. A BEGIN sent as a
@@ -28,7 +28,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
-from sparc.sa.sessions import BlockSession
+from sparc.sa.tx.sessions import BlockSession
 
 if TYPE_CHECKING:  # needs greenlet at run time; engine.py imports this module
     from sqlalchemy.ext.asyncio import AsyncEngine
