@@ -440,6 +440,10 @@ def release_orphaned_logging_locks() -> None:
             lock.release()
 
 
+def _drop_unraisable(unraisable: Any) -> None:
+    pass
+
+
 # An interruption that lands in a weakref callback or finaliser is reported
 # by Python as "ignored", not raised: that is not a failure of the block.
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer (POSIX)")
@@ -463,6 +467,12 @@ def test_signal_interrupts_during_many_blocks_never_wedge(
         raise Interrupt("SIGALRM")
 
     previous = signal.signal(signal.SIGALRM, alarm)
+    # An interruption can also land inside the hook that reports "ignored"
+    # exceptions; pytest's own hook then fails the test with "Failed to
+    # process unraisable exception" (seen once in CI). During the storm the
+    # hook drops them: they are expected here, and counted by what follows.
+    unraisablehook = sys.unraisablehook
+    sys.unraisablehook = _drop_unraisable
     try:
         for n in range(rounds):
             try:
@@ -481,6 +491,7 @@ def test_signal_interrupts_during_many_blocks_never_wedge(
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        sys.unraisablehook = unraisablehook
         release_orphaned_logging_locks()
     gc.collect()  # finalisers of blocks whose exits were interrupted
     assert open_blocks(transaction) == 0
