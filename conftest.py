@@ -13,6 +13,7 @@ import os
 import pathlib
 import re
 import socket
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -80,7 +81,16 @@ def frozen_heap() -> Iterator[None]:
     interruption at every line, SIGALRM at random) ran ten times slower in
     the whole suite than alone. The collection first means no garbage is
     frozen; what a module makes is collected as before."""
-    gc.collect()
+    # Garbage that earlier modules left is collected here, at the start of
+    # an unrelated module's first test: what its finalisers report ("Exception
+    # ignored in": a leaked driver socket's ResourceWarning, say) goes to
+    # stderr, where it is seen, rather than failing that unrelated test.
+    hook = sys.unraisablehook
+    sys.unraisablehook = sys.__unraisablehook__
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
     gc.freeze()
     yield
     gc.unfreeze()
