@@ -14,6 +14,9 @@ import pathlib
 import re
 import socket
 import sys
+import traceback
+import types
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -94,6 +97,78 @@ def frozen_heap() -> Iterator[None]:
     gc.freeze()
     yield
     gc.unfreeze()
+
+
+# Where a leaked socket came from. A socket nobody closed is reported when it
+# is freed ("Exception ignored in: <socket.socket ...>", a ResourceWarning),
+# often during a later, unrelated test. Every socket made during the run
+# remembers the test that made it and the code that made it, so that the
+# report names the culprit rather than the victim.
+_socket_origins: dict[int, tuple[str, str]] = {}
+#: How such a report begins (pyproject.toml's filterwarnings matches it).
+LEAKED_ELSEWHERE = "A socket made by an earlier test"
+_PYTEST_CODE = re.compile(r"[/\\](_pytest|pluggy)[/\\]")
+_current_test = "(no test: collection or session set-up)"
+
+
+def _remember_socket_origin(sock: socket.socket) -> None:
+    key = id(sock)
+    frames = traceback.extract_stack(limit=40)[:-2]
+    stack = "".join(
+        traceback.format_list([f for f in frames if not _PYTEST_CODE.search(f.filename)][-14:])
+    )
+    _socket_origins[key] = (_current_test, stack)
+    weakref.finalize(sock, _socket_origins.pop, key, None)
+
+
+_socket_init = socket.socket.__init__
+
+
+def _socket_init_remembering(self: socket.socket, *args: Any, **kwargs: Any) -> None:
+    _socket_init(self, *args, **kwargs)
+    _remember_socket_origin(self)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    global _current_test
+    _current_test = item.nodeid
+    yield
+
+
+def _install_socket_origins() -> None:
+    socket.socket.__init__ = _socket_init_remembering  # type: ignore[method-assign]
+    reporting = sys.unraisablehook
+
+    def report_origin(unraisable: Any) -> None:
+        origin = _socket_origins.get(id(unraisable.object))
+        if isinstance(unraisable.object, socket.socket) and origin is not None:
+            made_by, stack = origin
+            if made_by != _current_test:
+                # Not this test's socket: reported as a warning that names the
+                # test that made it (pyproject.toml keeps these visible in the
+                # warnings summary, not errors of the test that happened to run
+                # when the garbage was freed).
+                unraisable = types.SimpleNamespace(
+                    exc_type=unraisable.exc_type,
+                    exc_value=unraisable.exc_value,
+                    exc_traceback=unraisable.exc_traceback,
+                    err_msg=f"{LEAKED_ELSEWHERE} ({made_by}, at:\n{stack}), freed unclosed here",
+                    object=unraisable.object,
+                )
+        reporting(unraisable)
+
+    sys.unraisablehook = report_origin
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # After pytest's own unraisable hook is in place (it calls no other):
+    # ours names a leaked socket's origin, then hands over to it.
+    _install_socket_origins()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    socket.socket.__init__ = _socket_init  # type: ignore[method-assign]
 
 
 @pytest.fixture
