@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-__all__ = ["ENDING_HOOKS", "RUNNING", "ending_hooks_pending", "synchronizers"]
+__all__ = ["ENDING_HOOKS", "RUNNING", "ending_hooks_pending", "running", "synchronizers"]
 
 #: The attribute of a ``TransactionManager`` that holds its running
 #: transaction, or None: ``get()`` would begin one in implicit mode. A name,
