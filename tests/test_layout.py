@@ -235,3 +235,216 @@ def test_a_package_face_imports_nothing_when_imported() -> None:
         for node in ast.parse(path.read_text()).body:  # top level, not under TYPE_CHECKING
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 assert not imported(node), f"sparc/sa/{name.replace('.', '/')} line {node.lineno}"
+
+
+# -- other packages' private names -------------------------------------------------------
+
+#: Other packages' private names that sparc.sa relies on, each reached only
+#: from its package's module in sparc/sa/foreign/ (docs/developers.rst lists
+#: them and why; tests/test_foreign.py pins each).
+FOREIGN_PRIVATE = {
+    "foreign.of_transaction": {
+        "_txn",
+        "_synchs",
+        "_after_commit",
+        "_after_abort",
+        "_callAfterCommitHooks",
+        "_callAfterAbortHooks",
+    },
+    "foreign.of_sqlalchemy": {
+        "_connections",
+        "_savepoint",
+        "_is_clean",
+        "_pre_ping",
+        "_max_overflow",
+        "_timeout",
+        "_is_asyncio",
+        "_isolation_lookup",
+        "_limit_clause",
+        "_connection_for_bind",
+        "_connection",
+        "_started",
+        "_transaction",
+        "_start_transaction",
+        "_start_query",
+        "_transport",
+        "_writer",
+    },
+    "foreign.of_asyncio": {"_get_running_loop", "_must_cancel", "_call_connection_lost"},
+    "foreign.of_zope_configuration": {"_details"},
+}
+#: Private names a public hook replaced: used nowhere any more.
+REPLACED = {
+    "_parent": "SessionTransaction.parent",
+    "_nested_transaction": "Connection.get_nested_transaction()",
+}
+#: The modules that look at frames (sys._getframe); docs/developers.rst says why.
+FRAME_READERS = {"tx.block", "tx.asyncblock", "tx.liveness", "tx.joined", "orm"}
+
+
+def own_names(tree: ast.AST) -> set[str]:
+    """Attribute names a module gives its own objects: in ``__slots__``, or
+    assigned as ``self.name = ...``."""
+    own: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name) and target.id == "__slots__":
+                    own.update(
+                        c.value
+                        for c in ast.walk(node.value)
+                        if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                    )
+                elif (
+                    isinstance(target, ast.Attribute)
+                    and isinstance(target.value, ast.Name)
+                    and target.value.id == "self"
+                ):
+                    own.add(target.attr)
+    return own
+
+
+def private_reaches(source: str, watched: set[str]) -> list[tuple[int, str]]:
+    """Where *source* reaches another package's private name: a *watched*
+    name as an attribute or a string (not the module's own attribute of that
+    name), an underscore name imported from, or read off, a module that is
+    not sparc's, and ``sys._getframe``."""
+    tree = ast.parse(source)
+    own = own_names(tree)
+    slots = {
+        id(c)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in node.targets)
+        for c in ast.walk(node.value)
+    }
+    foreign_modules: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if not alias.name.startswith("sparc"):
+                    foreign_modules.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and not (node.module or "").startswith("sparc"):
+            foreign_modules.update(alias.asname or alias.name for alias in node.names)
+    found: list[tuple[int, str]] = []
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            base = node.value
+            if isinstance(base, ast.Name) and base.id == "sys" and node.attr == "_getframe":
+                found.append((node.lineno, "sys._getframe"))
+            elif node.attr in watched and node.attr not in own:
+                found.append((node.lineno, f".{node.attr}"))
+            elif private(node.attr) and isinstance(base, ast.Name) and base.id in foreign_modules:
+                found.append((node.lineno, f"{base.id}.{node.attr}"))
+        elif isinstance(node, ast.Constant) and node.value in watched and id(node) not in slots:
+            if node.value not in own:
+                found.append((node.lineno, repr(node.value)))
+        elif isinstance(node, ast.ImportFrom) and not (node.module or "").startswith("sparc"):
+            module = node.module or ""
+            for alias in node.names:
+                if module != "__future__" and (
+                    private(alias.name) or any(private(p) for p in module.split("."))
+                ):
+                    found.append((node.lineno, f"from {module} import {alias.name}"))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if any(private(p) for p in alias.name.split(".")):
+                    found.append((node.lineno, f"import {alias.name}"))
+    return sorted(found)
+
+
+WATCHED = set().union(*FOREIGN_PRIVATE.values(), REPLACED)
+
+
+def test_private_reaches_finds_each_kind() -> None:
+    source = (
+        "import sys\n"
+        "import asyncio.events as ev\n"
+        "from asyncio.events import _get_running_loop\n"
+        "from sqlalchemy.orm import session as s\n"
+        "class Block:\n"
+        "    __slots__ = ('_savepoint',)\n"
+        "    def f(self, t):\n"
+        "        self._savepoint = 1\n"
+        "        t._connections\n"
+        "        getattr(t, '_txn', None)\n"
+        "        ev._whatever\n"
+        "        s._private\n"
+        "        sys._getframe(1)\n"
+        "        t._parent\n"
+        "        return self._savepoint, t._not_watched\n"
+    )
+    assert [what for _, what in private_reaches(source, WATCHED)] == [
+        "from asyncio.events import _get_running_loop",
+        "._connections",
+        "'_txn'",
+        "ev._whatever",
+        "s._private",
+        "sys._getframe",
+        "._parent",
+    ]
+
+
+def test_other_packages_private_names_are_reached_from_one_module_each() -> None:
+    owner_of = {name: owner for owner, names in FOREIGN_PRIVATE.items() for name in names}
+    assert len(owner_of) == sum(len(names) for names in FOREIGN_PRIVATE.values())
+    for name, path in NAMES.items():
+        if name in FOREIGN_PRIVATE:
+            continue
+        for line, what in private_reaches(path.read_text(), WATCHED):
+            if what == "sys._getframe" and name in FRAME_READERS:
+                continue
+            where = f"sparc/sa/{name.replace('.', '/')} line {line}"
+            bare = what.strip(".'")
+            assert bare not in REPLACED, f"{where}: {what}; use {REPLACED.get(bare)}"
+            raise AssertionError(
+                f"{where} reaches {what}: another package's private name belongs in "
+                f"{owner_of.get(bare, 'its module in sparc/sa/foreign/')}, behind an accessor"
+            )
+
+
+def test_each_foreign_module_uses_the_names_it_is_listed_for() -> None:
+    """So that the test above cannot pass for lack of anything to find."""
+    for owner, names in FOREIGN_PRIVATE.items():
+        used = {
+            what.split(" import ")[-1].strip(".'")
+            for _, what in private_reaches(NAMES[owner].read_text(), WATCHED)
+        }
+        assert names <= used, f"{owner} does not use {sorted(names - used)}"
+        others = set().union(*(n for o, n in FOREIGN_PRIVATE.items() if o != owner))
+        assert not (used & others), f"{owner} uses {sorted(used & others)}, listed elsewhere"
+    assert set(FOREIGN_PRIVATE) == {n for n in NAMES if n.startswith("foreign.")}
+    for name in FRAME_READERS:
+        reaches = private_reaches(NAMES[name].read_text(), WATCHED)
+        assert "sys._getframe" in {what for _, what in reaches}, f"{name} reads no frame"
+
+
+def test_the_foreign_modules_import_nothing_of_sparc_sa() -> None:
+    """Every layer may use them, the core too."""
+    for name, edges in GRAPH.items():
+        if name.split(".")[0] == "foreign":
+            assert not edges, f"{name} imports {edges}"
+
+
+def test_each_foreign_name_is_pinned_and_documented() -> None:
+    """Each accessor is exercised by tests/test_foreign.py, and each name is
+    listed in docs/developers.rst (DEVELOPERS.md)."""
+    tests = (pathlib.Path(__file__).parent / "test_foreign.py").read_text()
+    guide = (ROOT.parent.parent / "DEVELOPERS.md").read_text()
+    for owner, names in FOREIGN_PRIVATE.items():
+        tree = ast.parse(NAMES[owner].read_text())
+        exported = next(
+            ast.literal_eval(node.value)
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+        )
+        short = owner.split(".")[-1]
+        for accessor in exported:
+            assert f"{short}.{accessor}" in tests, f"tests/test_foreign.py uses no {accessor}"
+        for name in names | set(REPLACED):
+            assert f"`{name}`" in guide, f"DEVELOPERS.md lists no `{name}`"

@@ -30,6 +30,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sparc.sa import options, replicas
+from sparc.sa.foreign.of_sqlalchemy import max_overflow, pre_pings
+from sparc.sa.foreign.of_zope_configuration import error_details
 from sparc.sa.tx import liveness
 
 if TYPE_CHECKING:  # needs greenlet at run time
@@ -210,7 +212,7 @@ async def check_async_engine(engine: AsyncEngine, name: str = "") -> Report:
         driver=f"{sync_engine.driver}, asyncio",
         server_version=server_version,
         pool=_pool_text(sync_engine.pool),
-        pre_ping=bool(sync_engine.pool._pre_ping),
+        pre_ping=pre_pings(sync_engine.pool),
         isolation_level=isolation,
         round_trip_ms=statistics.median(timings),
         prepared=prepared,
@@ -247,7 +249,7 @@ def _pool_text(pool: Any) -> str:
     size = getattr(pool, "size", None)
     text = type(pool).__name__
     if callable(size):
-        text += f", size {size()}, max overflow {getattr(pool, '_max_overflow', '?')}"
+        text += f", size {size()}, max overflow {max_overflow(pool, '?')}"
     elif isinstance(pool, sa.pool.StaticPool):
         text += ", one connection shared by all threads"
     return text
@@ -321,7 +323,7 @@ def zcml_problem(exc: BaseException, path: pathlib.Path) -> str:
         message = f"{type(evalue).__name__}: {evalue}"
     else:
         parts = [" ".join(str(arg) for arg in exc.args)]
-        for detail in getattr(exc, "_details", None) or ():
+        for detail in error_details(exc) or ():
             found = _DETAIL.search(str(detail))
             if found:
                 where, line = found["file"], int(found["line"])

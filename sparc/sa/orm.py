@@ -39,7 +39,6 @@ import logging
 import sys
 import time
 import weakref
-from asyncio.events import _get_running_loop
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -62,6 +61,8 @@ from sparc.sa.exceptions import (
     JoinedTransactionError,
     RetryableDatabaseError,
 )
+from sparc.sa.foreign.of_asyncio import running_loop
+from sparc.sa.foreign.of_transaction import RUNNING
 from sparc.sa.interfaces import (
     ISADeclarativeMeta,
     ISAEngine,
@@ -271,7 +272,7 @@ class ThreadLocalSASessionTransaction:
     def session(self) -> Session:
         """The current scope's session."""
         scope: Scope
-        if _get_running_loop() is None:  # the common case, inline
+        if running_loop() is None:  # the common case, inline
             try:
                 scope = self.scopes.local.scope
             except AttributeError:
@@ -444,7 +445,7 @@ class ThreadLocalSASessionTransaction:
                 begun.watch(inner)
                 scope.watched = inner
             if (
-                inner.__dict__.get("_txn") is None
+                inner.__dict__.get(RUNNING) is None
                 and self._join != "always"
                 and "pyramid_tm" not in sys.modules
             ):

@@ -14,6 +14,8 @@ from typing import Any
 from sqlalchemy import pool as sa_pool
 from sqlalchemy.engine import URL
 
+from sparc.sa.foreign.of_sqlalchemy import isolation_lookup, pool_class_is_asyncio
+
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 
@@ -221,7 +223,7 @@ def _to_isolation_level(value: Any) -> str:
 def check_pool_kind(url: URL, poolclass: Any) -> None:
     """An asyncio pool needs an asyncio driver (SQLAlchemy 2.0.0 accepts the
     mismatch and fails at first use)."""
-    if poolclass is None or not getattr(poolclass, "_is_asyncio", False):
+    if poolclass is None or not pool_class_is_asyncio(poolclass):
         return
     try:
         is_async = bool(getattr(url.get_dialect(), "is_async", False))
@@ -268,7 +270,7 @@ def _check_object(name: str, obj: Any) -> Any:
 def _check_isolation_level(url: URL, level: str) -> str:
     known = set(_ISOLATION_LEVELS)
     try:
-        lookup = getattr(url.get_dialect(), "_isolation_lookup", None)
+        lookup = isolation_lookup(url.get_dialect())
     except Exception:  # an unknown dialect is reported by create_engine()
         lookup = None
     if isinstance(lookup, (set, frozenset, dict)):

@@ -14,6 +14,7 @@ from zope.component import adapter
 from zope.interface import implementer
 from zope.interface.common.sequence import IFiniteSequence
 
+from sparc.sa.foreign.of_sqlalchemy import limit_clause
 from sparc.sa.interfaces import (
     ISAQuery,
     ISAResultRowModel,
@@ -75,7 +76,7 @@ class ModelSequenceForQuery:
         stop = min(stop, _NO_ROWS_BEYOND)
         # SQLAlchemy's slice() adds to an OFFSET the query already has but
         # replaces its LIMIT: keep the window inside that LIMIT here.
-        if getattr(self.query, "_limit_clause", None) is not None:
+        if limit_clause(self.query) is not None:
             stop = min(stop, len(self))
             if stop <= start:
                 return []

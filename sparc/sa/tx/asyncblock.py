@@ -30,8 +30,10 @@ from sparc.sa.exceptions import (
     IsolationLevelError,
     ReadOnlyTransactionError,
 )
+from sparc.sa.foreign.of_asyncio import call_connection_lost, cancel_pending
+from sparc.sa.foreign.of_sqlalchemy import driver_transport
 from sparc.sa.tx.sessions import READONLY, check_isolation
-from sparc.sa.tx.shielded import cancel_pending, finish, quietly
+from sparc.sa.tx.shielded import finish, quietly
 from sparc.sa.tx.suspended import GENERATOR, check_owner, owner_of_block
 
 __all__ = ["DONE", "AsyncBlock", "AsyncBlockHost", "AsyncScope"]
@@ -135,9 +137,7 @@ def _shut_down(driver: Any) -> None:
     if pgconn is not None:
         pgconn.finish()
         return
-    transport = getattr(driver, "_transport", None)  # asyncpg
-    if transport is None:  # asyncmy, aiomysql
-        transport = getattr(getattr(driver, "_writer", None), "transport", None)
+    transport = driver_transport(driver)  # asyncpg, asyncmy, aiomysql
     if transport is None:
         return
     sock = transport.get_extra_info("socket")
@@ -148,7 +148,7 @@ def _shut_down(driver: Any) -> None:
     except RuntimeError:
         # abort() schedules the rest on the transport's loop, which is closed:
         # finish it here (close the socket, tell the driver's protocol).
-        transport._call_connection_lost(None)
+        call_connection_lost(transport)
     # aiosqlite: its thread holds the connection; a file database's lock is
     # released when the connection is collected.
 

@@ -31,6 +31,8 @@ import warnings
 import weakref
 from typing import Any, Final
 
+from sparc.sa.foreign import of_transaction
+
 __all__ = [
     "BEGUN",
     "NOT_BEGUN",
@@ -111,9 +113,9 @@ def began(txn: Any, manager: Any) -> str:
         return UNKNOWN
     # Test layers and ZODB call clearSynchs(), which drops our synchronizer
     # too: begins since then went unseen. Checked only on this rare path;
-    # TransactionManager keeps its synchronizers in `_synchs` (DEVELOPERS.md,
-    # private names), and has no public way to ask for one.
-    synchs = getattr(manager, "_synchs", None)
+    # TransactionManager has no public way to ask for one (DEVELOPERS.md,
+    # other packages' private names).
+    synchs = of_transaction.synchronizers(manager)
     if synchs is not None and _WATCHER not in synchs:
         _watched.discard(manager)
         watch(manager)

@@ -22,7 +22,6 @@ import logging
 import os
 import sys
 import weakref
-from asyncio.events import _get_running_loop
 from types import FrameType, TracebackType
 from typing import Any, Final, Protocol
 
@@ -39,6 +38,9 @@ from sparc.sa.exceptions import (
     JoinedTransactionError,
     ReadOnlyTransactionError,
 )
+from sparc.sa.foreign.of_asyncio import running_loop
+from sparc.sa.foreign.of_sqlalchemy import is_clean
+from sparc.sa.foreign.of_transaction import RUNNING
 from sparc.sa.tx import begun, joined
 from sparc.sa.tx.gate import Gate, GateCache, ThreadGate
 from sparc.sa.tx.scope import Scope, ScopeRegistry, after_interruption, note_interruption
@@ -168,7 +170,7 @@ class Block:
             raise RuntimeError("a block can be entered once; call tx() for each block")
         manager = self._manager
         scope: Scope
-        if _get_running_loop() is None:
+        if running_loop() is None:
             try:
                 scope = manager.scopes.local.scope
             except AttributeError:
@@ -203,7 +205,7 @@ class Block:
                 if scope.watched is not inner:  # once per thread: see sparc.sa.tx.begun
                     begun.watch(inner)
                     scope.watched = inner
-                running = inner.__dict__.get("_txn") is not None
+                running = inner.__dict__.get(RUNNING) is not None
             if running or join == "always" or self._tm is not None or "pyramid_tm" in sys.modules:
                 txn = joined.transaction_to_join(join, self._tm)
                 if txn is not None:
@@ -504,7 +506,7 @@ def _enter_joined(block: Block, scope: Scope, txn: Any) -> None:
         before = session.get_nested_transaction()
         try:
             if block._savepoint:
-                if dm.fresh and session._is_clean() and not dm.others_open(scope):
+                if dm.fresh and is_clean(session) and not dm.others_open(scope):
                     # Nothing written yet in this transaction: rolling it
                     # back whole undoes exactly this block, so the two
                     # round trips of a SAVEPOINT and its RELEASE are saved.

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool, SingletonThreadPool, StaticPool
 
 from sparc.sa.exceptions import InterleavedTransactionError
+from sparc.sa.foreign.of_sqlalchemy import pool_timeout
 
 __all__ = [
     "DEFAULT_GATE_TIMEOUT",
@@ -237,7 +238,7 @@ def forget_gate(pool: Pool) -> None:
 def gate_timeout(pool: Pool) -> float:
     """Seconds a block waits for a connection every thread shares
     (StaticPool): the pool's ``timeout`` if it has one, else 30."""
-    timeout = getattr(pool, "_timeout", None)
+    timeout = pool_timeout(pool)
     return float(timeout) if isinstance(timeout, (int, float)) else DEFAULT_GATE_TIMEOUT
 
 

@@ -59,7 +59,7 @@ import importlib
 import logging
 import sys
 from types import FrameType
-from typing import Any, Final
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -70,6 +70,8 @@ from sparc.sa.exceptions import (
     JoinedTransactionError,
     RetryableDatabaseError,
 )
+from sparc.sa.foreign import of_transaction
+from sparc.sa.foreign.of_transaction import ENDING_HOOKS
 from sparc.sa.tx import begun, liveness, sessions
 from sparc.sa.tx.datamanager import WHOLE_TRANSACTION, Joiner, SessionDataManager
 from sparc.sa.tx.retry import retryable_in_request
@@ -132,10 +134,10 @@ def manager_of(txn: Any, tm: Any = None) -> Any:
 def _running(tm: Any) -> Any:
     """*tm*'s transaction if one is running; never begins one."""
     # transaction.manager is a ThreadTransactionManager: the thread's own
-    # TransactionManager is its `manager`. Its `_txn` is the running
-    # transaction, which get() would create in implicit mode.
+    # TransactionManager is its `manager`, which knows the running
+    # transaction; get() would create one in implicit mode.
     inner = getattr(tm, "manager", tm)
-    return getattr(inner, "_txn", None), inner
+    return of_transaction.running(inner), inner
 
 
 def _thread_transaction(tm: Any, mode: str) -> Any:
@@ -185,10 +187,6 @@ def request_ended() -> bool:
     return "tm" in getattr(request, "__dict__", ()) and not request.environ.get("tm.active")
 
 
-# The methods of transaction's Transaction that run its ending hooks.
-_ENDING_HOOKS: Final = frozenset({"_callAfterCommitHooks", "_callAfterAbortHooks"})
-
-
 def _joinable(txn: Any) -> bool:
     """Whether a block should join *txn*: not once it is committing or has
     committed, and not in the hooks that run after it ended. A block in an
@@ -199,14 +197,13 @@ def _joinable(txn: Any) -> bool:
     # A transaction whose commit failed is still "joined", so that join()
     # raises TransactionFailedError rather than the block committing alone
     # (a retried request would write twice).
-    if not getattr(txn, "_after_commit", True) and not getattr(txn, "_after_abort", True):
-        # transaction's Transaction keeps its hooks in these lists until they
-        # have all run: with none registered, none is running, and the walk
-        # up a request's deep stack is not needed.
+    if not of_transaction.ending_hooks_pending(txn):
+        # With no ending hook registered, none is running, and the walk up a
+        # request's deep stack is not needed.
         return True
     frame: FrameType | None = sys._getframe(2)
     while frame is not None:
-        if frame.f_code.co_name in _ENDING_HOOKS and frame.f_locals.get("self") is txn:
+        if frame.f_code.co_name in ENDING_HOOKS and frame.f_locals.get("self") is txn:
             return False
         frame = frame.f_back
     return True

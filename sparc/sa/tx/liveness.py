@@ -72,6 +72,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm.session import SessionTransaction
 from sqlalchemy.util import concurrency
 
+from sparc.sa.foreign.of_sqlalchemy import (
+    CONNECTION_FOR_BIND,
+    adapted_connection,
+    adapter_began,
+    pre_pings,
+    psycopg_has_start_query,
+    psycopg_start_query,
+    start_adapter_transaction,
+)
 from sparc.sa.tx.sessions import READONLY, BlockSession
 
 __all__ = [
@@ -151,7 +160,7 @@ def begins_on_checkout(engine: Engine) -> bool:
 
 def is_checked(engine: Engine) -> bool:
     """Whether connections are checked for liveness as they leave the pool."""
-    return bool(engine.__dict__.get(_MARK) or getattr(engine.pool, "_pre_ping", False))
+    return bool(engine.__dict__.get(_MARK) or pre_pings(engine.pool))
 
 
 @contextmanager
@@ -185,14 +194,14 @@ def _begins_session_transaction(engine: Engine) -> bool:
             frame = sys._getframe(_found_at[0])
         except ValueError:  # a shallower stack than any session checkout's
             return False
-        if frame.f_code.co_name != "_connection_for_bind":
+        if frame.f_code.co_name != CONNECTION_FOR_BIND:
             return False
         return _is_session_checkout(frame, engine)
     walked: FrameType | None = sys._getframe(2)
     for depth in range(2, _DEPTH):
         if walked is None:
             return False
-        if walked.f_code.co_name == "_connection_for_bind":
+        if walked.f_code.co_name == CONNECTION_FOR_BIND:
             if not _is_session_checkout(walked, engine):
                 return False
             _found_at.append(depth)
@@ -211,7 +220,7 @@ def _is_session_checkout(frame: FrameType, engine: Engine) -> bool:
     session = transaction.session
     return (
         local.get("bind") is engine
-        and transaction._parent is None
+        and transaction.parent is None
         and not local.get("execution_options")
         and not getattr(session, "execution_options", None)
         and isinstance(session, BlockSession)
@@ -232,7 +241,7 @@ def _begin_for(engine: Engine) -> str | None:
     if dialect.driver == "psycopg":
         import psycopg
 
-        if not hasattr(psycopg.Connection, "_start_query"):  # pragma: no cover
+        if not psycopg_has_start_query(psycopg.Connection):  # pragma: no cover
             return None  # a psycopg without it: the ping as usual
         return "psycopg_async" if dialect.is_async else "psycopg"
     if dialect.driver == "asyncpg":
@@ -246,12 +255,12 @@ def _begin_psycopg(connection: Any) -> bool:
     if connection.autocommit or connection.pgconn.transaction_status != _IDLE:
         return False
     with connection.lock:
-        connection.wait(connection._start_query())
+        connection.wait(psycopg_start_query(connection))
     return True
 
 
 def _begin_psycopg_async(adapter: Any) -> bool:
-    connection = adapter._connection  # SQLAlchemy's adapter of an AsyncConnection
+    connection = adapted_connection(adapter)  # psycopg's AsyncConnection
     if connection.autocommit or connection.pgconn.transaction_status != _IDLE:
         return False
     _await_for(adapter)(_start_psycopg_async(connection))
@@ -260,7 +269,7 @@ def _begin_psycopg_async(adapter: Any) -> bool:
 
 async def _start_psycopg_async(connection: Any) -> None:
     async with connection.lock:
-        await connection.wait(connection._start_query())
+        await connection.wait(psycopg_start_query(connection))
 
 
 def _begin_asyncpg(adapter: Any) -> bool:
@@ -269,10 +278,9 @@ def _begin_asyncpg(adapter: Any) -> bool:
     read-only and deferrable settings)."""
     if adapter.isolation_level == "autocommit":
         return False
-    started = getattr(adapter, "_started", None)  # SQLAlchemy 2.0 only
-    if started or (started is None and adapter._transaction is not None):
+    if adapter_began(adapter):
         return False
-    _await_for(adapter)(adapter._start_transaction())
+    _await_for(adapter)(start_adapter_transaction(adapter))
     return True
 
 

@@ -17,7 +17,6 @@ import sys
 import threading
 import weakref
 from asyncio import current_task as _current_task
-from asyncio.events import _get_running_loop
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,6 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sparc.sa.connections import fork
+from sparc.sa.foreign.of_asyncio import running_loop
 from sparc.sa.tx import begun
 from sparc.sa.tx.gate import gate_for
 
@@ -131,7 +131,7 @@ class ScopeRegistry:
         scope = self.existing()
         if scope is not None:
             return scope
-        task = _current_task() if _get_running_loop() is not None else None
+        task = _current_task() if running_loop() is not None else None
         if task is not None:
             scope = self.tasks[task] = Scope(self.engine)
             task.add_done_callback(self._task_done)
@@ -149,7 +149,7 @@ class ScopeRegistry:
 
     def existing(self) -> Scope | None:
         """The current scope if it was made already, else None."""
-        if _get_running_loop() is not None:
+        if running_loop() is not None:
             task = _current_task()
             if task is not None:
                 return self.tasks.get(task)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from sparc.sa.connections import resets
 from sparc.sa.exceptions import IsolationLevelError, JoinedTransactionError
+from sparc.sa.foreign.of_sqlalchemy import connections_of, savepoint_name
 from sparc.sa.tx import frameworks
 
 __all__ = [
@@ -121,10 +122,10 @@ def established_connection(session: Session) -> Any:
     transaction = session.get_transaction()
     if transaction is None:
         return None
-    # SessionTransaction._connections: bind -> (connection, transaction, ...).
     # SQLAlchemy offers no public way to ask whether a transaction has taken
-    # its connection without taking one (see DEVELOPERS.md, private names).
-    for connection, *_ in getattr(transaction, "_connections", {}).values():
+    # its connection without taking one (DEVELOPERS.md, other packages'
+    # private names).
+    for connection, *_ in connections_of(transaction):
         return connection
     return None
 
@@ -344,13 +345,13 @@ def release(savepoint: Any, session: Session) -> None:
 
 
 def _undo_failed_release(savepoint: Any, interrupted: bool = False) -> None:
-    for connection, transaction, *_ in list(getattr(savepoint, "_connections", {}).values()):
-        name = getattr(transaction, "_savepoint", None)
+    for connection, transaction, *_ in list(connections_of(savepoint)):
+        name = savepoint_name(transaction)
         if name is None or transaction.is_active or connection.closed:
             continue  # not a SAVEPOINT, or SQLAlchemy still owns its rollback
         if connection.invalidated:
             continue  # its DBAPI connection is closed: the server rolled it all back
-        if connection._nested_transaction is not transaction:
+        if connection.get_nested_transaction() is not transaction:
             continue  # released after all (the failure came later)
         # SQLAlchemy refuses statements on a connection whose savepoint is
         # inactive, so this one goes to the driver directly.
@@ -389,7 +390,7 @@ def aborted(session: Session) -> bool:
     transaction = session.get_transaction()
     if transaction is None:
         return False
-    for connection, *_ in getattr(transaction, "_connections", {}).values():
+    for connection, *_ in connections_of(transaction):
         if connection.closed or connection.invalidated:
             continue
         dbapi_connection = connection.connection.dbapi_connection

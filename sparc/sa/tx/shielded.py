@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-__all__ = ["cancel_pending", "end_session", "finish", "quietly", "run_detached"]
+__all__ = ["end_session", "finish", "quietly", "run_detached"]
 
 logger = logging.getLogger("sparc.sa.shielded")  # its name before the move
 _T = TypeVar("_T")
@@ -107,12 +107,6 @@ def _cancel_later(cancelled: asyncio.CancelledError) -> None:
     if uncancel is not None and task.cancelling():
         uncancel()
     task.cancel(*cancelled.args[:1])
-
-
-def cancel_pending(task: asyncio.Task[Any]) -> bool:
-    """Whether a cancellation of *task* is requested and not yet delivered
-    (the task cancelled itself, or was cancelled while it ran)."""
-    return bool(getattr(task, "_must_cancel", False))
 
 
 async def quietly(work: Awaitable[Any]) -> None:

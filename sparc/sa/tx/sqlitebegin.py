@@ -28,6 +28,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
+from sparc.sa.foreign.of_sqlalchemy import aiosqlite_connection
 from sparc.sa.tx.sessions import BlockSession
 
 if TYPE_CHECKING:  # needs greenlet at run time; engine.py imports this module
@@ -97,18 +98,12 @@ _BEGINNING: Final = "_sparc_sa_beginning_connections"
 _SELF_BEGINNING: Final = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
 
-def _sqlite3_connection(driver: Any) -> Any:
-    """The sqlite3 connection under aiosqlite's *driver* connection, or None
-    (aiosqlite keeps it as ``_connection``, None once closed)."""
-    return getattr(driver, "_connection", None)
-
-
 def _begin(session: Session, transaction: Any, connection: Any) -> None:
     """``after_begin``: the session took its connection for a block; begin
     the transaction before its first statement."""
     if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
         return
-    raw = _sqlite3_connection(connection.connection.driver_connection)
+    raw = aiosqlite_connection(connection.connection.driver_connection)
     if isinstance(raw, BeginningConnection):
         raw.begin_pending = True
     elif _BEGINNING not in connection.engine.__dict__:
@@ -139,7 +134,7 @@ def _begin_before_first_statement(
 def _forget_begin(dbapi_connection: Any, record: Any) -> None:
     """``checkin``: a block that sent nothing leaves no BEGIN pending."""
     record.info.pop(_NEEDS_BEGIN, None)
-    raw = _sqlite3_connection(record.driver_connection)
+    raw = aiosqlite_connection(record.driver_connection)
     if isinstance(raw, BeginningConnection):
         raw.begin_pending = False
 
