@@ -35,6 +35,15 @@ MAX_LINES = 500
 TOO_LARGE_TODAY: set[str] = set()
 #: How many modules may sit directly in sparc/sa (the public face).
 MAX_TOP_MODULES = 20
+#: The longest class and the longest function (or method) sparc/sa may hold,
+#: in lines from its ``class`` or ``def`` line to its end, docstring included.
+MAX_CLASS_LINES = 200
+MAX_FUNCTION_LINES = 60
+#: Classes and functions over those limits today, as ``module:Qual.name``;
+#: the set only shrinks (one listed here and back under its limit fails).
+#: Both are on the read-only replica path, which was being tuned when the
+#: limits came in (issue 29): they are split after that work lands.
+TOO_LONG_TODAY = {"replicas.routing:ReplicaSet", "replicas.readonly:ReadOnlyBlock._open"}
 
 
 def module_names() -> dict[str, pathlib.Path]:
@@ -199,6 +208,51 @@ def test_no_module_over_the_size_limit(name: str) -> None:
         assert lines > MAX_LINES, f"{name} is under the limit now: take it off TOO_LARGE_TODAY"
     else:
         assert lines <= MAX_LINES, f"sparc/sa/{name.replace('.', '/')}: {lines} lines"
+
+
+def units(source: str) -> list[tuple[str, bool, int]]:
+    """Every class and function of *source*, nested ones too: its qualified
+    name, whether it is a class, and its length in lines."""
+    found: list[tuple[str, bool, int]] = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = prefix + child.name
+                assert child.end_lineno is not None
+                lines = child.end_lineno - child.lineno + 1
+                found.append((name, isinstance(child, ast.ClassDef), lines))
+                visit(child, name + ".")
+            else:
+                visit(child, prefix)
+
+    visit(ast.parse(source), "")
+    return found
+
+
+def test_units_measures_classes_and_functions() -> None:
+    source = "class A:\n    def f(self):\n        def g():\n            pass\n\n        return g\n"
+    assert units(source) == [("A", True, 6), ("A.f", False, 5), ("A.f.g", False, 2)]
+
+
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_no_class_or_function_over_the_size_limit(name: str) -> None:
+    for qualname, is_class, lines in units(NAMES[name].read_text()):
+        unit = f"{name}:{qualname}"
+        limit = MAX_CLASS_LINES if is_class else MAX_FUNCTION_LINES
+        if unit in TOO_LONG_TODAY:
+            assert lines > limit, f"{unit} is under the limit now: take it off TOO_LONG_TODAY"
+        else:
+            assert lines <= limit, f"sparc/sa/{name.replace('.', '/')}: {qualname}, {lines} lines"
+
+
+def test_too_long_today_names_units_that_exist() -> None:
+    every = {
+        f"{name}:{qualname}"
+        for name, path in NAMES.items()
+        for qualname, _, _ in units(path.read_text())
+    }
+    assert not TOO_LONG_TODAY - every, TOO_LONG_TODAY - every
 
 
 def test_few_modules_directly_in_sparc_sa() -> None:
