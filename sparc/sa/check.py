@@ -92,10 +92,6 @@ class Report:
 
 def check_engine(engine: Engine, name: str = "") -> Report:
     """Run the check against *engine*; raise CheckFailed with a one-line reason."""
-    from zope.component import getMultiAdapter
-
-    from sparc.sa.interfaces import ISAScopedTransaction
-
     shown = options.hide_dsn(engine.url)
     try:
         with engine.connect() as conn:
@@ -106,25 +102,7 @@ def check_engine(engine: Engine, name: str = "") -> Report:
                 conn.exec_driver_sql("SELECT 1").scalar()
                 timings.append((time.perf_counter() - start) * 1000)
             server_version = _server_version(conn)
-        Base, Probe = _probe_models()
-        Base.metadata.create_all(engine)
-        try:
-            transaction = getMultiAdapter((engine, Base), ISAScopedTransaction)
-            with transaction():
-                transaction.session.add(Probe(id=1, note="committed"))
-            try:
-                with transaction():
-                    transaction.session.add(Probe(id=2, note="rolled back"))
-                    transaction.session.flush()
-                    raise _RollMeBack
-            except _RollMeBack:
-                pass
-            with transaction():
-                notes = transaction.session.scalars(sa.select(Probe.note)).all()
-            if notes != ["committed"]:
-                raise CheckFailed(f"{shown}: expected only the committed row, found {notes!r}")
-        finally:
-            Base.metadata.drop_all(engine)
+        _probe(engine, shown)
     except sa.exc.SQLAlchemyError as exc:  # DBAPIError (unreachable, refused...) included
         raise CheckFailed(f"{shown}: {_one_line(exc, engine)}") from None
     except (CheckFailed, ConfigProblem):
@@ -156,10 +134,6 @@ def check_engine(engine: Engine, name: str = "") -> Report:
 
 async def check_async_engine(engine: AsyncEngine, name: str = "") -> Report:
     """:func:`check_engine` for an AsyncEngine, through ISAAsyncScopedTransaction."""
-    from zope.component import getMultiAdapter
-
-    from sparc.sa.interfaces import ISAAsyncScopedTransaction
-
     shown = options.hide_dsn(engine.url)
     try:
         try:
@@ -171,27 +145,7 @@ async def check_async_engine(engine: AsyncEngine, name: str = "") -> Report:
                     (await conn.exec_driver_sql("SELECT 1")).scalar()
                     timings.append((time.perf_counter() - start) * 1000)
                 server_version = await conn.run_sync(_server_version)
-            Base, Probe = _probe_models()
-            async with engine.begin() as conn:
-                await conn.run_sync(Base.metadata.create_all)
-            try:
-                transaction = getMultiAdapter((engine, Base), ISAAsyncScopedTransaction)
-                async with transaction() as session:
-                    session.add(Probe(id=1, note="committed"))
-                try:
-                    async with transaction() as session:
-                        session.add(Probe(id=2, note="rolled back"))
-                        await session.flush()
-                        raise _RollMeBack
-                except _RollMeBack:
-                    pass
-                async with transaction() as session:
-                    notes = list((await session.scalars(sa.select(Probe.note))).all())
-                if notes != ["committed"]:
-                    raise CheckFailed(f"{shown}: expected only the committed row, found {notes!r}")
-            finally:
-                async with engine.begin() as conn:
-                    await conn.run_sync(Base.metadata.drop_all)
+            await _probe_async(engine, shown)
             async with engine.connect() as conn:
                 prepared = await conn.run_sync(_prepared_on)
         except sa.exc.SQLAlchemyError as exc:
@@ -217,6 +171,63 @@ async def check_async_engine(engine: AsyncEngine, name: str = "") -> Report:
         round_trip_ms=statistics.median(timings),
         prepared=prepared,
     )
+
+
+def _probe(engine: Engine, shown: str) -> None:
+    """A block that commits and one that rolls back, through the shared
+    ISAScopedTransaction, on a table of its own made and dropped here."""
+    from zope.component import getMultiAdapter
+
+    from sparc.sa.interfaces import ISAScopedTransaction
+
+    Base, Probe = _probe_models()
+    Base.metadata.create_all(engine)
+    try:
+        transaction = getMultiAdapter((engine, Base), ISAScopedTransaction)
+        with transaction():
+            transaction.session.add(Probe(id=1, note="committed"))
+        try:
+            with transaction():
+                transaction.session.add(Probe(id=2, note="rolled back"))
+                transaction.session.flush()
+                raise _RollMeBack
+        except _RollMeBack:
+            pass
+        with transaction():
+            notes = transaction.session.scalars(sa.select(Probe.note)).all()
+        if notes != ["committed"]:
+            raise CheckFailed(f"{shown}: expected only the committed row, found {notes!r}")
+    finally:
+        Base.metadata.drop_all(engine)
+
+
+async def _probe_async(engine: AsyncEngine, shown: str) -> None:
+    """:func:`_probe` through ISAAsyncScopedTransaction."""
+    from zope.component import getMultiAdapter
+
+    from sparc.sa.interfaces import ISAAsyncScopedTransaction
+
+    Base, Probe = _probe_models()
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+    try:
+        transaction = getMultiAdapter((engine, Base), ISAAsyncScopedTransaction)
+        async with transaction() as session:
+            session.add(Probe(id=1, note="committed"))
+        try:
+            async with transaction() as session:
+                session.add(Probe(id=2, note="rolled back"))
+                await session.flush()
+                raise _RollMeBack
+        except _RollMeBack:
+            pass
+        async with transaction() as session:
+            notes = list((await session.scalars(sa.select(Probe.note))).all())
+        if notes != ["committed"]:
+            raise CheckFailed(f"{shown}: expected only the committed row, found {notes!r}")
+    finally:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.drop_all)
 
 
 def _server_version(conn: sa.Connection) -> str:

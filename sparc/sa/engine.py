@@ -97,15 +97,7 @@ def engine_from_config(
        String values are converted, the defaults above are applied, bad input
        fails early with a message naming the key, and the event is notified.
     """
-    config = configuration
-    if SQLAlchemyEngine is not None:
-        if config is not None:
-            raise TypeError(
-                "pass the engine config either positionally or as SQLAlchemyEngine=..., not both"
-            )
-        config = SQLAlchemyEngine
-    if prefix is not None or kwargs or _is_prefixed(config):
-        config = from_prefixed(config, "sqlalchemy." if prefix is None else prefix, kwargs)
+    config = _given_config(configuration, prefix, SQLAlchemyEngine, kwargs)
     section, replica_options = replicas.split_config(options.unwrap(config))
     url, kwargs = options.normalize(section)
     shown = options.hide_dsn(url)
@@ -114,28 +106,7 @@ def engine_from_config(
         if replica_options is not None:
             replicas.attach(aengine.sync_engine, replica_options, engine_from_config)
         return aengine
-    # SQLAlchemy's pre-ping with sparc.sa.tx.liveness's additions: a block's
-    # BEGIN as its ping (PostgreSQL), and the Zope-request shortcut unless
-    # the configuration asked for pool_pre_ping itself.
-    asked = "pool_pre_ping" in (options.unwrap(config).get("kwargs") or {})
-    engine = _create_engine(url, kwargs, shown)
-    resets.install(engine)
-    if kwargs.get("pool_pre_ping") is True:
-        liveness.install(engine, trust_recent=not asked)
-    fork.track_engine(engine)
-    if replica_options is not None:
-        replicas.attach(engine, replica_options, engine_from_config)
-    logger.info(
-        "created SQLAlchemy engine for %s (pool %s, liveness check %s)",
-        shown,
-        type(engine.pool).__name__,
-        "on" if liveness.is_checked(engine) else "off",
-    )
-    zope.event.notify(EngineCreatedEvent(engine, {"dsn": shown, "kwargs": options.redact(kwargs)}))
-    # Where no manager adapter is registered, a lookup with this engine says
-    # what to include instead of a bare ComponentLookupError.
-    mismatch.install_hints()
-    return engine
+    return _sync_engine(url, kwargs, shown, config, replica_options)
 
 
 #: SQLAlchemy's default prefix for engine_from_config(settings, prefix).
@@ -239,6 +210,55 @@ def _async_engine(url: URL, kwargs: dict[str, Any], shown: str) -> AsyncEngine:
     return engine  # type: ignore[no-any-return]
 
 
+def _given_config(
+    configuration: Mapping[str, Any] | None,
+    prefix: str | None,
+    SQLAlchemyEngine: Mapping[str, Any] | None,
+    kwargs: dict[str, Any],
+) -> Any:
+    """The engine config :func:`engine_from_config` was given, in whichever
+    of its shapes: positional, ``SQLAlchemyEngine=``, or prefixed keys."""
+    config = configuration
+    if SQLAlchemyEngine is not None:
+        if config is not None:
+            raise TypeError(
+                "pass the engine config either positionally or as SQLAlchemyEngine=..., not both"
+            )
+        config = SQLAlchemyEngine
+    if prefix is not None or kwargs or _is_prefixed(config):
+        config = from_prefixed(config, "sqlalchemy." if prefix is None else prefix, kwargs)
+    return config
+
+
+def _sync_engine(
+    url: URL, kwargs: dict[str, Any], shown: str, config: Any, replica_options: Any
+) -> Engine:
+    """The synchronous engine of :func:`engine_from_config`, with its
+    listeners, replicas and event."""
+    # SQLAlchemy's pre-ping with sparc.sa.tx.liveness's additions: a block's
+    # BEGIN as its ping (PostgreSQL), and the Zope-request shortcut unless
+    # the configuration asked for pool_pre_ping itself.
+    asked = "pool_pre_ping" in (options.unwrap(config).get("kwargs") or {})
+    engine = _create_engine(url, kwargs, shown)
+    resets.install(engine)
+    if kwargs.get("pool_pre_ping") is True:
+        liveness.install(engine, trust_recent=not asked)
+    fork.track_engine(engine)
+    if replica_options is not None:
+        replicas.attach(engine, replica_options, engine_from_config)
+    logger.info(
+        "created SQLAlchemy engine for %s (pool %s, liveness check %s)",
+        shown,
+        type(engine.pool).__name__,
+        "on" if liveness.is_checked(engine) else "off",
+    )
+    zope.event.notify(EngineCreatedEvent(engine, {"dsn": shown, "kwargs": options.redact(kwargs)}))
+    # Where no manager adapter is registered, a lookup with this engine says
+    # what to include instead of a bare ComponentLookupError.
+    mismatch.install_hints()
+    return engine
+
+
 def _create_engine(
     url: URL, kwargs: dict[str, Any], shown: str, create: Any = sqlalchemy.create_engine
 ) -> Engine:
@@ -247,26 +267,9 @@ def _create_engine(
     try:
         return create(url, **kwargs)  # type: ignore[no-any-return]
     except TypeError as exc:
-        match = _INVALID_ARGS.search(str(exc))
-        if match is None:
+        error = _unaccepted_options(exc, shown)
+        if error is None:
             raise
-        names = re.findall(r"'([^']*)'", match.group("names"))
-        combo = _CONFIGURATION.search(str(exc))
-        error = (
-            f"create_engine() does not accept option(s) {', '.join(map(repr, names))} "
-            f"for {shown}" + (f" ({combo.group('combo')})" if combo else "")
-        )
-        hints = {name: _suggest(name) for name in names}
-        hints = {name: hint if hint != name else None for name, hint in hints.items()}
-        if len(names) == 1 and hints[names[0]]:
-            error += f"; did you mean {hints[names[0]]!r}?"
-        elif any(hints.values()):
-            error += (
-                "; did you mean "
-                + ", ".join(f"{hint!r} for {name!r}" for name, hint in hints.items() if hint)
-                + "?"
-            )
-        error += " Check the spelling, and that the option applies to this dialect and pool."
         kind = TypeError
     except sqlalchemy.exc.NoSuchModuleError as exc:
         if "sqlalchemy.plugins" in str(exc):
@@ -301,6 +304,32 @@ def _create_engine(
             f"(options given: {given}): {reason}"
         )
     raise kind(error)
+
+
+def _unaccepted_options(exc: TypeError, shown: str) -> str | None:
+    """The message for create_engine()'s refusal of options it does not
+    accept, with a guess at what was meant; None for another TypeError."""
+    match = _INVALID_ARGS.search(str(exc))
+    if match is None:
+        return None
+    names = re.findall(r"'([^']*)'", match.group("names"))
+    combo = _CONFIGURATION.search(str(exc))
+    error = (
+        f"create_engine() does not accept option(s) {', '.join(map(repr, names))} "
+        f"for {shown}" + (f" ({combo.group('combo')})" if combo else "")
+    )
+    hints = {name: _suggest(name) for name in names}
+    hints = {name: hint if hint != name else None for name, hint in hints.items()}
+    if len(names) == 1 and hints[names[0]]:
+        error += f"; did you mean {hints[names[0]]!r}?"
+    elif any(hints.values()):
+        error += (
+            "; did you mean "
+            + ", ".join(f"{hint!r} for {name!r}" for name, hint in hints.items() if hint)
+            + "?"
+        )
+    error += " Check the spelling, and that the option applies to this dialect and pool."
+    return error
 
 
 #: The package that provides each driver (SQLAlchemy's driver name), the

@@ -200,6 +200,20 @@ def _literal(value: str) -> Any:
         return value
 
 
+def _check_engine_attributes(attributes: Mapping[str, str]) -> None:
+    """Refuse a misspelt attribute of ``<sa:engine>``."""
+    for attribute in attributes:
+        # An attribute that is no create_engine() option and looks like one
+        # of ours, or that z3c.saconfig calls differently: a misspelling.
+        own = ["dsn", "config", "name"]
+        if attribute in options.KNOWN_OPTIONS or attribute in REPLICA_KEYS or "." in attribute:
+            continue
+        if ("engine", attribute) in _RENAMED or difflib.get_close_matches(
+            attribute, own, n=1, cutoff=0.6
+        ):
+            raise _unknown_attribute("engine", attribute, own)
+
+
 def engine(
     _context: Any,
     name: str = "",
@@ -216,16 +230,7 @@ def engine(
             section = options.read_config_file(path)
         except ValueError as exc:
             raise ConfigurationError(f"attribute 'config': {exc}") from None
-    for attribute in attributes:
-        # An attribute that is no create_engine() option and looks like one
-        # of ours, or that z3c.saconfig calls differently: a misspelling.
-        own = ["dsn", "config", "name"]
-        if attribute in options.KNOWN_OPTIONS or attribute in REPLICA_KEYS or "." in attribute:
-            continue
-        if ("engine", attribute) in _RENAMED or difflib.get_close_matches(
-            attribute, own, n=1, cutoff=0.6
-        ):
-            raise _unknown_attribute("engine", attribute, own)
+    _check_engine_attributes(attributes)
     dsn = _expand("dsn", dsn) if dsn else section.get("dsn")
     if not dsn:
         raise ConfigurationError(

@@ -322,6 +322,51 @@ def _fit_length(type_: Any, value: str, path: str) -> str:
     return value
 
 
+def _coerce_moment(type_: Any, moment: type[Any], value: Any, path: str) -> Any:
+    """:func:`coerce` for a date, time or datetime column (*moment*)."""
+    found: Any = value if type(value) is moment else None
+    if found is None and isinstance(value, str) and len(value) <= 64:
+        if moment is datetime.datetime and value[-1:] in ("Z", "z"):
+            # toISOString()'s UTC suffix: Python reads it only from 3.11 on
+            value = value[:-1] + "+00:00"
+        with contextlib.suppress(ValueError):
+            found = moment.fromisoformat(value)
+    if found is None:
+        raise InvalidFilterError(path, f"expected an ISO 8601 {moment.__name__}")
+    if moment is datetime.datetime:
+        return _moment(type_, found, path)
+    if moment is datetime.time and found.tzinfo is not None:
+        raise InvalidFilterError(path, "expected a time without a time zone")
+    return found
+
+
+def _coerce_uuid(value: Any, path: str) -> Any:
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise InvalidFilterError(path, "expected a UUID")
+
+
+def _plain_scalar(value: Any, path: str) -> Any:
+    """:func:`coerce` for a type that names no Python type: plain scalars
+    only, as safe as the others."""
+    if isinstance(value, str):
+        return check_text(value, path)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if -(2**63) <= value < 2**63:
+            return value
+        raise InvalidFilterError(path, "expected an integer that fits in 64 bits")
+    if isinstance(value, float):
+        return _float(_number(value, path), path)
+    raise InvalidFilterError(path, f"expected a string, number or boolean, got {kind(value)}")
+
+
 def coerce(attribute: Any, value: Any, path: str) -> Any:
     """``value`` as the column ``attribute`` takes it on every server, or InvalidFilterError."""
     type_ = column_type(attribute)
@@ -361,29 +406,9 @@ def coerce(attribute: Any, value: Any, path: str) -> Any:
         raise InvalidFilterError(path, f"expected a string, got {kind(value)}")
     for moment in (datetime.datetime, datetime.date, datetime.time):
         if wanted is moment:
-            found: Any = value if type(value) is moment else None
-            if found is None and isinstance(value, str) and len(value) <= 64:
-                if moment is datetime.datetime and value[-1:] in ("Z", "z"):
-                    # toISOString()'s UTC suffix: Python reads it only from 3.11 on
-                    value = value[:-1] + "+00:00"
-                with contextlib.suppress(ValueError):
-                    found = moment.fromisoformat(value)
-            if found is None:
-                raise InvalidFilterError(path, f"expected an ISO 8601 {moment.__name__}")
-            if moment is datetime.datetime:
-                return _moment(type_, found, path)
-            if moment is datetime.time and found.tzinfo is not None:
-                raise InvalidFilterError(path, "expected a time without a time zone")
-            return found
+            return _coerce_moment(type_, moment, value, path)
     if wanted is uuid.UUID:
-        if isinstance(value, uuid.UUID):
-            return value
-        if isinstance(value, str):
-            try:
-                return uuid.UUID(value)
-            except ValueError:
-                pass
-        raise InvalidFilterError(path, "expected a UUID")
+        return _coerce_uuid(value, path)
     if wanted is bytes:
         if isinstance(value, bytes):
             return value
@@ -394,15 +419,4 @@ def coerce(attribute: Any, value: Any, path: str) -> Any:
         raise InvalidFilterError(
             path, f"a column of {name} values takes only 'is null' and 'is not null'"
         )
-    # A type that names no Python type: plain scalars only, as safe as above.
-    if isinstance(value, str):
-        return check_text(value, path)
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        if -(2**63) <= value < 2**63:
-            return value
-        raise InvalidFilterError(path, "expected an integer that fits in 64 bits")
-    if isinstance(value, float):
-        return _float(_number(value, path), path)
-    raise InvalidFilterError(path, f"expected a string, number or boolean, got {kind(value)}")
+    return _plain_scalar(value, path)

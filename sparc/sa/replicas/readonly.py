@@ -158,33 +158,7 @@ class ReadOnlyBlock:
                 floor = later(floor, need)
             session.info[ON_REPLICA] = (replica, floor)
         except BaseException as error:
-            unusable = replica is not None and isinstance(
-                error, (Unusable, sa_exc.DBAPIError, OSError)
-            )
-            if unusable and not isinstance(error, Unusable):
-                assert rs is not None and replica is not None
-                rs.failed(replica, error)
-            try:
-                if opened:
-                    block.__exit__(type(error), error, error.__traceback__)
-                else:
-                    session.close()
-            except Exception:
-                if not unusable:
-                    raise
-                logger.debug("ending an unusable replica's block failed", exc_info=True)
-            finally:
-                scope.session = saved
-                scope.set_aside = self._saved = None
-                self._block = None
-                if replica is not None and scope.interrupted > interrupted:
-                    # Interrupted on the replica's connection, not the
-                    # primary's: if inside its pool, the replica's pool is
-                    # the one to replace.
-                    if scope.interrupted == 2:
-                        replica.sync_engine.dispose()
-                    scope.interrupted = interrupted
-            if unusable:
+            if _undo_open(self, scope, session, block, replica, error, opened, saved, interrupted):
                 return None
             raise
         self._replica = replica
@@ -225,6 +199,48 @@ class ReadOnlyBlock:
 # of it exists, so no thread ever sees them change.
 _factory_lock = threading.Lock()
 _FACTORY: Final = "_sparc_sa_readonly_sessions"
+
+
+def _undo_open(
+    ro: ReadOnlyBlock,
+    scope: Scope,
+    session: Session,
+    block: Block,
+    replica: Replica | None,
+    error: BaseException,
+    opened: bool,
+    saved: Session | None,
+    interrupted: int,
+) -> bool:
+    """:meth:`ReadOnlyBlock._open` stopped by *error*: end what it began and
+    give the scope its own session back. True if the replica cannot serve
+    the block now (try another); False if *error* is the caller's."""
+    rs = ro._rs
+    unusable = replica is not None and isinstance(error, (Unusable, sa_exc.DBAPIError, OSError))
+    if unusable and not isinstance(error, Unusable):
+        assert rs is not None and replica is not None
+        rs.failed(replica, error)
+    try:
+        if opened:
+            block.__exit__(type(error), error, error.__traceback__)
+        else:
+            session.close()
+    except Exception:
+        if not unusable:
+            raise
+        logger.debug("ending an unusable replica's block failed", exc_info=True)
+    finally:
+        scope.session = saved
+        scope.set_aside = ro._saved = None
+        ro._block = None
+        if replica is not None and scope.interrupted > interrupted:
+            # Interrupted on the replica's connection, not the
+            # primary's: if inside its pool, the replica's pool is
+            # the one to replace.
+            if scope.interrupted == 2:
+                replica.sync_engine.dispose()
+            scope.interrupted = interrupted
+    return unusable
 
 
 def _factory(manager: Any) -> Any:

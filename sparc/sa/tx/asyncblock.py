@@ -203,9 +203,9 @@ class AsyncBlock:
         "_manager",
         "_nested",
         "_readonly",
-        "_savepoint",
         "_scope",
         "_state",
+        "_use_savepoint",
     )
 
     def __init__(
@@ -218,7 +218,7 @@ class AsyncBlock:
     ) -> None:
         self._manager = manager
         self._isolation = isolation  # normalised by sessions.check_isolation
-        self._savepoint = savepoint
+        self._use_savepoint = savepoint
         self._readonly = readonly  # see sparc.sa.replicas.areadonly
         self._factory = factory  # the read-only block's sessions, if not the manager's
         self._scope: AsyncScope | None = None
@@ -257,7 +257,7 @@ class AsyncBlock:
             )
         if self._isolation is not None:
             await _check_nested_isolation(self, scope)
-        if self._savepoint:
+        if self._use_savepoint:
             self._nested = await scope.session.begin_nested()
         scope.blocks.append(self)
         self._scope = scope
@@ -318,31 +318,11 @@ class AsyncBlock:
     ) -> bool:
         scope = self._scope
         if self._state is not OPEN or scope is None:
-            if exc_type is GeneratorExit:
-                return False  # a coroutine closed after its loop closed
-            if self._state is DONE and scope is not None and scope.broken:
-                raise BlockOrderError(
-                    "this block's task ended, or its blocks ended out of order, before "
-                    "it closed; its transaction was rolled back"
-                )
-            raise RuntimeError("this block is not open")
+            return _exit_closed(self, scope, exc_type)
         self._state = DONE
         blocks = scope.blocks
         if not blocks or blocks[-1] is not self:
-            # Ended while blocks opened inside it are still open: nothing of
-            # the transaction can be trusted to commit at the right close.
-            scope.broken = True
-            outermost = bool(blocks) and blocks[0] is self
-            if self in blocks:
-                blocks.remove(self)
-            if outermost:
-                for block in blocks:
-                    block._state = DONE
-                await self._manager._end_scope(scope, commit=False)
-            raise BlockOrderError(
-                "a block ended while blocks opened inside it were open; the task's "
-                "transaction was rolled back"
-            )
+            await _exit_out_of_order(self, scope, blocks)
         blocks.pop()
         if blocks:
             await self._exit_inner(scope, exc_type)
@@ -405,6 +385,39 @@ class AsyncBlock:
         # if it succeeded, the block exits normally and the cancellation is
         # delivered at the task's next await.
         await manager._end_scope(scope, commit=True)
+
+
+def _exit_closed(
+    block: AsyncBlock, scope: AsyncScope | None, exc_type: type[BaseException] | None
+) -> bool:
+    """The exit of a block that is not open."""
+    if exc_type is GeneratorExit:
+        return False  # a coroutine closed after its loop closed
+    if block._state is DONE and scope is not None and scope.broken:
+        raise BlockOrderError(
+            "this block's task ended, or its blocks ended out of order, before "
+            "it closed; its transaction was rolled back"
+        )
+    raise RuntimeError("this block is not open")
+
+
+async def _exit_out_of_order(
+    block: AsyncBlock, scope: AsyncScope, blocks: list[AsyncBlock]
+) -> None:
+    """*block* ended while blocks opened inside it are still open: nothing of
+    the transaction can be trusted to commit at the right close."""
+    scope.broken = True
+    outermost = bool(blocks) and blocks[0] is block
+    if block in blocks:
+        blocks.remove(block)
+    if outermost:
+        for other in blocks:
+            other._state = DONE
+        await block._manager._end_scope(scope, commit=False)
+    raise BlockOrderError(
+        "a block ended while blocks opened inside it were open; the task's "
+        "transaction was rolled back"
+    )
 
 
 async def _check_nested_isolation(block: AsyncBlock, scope: AsyncScope) -> None:

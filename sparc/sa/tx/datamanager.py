@@ -317,39 +317,44 @@ class SessionDataManager:
         scope its own session back. Runs once, after commit or abort;
         resetting comes last so that a failure in it cannot leave a scope
         attached to a dead transaction."""
-        if self._ended:
-            return
-        self._ended = True
-        session = self.session
-        for scope in self.scopes:
-            scope.cancel_open_blocks()
+        _end_transaction(self)
+
+
+def _end_transaction(dm: SessionDataManager) -> None:
+    """The body of :meth:`SessionDataManager._end`."""
+    if dm._ended:
+        return
+    dm._ended = True
+    session = dm.session
+    for scope in dm.scopes:
+        scope.cancel_open_blocks()
+    try:
+        if not dm._committed:
+            sessions.rollback(session, None)
+    finally:
+        info = session.info
+        info.pop(sessions.JOINED, None)
+        info.pop(sessions.IN_BLOCK, None)
+        session.twophase = False
+        sessions.switch_back(session)
+        first = dm.scopes[0]
         try:
-            if not self._committed:
-                sessions.rollback(session, None)
+            session.close()
+        except Exception:
+            sessions.close_failed(first, session)
         finally:
-            info = session.info
-            info.pop(sessions.JOINED, None)
-            info.pop(sessions.IN_BLOCK, None)
-            session.twophase = False
-            sessions.switch_back(session)
-            first = self.scopes[0]
-            try:
-                session.close()
-            except Exception:
-                sessions.close_failed(first, session)
-            finally:
-                guard(session)
-                for scope in self.scopes:
-                    if scope.joined is self:
-                        scope.joined = None
-                for scope, own in self._own_sessions:
-                    if scope.session is session:
-                        scope.session = own
-                if self._gate is not None:
-                    self._gate.release(first)
-                if logger.isEnabledFor(logging.DEBUG):
-                    state = "committed" if self._committed else "rolled back"
-                    logger.debug("joined transaction %s: %r", state, session)
+            guard(session)
+            for scope in dm.scopes:
+                if scope.joined is dm:
+                    scope.joined = None
+            for scope, own in dm._own_sessions:
+                if scope.session is session:
+                    scope.session = own
+            if dm._gate is not None:
+                dm._gate.release(first)
+            if logger.isEnabledFor(logging.DEBUG):
+                state = "committed" if dm._committed else "rolled back"
+                logger.debug("joined transaction %s: %r", state, session)
 
 
 def guard(session: Session) -> None:

@@ -230,11 +230,7 @@ def join_scope(
     engine = session.get_bind()
     dm = _data_manager(txn, engine)
     if dm is not None:
-        if isolation is not None:
-            check_isolation(dm, isolation)
-        _set_aside(session)
-        dm.attach(scope)
-        dm.check_whole()
+        _join_another(dm, scope, session, isolation)
         return dm
     gate = manager.current_gate()
     if gate is not None:
@@ -251,12 +247,7 @@ def join_scope(
             session.twophase = True
         dm = SessionDataManager(manager, scope, session, txn, gate, manager_of(txn, tm))
         if isolation is not None:
-            if sessions.established_connection(session) is not None:
-                # Writes made outside any block began the transaction already.
-                sessions.check_late_options(
-                    sessions.established_connection(session), {"isolation_level": isolation}
-                )
-            dm.isolation = isolation
+            _set_isolation(dm, session, isolation)
         # Writes made outside any block, carried into this transaction by
         # freshen(): a failing block must not roll them back whole.
         dm.fresh = not session.in_transaction()
@@ -272,16 +263,43 @@ def join_scope(
         with liveness.trusting_recent_connections():
             dm.note_root()
     except BaseException:
-        scope.joined = None
-        session.info.pop(sessions.JOINED, None)
-        session.twophase = False
-        sessions.switch_back(session)
-        if gate is not None:
-            gate.release(scope)
+        _unjoin(scope, session, gate)
         raise
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("joined %r to %r", session, txn)
     return dm
+
+
+def _join_another(
+    dm: SessionDataManager, scope: Scope, session: Session, isolation: str | None
+) -> None:
+    """Join *scope* to a transaction another manager of its engine works
+    in already: with that manager's session."""
+    if isolation is not None:
+        check_isolation(dm, isolation)
+    _set_aside(session)
+    dm.attach(scope)
+    dm.check_whole()
+
+
+def _set_isolation(dm: SessionDataManager, session: Session, isolation: str) -> None:
+    """The level the joined SQL transaction runs at, asked by its first block."""
+    if sessions.established_connection(session) is not None:
+        # Writes made outside any block began the transaction already.
+        sessions.check_late_options(
+            sessions.established_connection(session), {"isolation_level": isolation}
+        )
+    dm.isolation = isolation
+
+
+def _unjoin(scope: Scope, session: Session, gate: Any) -> None:
+    """Undo what joining did, when it failed half-way."""
+    scope.joined = None
+    session.info.pop(sessions.JOINED, None)
+    session.twophase = False
+    sessions.switch_back(session)
+    if gate is not None:
+        gate.release(scope)
 
 
 def check_isolation(dm: SessionDataManager, isolation: str | None) -> None:
@@ -330,6 +348,23 @@ def _set_aside(session: Session) -> None:
 # -- ending a block ------------------------------------------------------------------------
 
 
+def _refuse_release(dm: SessionDataManager, savepoint: Any, doomed: bool) -> None:
+    """A block that ended normally, but whose work cannot stay: an inner block
+    joined with savepoint=False failed (*doomed*), or the server aborted the
+    transaction. Roll it back and say so."""
+    if doomed:
+        dm.undo(savepoint, "an inner block joined with savepoint=False failed")
+        raise DoomedTransactionError(
+            "an inner block joined with savepoint=False failed; the block was rolled back"
+        )
+    dm.undo(savepoint, "a statement failed inside the block")
+    raise AbortedTransactionError(
+        "a statement failed inside this block and its error was caught; "
+        "PostgreSQL aborted the transaction, so the block was rolled back "
+        "(run the statement in a nested block to let it fail alone)"
+    )
+
+
 def finish_block(
     dm: SessionDataManager,
     savepoint: Any,
@@ -342,18 +377,8 @@ def finish_block(
     back to it."""
     session = dm.session
     if exc_type is None:
-        if doomed:
-            dm.undo(savepoint, "an inner block joined with savepoint=False failed")
-            raise DoomedTransactionError(
-                "an inner block joined with savepoint=False failed; the block was rolled back"
-            )
-        if dm.aborted():
-            dm.undo(savepoint, "a statement failed inside the block")
-            raise AbortedTransactionError(
-                "a statement failed inside this block and its error was caught; "
-                "PostgreSQL aborted the transaction, so the block was rolled back "
-                "(run the statement in a nested block to let it fail alone)"
-            )
+        if doomed or dm.aborted():
+            _refuse_release(dm, savepoint, doomed)
         try:
             if (
                 savepoint is None
