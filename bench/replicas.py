@@ -27,6 +27,7 @@ Needs root-free access to ``ALTER SYSTEM`` on the replica (the postgres user).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import pathlib
@@ -40,6 +41,7 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
+from run import median_interval, own_engine, sent_per_call
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sparc.sa.engine import engine_from_config
@@ -101,6 +103,7 @@ def caught_up(primary: Any, replica: Any) -> None:
 
 
 def in_thread(fn: Any) -> Any:
+    """*fn*'s result in a new thread: a scope that wrote nothing."""
     out: list[Any] = []
     worker = threading.Thread(target=lambda: out.append(fn()))
     worker.start()
@@ -108,18 +111,28 @@ def in_thread(fn: Any) -> Any:
     return out[0]
 
 
-def cost(tx: ThreadLocalSASessionTransaction, replica: Any) -> None:
-    plain = sessionmaker(bind=replica, expire_on_commit=False)
+def spread(ratios: list[float]) -> str:
+    """The median of *ratios*, its 95% interval and the range."""
+    ordered = sorted(ratios)
+    lo, hi = median_interval(ordered)
+    return (
+        f"{statistics.median(ordered):.3f} (95% CI {lo:.3f}-{hi:.3f}; "
+        f"range {ordered[0]:.3f}-{ordered[-1]:.3f})"
+    )
+
+
+def cost(tx: ThreadLocalSASessionTransaction, replica: Any, replica_dsn: str) -> None:
+    """Part 1: paired, interleaved rounds of plain SQLAlchemy on an engine of
+    its own (create_engine() on the replica's URL, with the pool options
+    sparc.sa's factory gives the replica engine) and of read-only blocks."""
+    theirs = own_engine(replica_dsn)
+    for option in ("__class__", "_pre_ping", "_pool_size", "_max_overflow", "_recycle"):
+        mine, other = getattr(replica.pool, option, None), getattr(theirs.pool, option, None)
+        assert mine == other, f"pool {option}: replica engine {mine!r}, plain {other!r}"
+    plain = sessionmaker(bind=theirs, expire_on_commit=False)
     rs = replica_set(tx.engine)
     assert rs is not None
-    n = 300 if QUICK else 1000
-
-    def plain_reads() -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            with plain.begin() as session:
-                session.get(Row, 1)
-        return time.perf_counter() - start
+    rounds, batch = (12, 100) if QUICK else (40, 200)
 
     # A token for position 1, with the check it must carry.
     if MARIADB:
@@ -127,31 +140,65 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any) -> None:
     else:
         token = f"pg:0/1.{token_check(1, rs.load_identity()[0])}"
 
-    def ours(check: bool) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            if check:
-                rs.replicas[0].replayed = 0  # as if a newer commit had to be awaited
-            with tx(readonly=True, after=token if check else None) as S:
-                S.get(Row, 1)
-        return time.perf_counter() - start
+    def plain_read() -> None:
+        with plain.begin() as session:
+            session.get(Row, 1)
 
-    sent: list[str] = []
-    sa.event.listen(replica, "before_cursor_execute", lambda c, cu, st, *a: sent.append(st))
-    in_thread(lambda: ours(False))
-    ours_sent, sent[:] = len(sent), []
-    in_thread(plain_reads)
-    plain_sent = len(sent)
-    rounds = 3 if QUICK else 5
-    ratios, checked = [], []
-    for _ in range(rounds):
-        base = in_thread(plain_reads)
-        ratios.append(in_thread(lambda: ours(False)) / base)
-        checked.append(in_thread(lambda: ours(True)) / base)
-    print(f"\none-row read on the replica, {n} blocks x {rounds} paired rounds")
-    print(f"  statements sent per {n} blocks: ours {ours_sent}, plain {plain_sent}")
-    print(f"  tx(readonly=True), never wrote     {statistics.median(ratios):.3f} x plain")
-    print(f"  tx(readonly=True), position checked {statistics.median(checked):.3f} x plain")
+    def ours() -> None:
+        with tx(readonly=True) as S:
+            S.get(Row, 1)
+
+    def checked() -> None:
+        rs.replicas[0].replayed = 0  # as if a newer commit had to be awaited
+        with tx(readonly=True, after=token) as S:
+            S.get(Row, 1)
+
+    contenders = {"plain": plain_read, "ours": ours, "checked": checked}
+    wall: dict[str, list[float]] = {name: [] for name in contenders}
+    cpu: dict[str, list[float]] = {name: [] for name in contenders}
+
+    def measure() -> dict[str, dict[str, float]]:
+        sent = {"plain": sent_per_call(plain_read, theirs), "ours": sent_per_call(ours, replica)}
+        sent["checked"] = sent_per_call(checked, replica)
+        order = list(contenders)
+        shuffle = random.Random(42).shuffle
+        for call in contenders.values():  # warm up pools and compiled statements
+            for _ in range(50):
+                call()
+        for _ in range(rounds):
+            shuffle(order)
+            for name in order:
+                call = contenders[name]
+                gc.collect()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                for _ in range(batch):
+                    call()
+                cpu[name].append((time.process_time() - cpu_start) / batch * 1e6)
+                wall[name].append((time.perf_counter() - start) / batch * 1e6)
+        return sent
+
+    load = os.getloadavg()[0]
+    sent = in_thread(measure)  # a new thread: a scope that never wrote
+    theirs.dispose()
+    print(
+        f"\none-row read on the replica ({'MariaDB' if MARIADB else 'PostgreSQL'}), "
+        f"{rounds} rounds x {batch} blocks of each side, shuffled order; "
+        f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
+    print("  sent per block (pool_pre_ping on both sides; ROLLBACK: actually sent):")
+    for name, counts in sent.items():
+        print(f"    {name:8s} " + ", ".join(f"{k} {v:g}" for k, v in counts.items()))
+    print("  median per block, wall / CPU (µs):")
+    for name in contenders:
+        print(
+            f"    {name:8s} {statistics.median(wall[name]):8.1f} "
+            f"/ {statistics.median(cpu[name]):8.1f}"
+        )
+    for name, label in (("ours", "never wrote"), ("checked", "position checked")):
+        w = [a / b for a, b in zip(wall[name], wall["plain"], strict=True)]
+        c = [a / b for a, b in zip(cpu[name], cpu["plain"], strict=True)]
+        print(f"  tx(readonly=True), {label:16s} wall {spread(w)} x plain")
+        print(f"  {'':35s} CPU  {spread(c)} x plain")
 
 
 def stale_reads(
@@ -286,7 +333,7 @@ def main() -> None:
         caught_up(primary, replica)
         tx = ThreadLocalSASessionTransaction(primary, Base)
         print(f"SQLAlchemy {sa.__version__}, Python {sys.version.split()[0]}")
-        cost(tx, replica)
+        cost(tx, replica, replica_dsn)
         if not COST_ONLY and not MARIADB:
             sweep(tx, primary, replica, replica_dsn)
     finally:
