@@ -6,23 +6,34 @@
 the replica's replay: point TEST_PG_REPLICA_DSN at a replica of your own.)
 
     TEST_MYSQL_PRIMARY_DSN=... TEST_MYSQL_REPLICA_DSN=... \
-        .venv/bin/python bench/replicas.py --mariadb [--quick]
+    TEST_MYSQL_REPLICA_ADMIN_DSN=... .venv/bin/python bench/replicas.py --mariadb [--quick] [--cost]
 
-(``--mariadb``: part 1 on a MariaDB pair, as ``.ci/mariadb-replica.sh`` makes;
-the position check there is ``SELECT @@gtid_slave_pos, @@read_only``.)
+(``--mariadb``: the same on a MariaDB pair, as ``.ci/mariadb-replica.sh``
+makes; the position check there is ``SELECT @@gtid_slave_pos, @@read_only``.
+Part 2 sets the replica's ``MASTER_DELAY`` through the admin DSN.)
 
-1. A one-row read on the replica through ``tx(readonly=True)`` (a scope that
-   never wrote: no position check) against a plain ``sessionmaker`` bound to
-   the replica engine, both sending BEGIN, SELECT, COMMIT; paired rounds,
-   median ratio. Then the same block when the position must be checked (one
-   more query), as a separate ratio.
+1. A one-row ``get`` on the replica through ``tx(readonly=True)`` (a scope
+   that never wrote: no position check) against plain SQLAlchemy: a
+   ``sessionmaker`` bound to an engine of its own, made by ``create_engine()``
+   on the replica's URL with the pool options sparc.sa's factory gives the
+   replica engine (pool class and size, ``pool_pre_ping=True``), and against
+   ``alike``, the same plain session made to send what the block sends (on
+   PostgreSQL without the ping, whose place the block's BEGIN takes; on
+   MariaDB without the pool's reset ROLLBACK, which sparc.sa leaves out).
+   Rounds of every contender, in a shuffled order, each timed by the wall
+   clock and by this process's CPU clock; a ratio is the median over rounds
+   of the block's time over the reference's in the same round, printed with
+   its 95% interval and range. Then the block when the position must be
+   checked (one more query), against plain.
 2. Replay lag against stale reads: users write a row and read it back 0 to
-   5 s later, while the replica's replay is delayed by 0.5 to 4 s; reads
-   routed by position (``after=token``) against reads routed by the clock
-   (primary for 2 s after a write, as Rails does). Draws
-   ``docs/replicas/lag.png`` and prints the table of docs/replicas.rst.
+   5 s later, while the replica's replay is delayed by 0.5 to 4 s (MariaDB:
+   1 to 4 s); reads routed by position (``after=token``) against reads routed
+   by the clock (primary for 2 s after a write, as Rails does). Draws
+   ``docs/replicas/lag.png`` (MariaDB: ``lag-mariadb.png``) and prints the
+   table of docs/replicas.rst.
 
-Needs root-free access to ``ALTER SYSTEM`` on the replica (the postgres user).
+Part 2 needs ``ALTER SYSTEM`` on the PostgreSQL replica (the postgres user),
+or ``CHANGE MASTER`` on the MariaDB replica (its admin DSN).
 """
 
 from __future__ import annotations
@@ -75,6 +86,16 @@ def control(dsn: str, *statements: str) -> None:
 
 
 def set_delay(dsn: str, seconds: float) -> None:
+    """Delay the replica's replay by *seconds* (0: none). On MariaDB *dsn*
+    is the replica's admin DSN; the delay is MASTER_DELAY, whole seconds."""
+    if MARIADB:
+        control(
+            dsn,
+            "STOP SLAVE",
+            f"CHANGE MASTER TO MASTER_DELAY = {round(seconds)}",
+            "START SLAVE",
+        )
+        return
     control(
         dsn,
         f"ALTER SYSTEM SET recovery_min_apply_delay = '{int(seconds * 1000)}ms'"
@@ -130,6 +151,13 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any, replica_dsn: str) ->
         mine, other = getattr(replica.pool, option, None), getattr(theirs.pool, option, None)
         assert mine == other, f"pool {option}: replica engine {mine!r}, plain {other!r}"
     plain = sessionmaker(bind=theirs, expire_on_commit=False)
+    # The same, sending what a read-only block sends: on PostgreSQL no ping
+    # (the block's BEGIN checks its checkout), on MariaDB no reset ROLLBACK
+    # after the COMMIT (sparc.sa.connections.resets).
+    alike = own_engine(
+        replica_dsn, **({"pool_reset_on_return": None} if MARIADB else {"pool_pre_ping": False})
+    )
+    unchecked = sessionmaker(bind=alike, expire_on_commit=False)
     rs = replica_set(tx.engine)
     assert rs is not None
     rounds, batch = (12, 100) if QUICK else (40, 200)
@@ -144,6 +172,10 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any, replica_dsn: str) ->
         with plain.begin() as session:
             session.get(Row, 1)
 
+    def alike_read() -> None:
+        with unchecked.begin() as session:
+            session.get(Row, 1)
+
     def ours() -> None:
         with tx(readonly=True) as S:
             S.get(Row, 1)
@@ -153,12 +185,14 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any, replica_dsn: str) ->
         with tx(readonly=True, after=token) as S:
             S.get(Row, 1)
 
-    contenders = {"plain": plain_read, "ours": ours, "checked": checked}
+    contenders = {"plain": plain_read, "alike": alike_read, "ours": ours, "checked": checked}
     wall: dict[str, list[float]] = {name: [] for name in contenders}
     cpu: dict[str, list[float]] = {name: [] for name in contenders}
 
     def measure() -> dict[str, dict[str, float]]:
-        sent = {"plain": sent_per_call(plain_read, theirs), "ours": sent_per_call(ours, replica)}
+        sent = {"plain": sent_per_call(plain_read, theirs)}
+        sent["alike"] = sent_per_call(alike_read, alike)
+        sent["ours"] = sent_per_call(ours, replica)
         sent["checked"] = sent_per_call(checked, replica)
         order = list(contenders)
         shuffle = random.Random(42).shuffle
@@ -180,12 +214,17 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any, replica_dsn: str) ->
     load = os.getloadavg()[0]
     sent = in_thread(measure)  # a new thread: a scope that never wrote
     theirs.dispose()
+    alike.dispose()
     print(
         f"\none-row read on the replica ({'MariaDB' if MARIADB else 'PostgreSQL'}), "
         f"{rounds} rounds x {batch} blocks of each side, shuffled order; "
         f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
-    print("  sent per block (pool_pre_ping on both sides; ROLLBACK: actually sent):")
+    print(
+        "  sent per block (ping=BEGIN: the checkout checked by the BEGIN; ROLLBACK: "
+        "actually sent); 'alike' is plain with "
+        + ("pool_reset_on_return=None" if MARIADB else "pool_pre_ping=False")
+    )
     for name, counts in sent.items():
         print(f"    {name:8s} " + ", ".join(f"{k} {v:g}" for k, v in counts.items()))
     print("  median per block, wall / CPU (µs):")
@@ -194,11 +233,15 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any, replica_dsn: str) ->
             f"    {name:8s} {statistics.median(wall[name]):8.1f} "
             f"/ {statistics.median(cpu[name]):8.1f}"
         )
-    for name, label in (("ours", "never wrote"), ("checked", "position checked")):
-        w = [a / b for a, b in zip(wall[name], wall["plain"], strict=True)]
-        c = [a / b for a, b in zip(cpu[name], cpu["plain"], strict=True)]
-        print(f"  tx(readonly=True), {label:16s} wall {spread(w)} x plain")
-        print(f"  {'':35s} CPU  {spread(c)} x plain")
+    for name, label, reference in (
+        ("ours", "never wrote", "plain"),
+        ("checked", "position checked", "plain"),
+        ("ours", "never wrote", "alike"),
+    ):
+        w = [a / b for a, b in zip(wall[name], wall[reference], strict=True)]
+        c = [a / b for a, b in zip(cpu[name], cpu[reference], strict=True)]
+        print(f"  tx(readonly=True), {label:16s} wall {spread(w)} x {reference}")
+        print(f"  {'':35s} CPU  {spread(c)} x {reference}")
 
 
 def stale_reads(
@@ -272,7 +315,10 @@ def sweep(
     rs = replica_set(primary)
     assert rs is not None
     rs.wait = 0.0
-    delays = [1.0, 3.0] if QUICK else [0.5, 1.0, 2.0, 3.0, 4.0]
+    if MARIADB:  # MASTER_DELAY counts whole seconds
+        delays = [1.0, 3.0] if QUICK else [1.0, 2.0, 3.0, 4.0]
+    else:
+        delays = [1.0, 3.0] if QUICK else [0.5, 1.0, 2.0, 3.0, 4.0]
     pairs = 100 if QUICK else 300
     table = []
     try:
@@ -301,14 +347,17 @@ def sweep(
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = [row[0] for row in table]
     ax.plot(xs, [row[1] for row in table], "o-", label="routed by the clock (2 s): stale reads")
-    ax.plot(xs, [row[3] for row in table], "s-", label="routed by WAL position: stale reads")
-    ax.plot(xs, [row[4] for row in table], "^--", label="routed by WAL position: served by replica")
+    kind = "GTID" if MARIADB else "WAL"
+    ax.plot(xs, [row[3] for row in table], "s-", label=f"routed by {kind} position: stale reads")
+    ax.plot(
+        xs, [row[4] for row in table], "^--", label=f"routed by {kind} position: served by replica"
+    )
     ax.set_xlabel("replica replay delay (s)")
     ax.set_ylabel(f"reads of {pairs}")
     ax.set_title("Stale reads prevented, by replay lag")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = ROOT / "docs" / "replicas" / "lag.png"
+    out = ROOT / "docs" / "replicas" / ("lag-mariadb.png" if MARIADB else "lag.png")
     out.parent.mkdir(exist_ok=True)
     fig.savefig(out, dpi=100)
     print(f"figure: {out.relative_to(ROOT)}")
@@ -334,8 +383,14 @@ def main() -> None:
         tx = ThreadLocalSASessionTransaction(primary, Base)
         print(f"SQLAlchemy {sa.__version__}, Python {sys.version.split()[0]}")
         cost(tx, replica, replica_dsn)
-        if not COST_ONLY and not MARIADB:
+        if COST_ONLY:
+            return
+        if not MARIADB:
             sweep(tx, primary, replica, replica_dsn)
+        elif os.environ.get("TEST_MYSQL_REPLICA_ADMIN_DSN"):
+            sweep(tx, primary, replica, os.environ["TEST_MYSQL_REPLICA_ADMIN_DSN"])
+        else:
+            print("\npart 2 on MariaDB needs TEST_MYSQL_REPLICA_ADMIN_DSN (MASTER_DELAY)")
     finally:
         Base.metadata.drop_all(primary)
         primary.dispose()
