@@ -20,11 +20,13 @@ Part 2 sets the replica's ``MASTER_DELAY`` through the admin DSN.)
    ``alike``, the same plain session made to send what the block sends (on
    PostgreSQL without the ping, whose place the block's BEGIN takes; on
    MariaDB without the pool's reset ROLLBACK, which sparc.sa leaves out).
-   Rounds of every contender, in a shuffled order, each timed by the wall
-   clock and by this process's CPU clock; a ratio is the median over rounds
-   of the block's time over the reference's in the same round, printed with
-   its 95% interval and range. Then the block when the position must be
-   checked (one more query), against plain.
+   In each round the contenders take turns, one block each in a shuffled
+   order, every block timed alone by the wall clock and by this process's
+   CPU clock; a contender's time in a round is the median of its blocks',
+   and a ratio is the median over rounds of the block's time over the
+   reference's in the same round, printed with its 95% interval and range.
+   Then the block when the position must be checked (one more query),
+   against plain.
 2. Replay lag against stale reads: users write a row and read it back 0 to
    5 s later, while the replica's replay is delayed by 0.5 to 4 s (MariaDB:
    1 to 4 s); reads routed by position (``after=token``) against reads routed
@@ -199,16 +201,26 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any, replica_dsn: str) ->
         for call in contenders.values():  # warm up pools and compiled statements
             for _ in range(50):
                 call()
+        clock, cpu_clock = time.perf_counter, time.process_time
         for _ in range(rounds):
-            shuffle(order)
-            for name in order:
-                call = contenders[name]
-                gc.collect()
-                start, cpu_start = time.perf_counter(), time.process_time()
-                for _ in range(batch):
+            # One block of each contender in turn, in a shuffled order, each
+            # timed alone: a neighbour's burst lands on single blocks of
+            # every contender alike, and the round's median per contender
+            # leaves those blocks out.
+            times: dict[str, list[float]] = {name: [] for name in contenders}
+            cpu_times: dict[str, list[float]] = {name: [] for name in contenders}
+            gc.collect()
+            for _ in range(batch):
+                shuffle(order)
+                for name in order:
+                    call = contenders[name]
+                    start, cpu_start = clock(), cpu_clock()
                     call()
-                cpu[name].append((time.process_time() - cpu_start) / batch * 1e6)
-                wall[name].append((time.perf_counter() - start) / batch * 1e6)
+                    cpu_times[name].append(cpu_clock() - cpu_start)
+                    times[name].append(clock() - start)
+            for name in contenders:
+                wall[name].append(statistics.median(times[name]) * 1e6)
+                cpu[name].append(statistics.median(cpu_times[name]) * 1e6)
         return sent
 
     load = os.getloadavg()[0]
@@ -217,7 +229,8 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any, replica_dsn: str) ->
     alike.dispose()
     print(
         f"\none-row read on the replica ({'MariaDB' if MARIADB else 'PostgreSQL'}), "
-        f"{rounds} rounds x {batch} blocks of each side, shuffled order; "
+        f"{rounds} rounds x {batch} blocks of each contender, one of each in turn "
+        "in a shuffled order; "
         f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
     print(
@@ -227,7 +240,7 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any, replica_dsn: str) ->
     )
     for name, counts in sent.items():
         print(f"    {name:8s} " + ", ".join(f"{k} {v:g}" for k, v in counts.items()))
-    print("  median per block, wall / CPU (µs):")
+    print("  per block, median over rounds of each round's median, wall / CPU (µs):")
     for name in contenders:
         print(
             f"    {name:8s} {statistics.median(wall[name]):8.1f} "
