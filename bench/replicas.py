@@ -6,27 +6,41 @@
 the replica's replay: point TEST_PG_REPLICA_DSN at a replica of your own.)
 
     TEST_MYSQL_PRIMARY_DSN=... TEST_MYSQL_REPLICA_DSN=... \
-        .venv/bin/python bench/replicas.py --mariadb [--quick]
+    TEST_MYSQL_REPLICA_ADMIN_DSN=... .venv/bin/python bench/replicas.py --mariadb [--quick] [--cost]
 
-(``--mariadb``: part 1 on a MariaDB pair, as ``.ci/mariadb-replica.sh`` makes;
-the position check there is ``SELECT @@gtid_slave_pos, @@read_only``.)
+(``--mariadb``: the same on a MariaDB pair, as ``.ci/mariadb-replica.sh``
+makes; the position check there is ``SELECT @@gtid_slave_pos, @@read_only``.
+Part 2 sets the replica's ``MASTER_DELAY`` through the admin DSN.)
 
-1. A one-row read on the replica through ``tx(readonly=True)`` (a scope that
-   never wrote: no position check) against a plain ``sessionmaker`` bound to
-   the replica engine, both sending BEGIN, SELECT, COMMIT; paired rounds,
-   median ratio. Then the same block when the position must be checked (one
-   more query), as a separate ratio.
+1. A one-row ``get`` on the replica through ``tx(readonly=True)`` (a scope
+   that never wrote: no position check) against plain SQLAlchemy: a
+   ``sessionmaker`` bound to an engine of its own, made by ``create_engine()``
+   on the replica's URL with the pool options sparc.sa's factory gives the
+   replica engine (pool class and size, ``pool_pre_ping=True``), and against
+   ``alike``, the same plain session made to send what the block sends (on
+   PostgreSQL without the ping, whose place the block's BEGIN takes; on
+   MariaDB without the pool's reset ROLLBACK, which sparc.sa leaves out).
+   In each round the contenders take turns, one block each in a shuffled
+   order, every block timed alone by the wall clock and by this process's
+   CPU clock; a contender's time in a round is the median of its blocks',
+   and a ratio is the median over rounds of the block's time over the
+   reference's in the same round, printed with its 95% interval and range.
+   Then the block when the position must be checked (one more query),
+   against plain.
 2. Replay lag against stale reads: users write a row and read it back 0 to
-   5 s later, while the replica's replay is delayed by 0.5 to 4 s; reads
-   routed by position (``after=token``) against reads routed by the clock
-   (primary for 2 s after a write, as Rails does). Draws
-   ``docs/replicas/lag.png`` and prints the table of docs/replicas.rst.
+   5 s later, while the replica's replay is delayed by 0.5 to 4 s (MariaDB:
+   1 to 4 s); reads routed by position (``after=token``) against reads routed
+   by the clock (primary for 2 s after a write, as Rails does). Draws
+   ``docs/replicas/lag.png`` (MariaDB: ``lag-mariadb.png``) and prints the
+   table of docs/replicas.rst.
 
-Needs root-free access to ``ALTER SYSTEM`` on the replica (the postgres user).
+Part 2 needs ``ALTER SYSTEM`` on the PostgreSQL replica (the postgres user),
+or ``CHANGE MASTER`` on the MariaDB replica (its admin DSN).
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import pathlib
@@ -40,6 +54,7 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
+from run import median_interval, own_engine, sent_per_call
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sparc.sa.engine import engine_from_config
@@ -73,6 +88,16 @@ def control(dsn: str, *statements: str) -> None:
 
 
 def set_delay(dsn: str, seconds: float) -> None:
+    """Delay the replica's replay by *seconds* (0: none). On MariaDB *dsn*
+    is the replica's admin DSN; the delay is MASTER_DELAY, whole seconds."""
+    if MARIADB:
+        control(
+            dsn,
+            "STOP SLAVE",
+            f"CHANGE MASTER TO MASTER_DELAY = {round(seconds)}",
+            "START SLAVE",
+        )
+        return
     control(
         dsn,
         f"ALTER SYSTEM SET recovery_min_apply_delay = '{int(seconds * 1000)}ms'"
@@ -101,6 +126,7 @@ def caught_up(primary: Any, replica: Any) -> None:
 
 
 def in_thread(fn: Any) -> Any:
+    """*fn*'s result in a new thread: a scope that wrote nothing."""
     out: list[Any] = []
     worker = threading.Thread(target=lambda: out.append(fn()))
     worker.start()
@@ -108,18 +134,35 @@ def in_thread(fn: Any) -> Any:
     return out[0]
 
 
-def cost(tx: ThreadLocalSASessionTransaction, replica: Any) -> None:
-    plain = sessionmaker(bind=replica, expire_on_commit=False)
+def spread(ratios: list[float]) -> str:
+    """The median of *ratios*, its 95% interval and the range."""
+    ordered = sorted(ratios)
+    lo, hi = median_interval(ordered)
+    return (
+        f"{statistics.median(ordered):.3f} (95% CI {lo:.3f}-{hi:.3f}; "
+        f"range {ordered[0]:.3f}-{ordered[-1]:.3f})"
+    )
+
+
+def cost(tx: ThreadLocalSASessionTransaction, replica: Any, replica_dsn: str) -> None:
+    """Part 1: paired, interleaved rounds of plain SQLAlchemy on an engine of
+    its own (create_engine() on the replica's URL, with the pool options
+    sparc.sa's factory gives the replica engine) and of read-only blocks."""
+    theirs = own_engine(replica_dsn)
+    for option in ("__class__", "_pre_ping", "_pool_size", "_max_overflow", "_recycle"):
+        mine, other = getattr(replica.pool, option, None), getattr(theirs.pool, option, None)
+        assert mine == other, f"pool {option}: replica engine {mine!r}, plain {other!r}"
+    plain = sessionmaker(bind=theirs, expire_on_commit=False)
+    # The same, sending what a read-only block sends: on PostgreSQL no ping
+    # (the block's BEGIN checks its checkout), on MariaDB no reset ROLLBACK
+    # after the COMMIT (sparc.sa.connections.resets).
+    alike = own_engine(
+        replica_dsn, **({"pool_reset_on_return": None} if MARIADB else {"pool_pre_ping": False})
+    )
+    unchecked = sessionmaker(bind=alike, expire_on_commit=False)
     rs = replica_set(tx.engine)
     assert rs is not None
-    n = 300 if QUICK else 1000
-
-    def plain_reads() -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            with plain.begin() as session:
-                session.get(Row, 1)
-        return time.perf_counter() - start
+    rounds, batch = (12, 100) if QUICK else (40, 200)
 
     # A token for position 1, with the check it must carry.
     if MARIADB:
@@ -127,31 +170,91 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any) -> None:
     else:
         token = f"pg:0/1.{token_check(1, rs.load_identity()[0])}"
 
-    def ours(check: bool) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            if check:
-                rs.replicas[0].replayed = 0  # as if a newer commit had to be awaited
-            with tx(readonly=True, after=token if check else None) as S:
-                S.get(Row, 1)
-        return time.perf_counter() - start
+    def plain_read() -> None:
+        with plain.begin() as session:
+            session.get(Row, 1)
 
-    sent: list[str] = []
-    sa.event.listen(replica, "before_cursor_execute", lambda c, cu, st, *a: sent.append(st))
-    in_thread(lambda: ours(False))
-    ours_sent, sent[:] = len(sent), []
-    in_thread(plain_reads)
-    plain_sent = len(sent)
-    rounds = 3 if QUICK else 5
-    ratios, checked = [], []
-    for _ in range(rounds):
-        base = in_thread(plain_reads)
-        ratios.append(in_thread(lambda: ours(False)) / base)
-        checked.append(in_thread(lambda: ours(True)) / base)
-    print(f"\none-row read on the replica, {n} blocks x {rounds} paired rounds")
-    print(f"  statements sent per {n} blocks: ours {ours_sent}, plain {plain_sent}")
-    print(f"  tx(readonly=True), never wrote     {statistics.median(ratios):.3f} x plain")
-    print(f"  tx(readonly=True), position checked {statistics.median(checked):.3f} x plain")
+    def alike_read() -> None:
+        with unchecked.begin() as session:
+            session.get(Row, 1)
+
+    def ours() -> None:
+        with tx(readonly=True) as S:
+            S.get(Row, 1)
+
+    def checked() -> None:
+        rs.replicas[0].replayed = 0  # as if a newer commit had to be awaited
+        with tx(readonly=True, after=token) as S:
+            S.get(Row, 1)
+
+    contenders = {"plain": plain_read, "alike": alike_read, "ours": ours, "checked": checked}
+    wall: dict[str, list[float]] = {name: [] for name in contenders}
+    cpu: dict[str, list[float]] = {name: [] for name in contenders}
+
+    def measure() -> dict[str, dict[str, float]]:
+        sent = {"plain": sent_per_call(plain_read, theirs)}
+        sent["alike"] = sent_per_call(alike_read, alike)
+        sent["ours"] = sent_per_call(ours, replica)
+        sent["checked"] = sent_per_call(checked, replica)
+        order = list(contenders)
+        shuffle = random.Random(42).shuffle
+        for call in contenders.values():  # warm up pools and compiled statements
+            for _ in range(50):
+                call()
+        clock, cpu_clock = time.perf_counter, time.process_time
+        for _ in range(rounds):
+            # One block of each contender in turn, in a shuffled order, each
+            # timed alone: a neighbour's burst lands on single blocks of
+            # every contender alike, and the round's median per contender
+            # leaves those blocks out.
+            times: dict[str, list[float]] = {name: [] for name in contenders}
+            cpu_times: dict[str, list[float]] = {name: [] for name in contenders}
+            gc.collect()
+            for _ in range(batch):
+                shuffle(order)
+                for name in order:
+                    call = contenders[name]
+                    start, cpu_start = clock(), cpu_clock()
+                    call()
+                    cpu_times[name].append(cpu_clock() - cpu_start)
+                    times[name].append(clock() - start)
+            for name in contenders:
+                wall[name].append(statistics.median(times[name]) * 1e6)
+                cpu[name].append(statistics.median(cpu_times[name]) * 1e6)
+        return sent
+
+    load = os.getloadavg()[0]
+    sent = in_thread(measure)  # a new thread: a scope that never wrote
+    theirs.dispose()
+    alike.dispose()
+    print(
+        f"\none-row read on the replica ({'MariaDB' if MARIADB else 'PostgreSQL'}), "
+        f"{rounds} rounds x {batch} blocks of each contender, one of each in turn "
+        "in a shuffled order; "
+        f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
+    print(
+        "  sent per block (ping=BEGIN: the checkout checked by the BEGIN; ROLLBACK: "
+        "actually sent); 'alike' is plain with "
+        + ("pool_reset_on_return=None" if MARIADB else "pool_pre_ping=False")
+    )
+    for name, counts in sent.items():
+        print(f"    {name:8s} " + ", ".join(f"{k} {v:g}" for k, v in counts.items()))
+    print("  per block, median over rounds of each round's median, wall / CPU (µs):")
+    for name in contenders:
+        print(
+            f"    {name:8s} {statistics.median(wall[name]):8.1f} "
+            f"/ {statistics.median(cpu[name]):8.1f}"
+        )
+    for name, label, reference in (
+        ("ours", "never wrote", "plain"),
+        ("checked", "position checked", "plain"),
+        ("ours", "never wrote", "alike"),
+    ):
+        w = [a / b for a, b in zip(wall[name], wall[reference], strict=True)]
+        c = [a / b for a, b in zip(cpu[name], cpu[reference], strict=True)]
+        print(f"  tx(readonly=True), {label:16s} wall {spread(w)} x {reference}")
+        print(f"  {'':35s} CPU  {spread(c)} x {reference}")
 
 
 def stale_reads(
@@ -225,7 +328,10 @@ def sweep(
     rs = replica_set(primary)
     assert rs is not None
     rs.wait = 0.0
-    delays = [1.0, 3.0] if QUICK else [0.5, 1.0, 2.0, 3.0, 4.0]
+    if MARIADB:  # MASTER_DELAY counts whole seconds
+        delays = [1.0, 3.0] if QUICK else [1.0, 2.0, 3.0, 4.0]
+    else:
+        delays = [1.0, 3.0] if QUICK else [0.5, 1.0, 2.0, 3.0, 4.0]
     pairs = 100 if QUICK else 300
     table = []
     try:
@@ -254,14 +360,17 @@ def sweep(
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = [row[0] for row in table]
     ax.plot(xs, [row[1] for row in table], "o-", label="routed by the clock (2 s): stale reads")
-    ax.plot(xs, [row[3] for row in table], "s-", label="routed by WAL position: stale reads")
-    ax.plot(xs, [row[4] for row in table], "^--", label="routed by WAL position: served by replica")
+    kind = "GTID" if MARIADB else "WAL"
+    ax.plot(xs, [row[3] for row in table], "s-", label=f"routed by {kind} position: stale reads")
+    ax.plot(
+        xs, [row[4] for row in table], "^--", label=f"routed by {kind} position: served by replica"
+    )
     ax.set_xlabel("replica replay delay (s)")
     ax.set_ylabel(f"reads of {pairs}")
     ax.set_title("Stale reads prevented, by replay lag")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = ROOT / "docs" / "replicas" / "lag.png"
+    out = ROOT / "docs" / "replicas" / ("lag-mariadb.png" if MARIADB else "lag.png")
     out.parent.mkdir(exist_ok=True)
     fig.savefig(out, dpi=100)
     print(f"figure: {out.relative_to(ROOT)}")
@@ -286,9 +395,15 @@ def main() -> None:
         caught_up(primary, replica)
         tx = ThreadLocalSASessionTransaction(primary, Base)
         print(f"SQLAlchemy {sa.__version__}, Python {sys.version.split()[0]}")
-        cost(tx, replica)
-        if not COST_ONLY and not MARIADB:
+        cost(tx, replica, replica_dsn)
+        if COST_ONLY:
+            return
+        if not MARIADB:
             sweep(tx, primary, replica, replica_dsn)
+        elif os.environ.get("TEST_MYSQL_REPLICA_ADMIN_DSN"):
+            sweep(tx, primary, replica, os.environ["TEST_MYSQL_REPLICA_ADMIN_DSN"])
+        else:
+            print("\npart 2 on MariaDB needs TEST_MYSQL_REPLICA_ADMIN_DSN (MASTER_DELAY)")
     finally:
         Base.metadata.drop_all(primary)
         primary.dispose()

@@ -28,6 +28,25 @@ def test_readonly_block_reads(
     ) == ["a"]
 
 
+def test_readonly_blocks_give_back_the_session_they_set_aside_as_it_was(
+    engine: Engine, models: SimpleNamespace, transaction: ThreadLocalSASessionTransaction
+) -> None:
+    """Each read-only block sets the thread's session aside and gives it back
+    untouched: the objects loaded in it outside blocks stay there, however
+    many read-only blocks run (the watch that closes it if the thread ends
+    inside such a block closed it at every block from the second on)."""
+    with transaction() as Session:
+        Session.add(models.Item(name="a"))
+    session = transaction.session  # used outside any block
+    item = session.scalars(sa.select(models.Item)).one()
+    session.commit()
+    for _ in range(3):
+        with transaction(readonly=True) as Session:
+            assert Session() is not session
+            assert Session.scalars(sa.select(models.Item.name)).all() == ["a"]
+        assert transaction.session is session and item in session
+
+
 @pytest.mark.parametrize("how", ["orm", "core", "text", "connection"])
 def test_write_in_readonly_block_fails_and_writes_nothing(
     engine: Engine,

@@ -263,6 +263,62 @@ def test_readonly_block_runs_on_replica_and_costs_no_extra_statement(
         assert not on_standby(Session())
 
 
+def test_a_block_on_a_caught_up_replica_sends_what_a_plain_session_does() -> None:
+    """On a replica that is caught up and was checked less than
+    CHECK_INTERVAL ago, a read-only block of a scope that never wrote makes
+    the round trips of a plain session's transaction (BEGIN, the statement,
+    COMMIT) and no more: routing adds none, and the checkout is checked by
+    the BEGIN (sparc.sa.tx.liveness), not by a ping of its own. A connection
+    the replica killed while it sat in the pool is replaced at that BEGIN."""
+    from sparc.sa.tx import liveness
+    from tests.test_begin_ping import class_pings, trips
+    from tests.test_faults import kill
+
+    primary_dsn, replica_dsn = pair_dsns()
+    engine = engine_from_config(
+        {
+            "dsn": primary_dsn,
+            "replicas": [replica_dsn],
+            "kwargs": {"pool_size": "1", "max_overflow": "0"},
+        }
+    )
+    replica = replicas(engine)[0]
+    rs = replica_set(engine)
+    assert rs is not None and liveness.begins_on_checkout(replica)
+    tx = ThreadLocalSASessionTransaction(engine, build_models().Base)
+    admin = sa.create_engine(replica_dsn, poolclass=sa.pool.NullPool)
+
+    def read() -> int:
+        with tx(readonly=True) as session:
+            assert rs.stats["replica"] and session().get_bind() is replica
+            return int(session.execute(sa.text("select pg_backend_pid()")).scalar_one())
+
+    def reads() -> tuple[list[str], list[int], int, int]:
+        victim = read()  # the replica's first block checks that it is a standby of ours
+        rs.replicas[0].checked = time.monotonic()  # checked now: the next block checks nothing
+        with trips(replica) as sent, class_pings(replica) as pinged:
+            assert read() == victim
+        kill(admin, victim)
+        rs.replicas[0].checked = time.monotonic()
+        with class_pings(replica) as pinged_after_kill:
+            replaced = read()
+        return sent, pinged + pinged_after_kill, victim, replaced
+
+    try:
+        out: list[Any] = []
+        reader = threading.Thread(target=lambda: out.append(reads()))
+        reader.start()
+        reader.join()
+        sent, pinged, victim, replaced = out[0]
+        assert sent == ["BEGIN", "select pg_backend_pid()", "COMMIT"]
+        assert pinged == [] and replaced != victim
+        assert rs.stats["primary"] == 0 and replica.pool.checkedout() == 0
+    finally:
+        admin.dispose()
+        engine.dispose()
+        replica.dispose()
+
+
 def test_replica_lost_at_commit_is_marked_down_and_the_read_runs_elsewhere(
     pair: SimpleNamespace,
 ) -> None:

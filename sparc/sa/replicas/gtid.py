@@ -139,8 +139,10 @@ class Gtid:
 
     def merge(self, other: object) -> Gtid:
         """The later of the two positions in every domain."""
-        if not isinstance(other, Gtid):
-            return self
+        if not isinstance(other, Gtid) or not other:
+            return self  # frozen: the same position
+        if not self:
+            return other
         best = {d: (d, s, q) for d, s, q in self.domains}
         for d, s, q in other.domains:
             if d not in best or q > best[d][2]:
@@ -159,6 +161,7 @@ class Gtid:
 
 
 UNKNOWN: Final = Gtid(unknown=True)
+_NONE: Final = Gtid()  # no position; Gtid is frozen, so one object serves
 
 
 def _check(text: str) -> str:
@@ -207,7 +210,7 @@ def need(mariadb: bool, position: object, after: object) -> Gtid:
             "'after' is a PostgreSQL commit token ('pg:...'), and this engine is MariaDB: "
             "pass a token that tx.commit_token gave for this engine"
         )
-    mine = position if isinstance(position, Gtid) else Gtid()
+    mine = position if isinstance(position, Gtid) else _NONE
     return mine.merge(after)
 
 
@@ -362,7 +365,7 @@ def measure(rs: Any, replica: Any, connection: Any, need: object) -> bool | None
     """Whether *replica* has applied *need*, asking it only when that is not
     known already, the replica is not known up, or its last check is a
     second old; None if it cannot serve reads now (its state says why)."""
-    replayed = replica.replayed if isinstance(replica.replayed, Gtid) else Gtid()
+    replayed = replica.replayed if isinstance(replica.replayed, Gtid) else _NONE
     if replica.state == "up" and replayed.covers(need) and not _due(rs, replica):
         return True
     try:

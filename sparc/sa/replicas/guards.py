@@ -93,10 +93,10 @@ def before_flush(session: Session, flush_context: Any, instances: Any) -> None:
 
 def do_orm_execute(state: Any) -> None:
     info = state.session.info
-    if not (info.get(READONLY) or info.get(GUARDED)):
-        return
+    if not (info.get(READONLY) or info.get(GUARDED)) or state.is_select:
+        return  # a SELECT is none of INSERT, UPDATE, DELETE: the common case, first
     writes = state.is_insert or state.is_update or state.is_delete
-    if not writes and not state.is_select:
+    if not writes:
         text = getattr(state.statement, "text", None)
         writes = isinstance(text, str) and statement_writes(text)
     if writes:

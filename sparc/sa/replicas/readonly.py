@@ -100,7 +100,10 @@ class ReadOnlyBlock:
         factory = _factory(manager)
         rs = self._rs = replica_set(manager.engine)
         if rs is not None:
-            need = rs.need(self._after)
+            after = self._after
+            # Without a token on PostgreSQL, what rs.need() gives: the
+            # scope's own latest commit, without a call through the token.
+            need = rs.need(after) if after[0] or rs.mariadb else rs.position()
             if need != PRIMARY_ONLY:
                 for replica in rs.candidates():
                     on_replica = self._open(manager, scope, factory, replica, need)
@@ -174,6 +177,14 @@ class ReadOnlyBlock:
         if block is None:
             raise RuntimeError("this block was never entered")
         try:
+            if exc_type is None:
+                # The common end: read_only_end() only acts on an error.
+                try:
+                    block.__exit__(None, None, None)
+                except BaseException:
+                    with read_only_end(self._rs, self._replica, None):
+                        raise
+                return
             with read_only_end(self._rs, self._replica, exc):
                 block.__exit__(exc_type, exc, tb)
         finally:

@@ -196,6 +196,9 @@ class ReplicaSet:
 
     def candidates(self) -> list[Replica]:
         """The replicas to try now, in this block's turn order."""
+        replicas = self.replicas
+        if len(replicas) == 1 and replicas[0].state == "up":
+            return list(replicas)  # one replica, in use: the common case
         now = time.monotonic()
         usable = [
             r

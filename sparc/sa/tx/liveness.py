@@ -53,8 +53,10 @@ driver only allows before it has begun: a checkout with execution options
 (``session.connection(execution_options=...)``, or the session's own), on
 an engine whose own execution options set a connection characteristic
 (isolation level, read-only, deferrable), for a two-phase session or a
-read-only block, or for anything but a session of sparc.sa's. Those are
-pinged as above.
+read-only block on the primary (its transaction begins READ ONLY), or for
+anything but a session of sparc.sa's. Those are pinged as above. A
+read-only block on a replica begins as any block does, so its checkout is
+checked by its BEGIN too.
 """
 
 from __future__ import annotations
@@ -225,7 +227,9 @@ def _is_session_checkout(frame: FrameType, engine: Engine) -> bool:
         and not getattr(session, "execution_options", None)
         and isinstance(session, BlockSession)
         and not session.twophase
-        and not session.info.get(READONLY)
+        # A read-only block on the primary begins READ ONLY (set as it
+        # begins); one on a replica ("replica") begins as any block does.
+        and session.info.get(READONLY) is not True
     )
 
 

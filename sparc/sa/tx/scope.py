@@ -144,8 +144,14 @@ class ScopeRegistry:
     def watch_set_aside(self, scope: Scope) -> None:
         """Close *scope*'s set-aside session when its thread ends, even while
         a block holds the scope (a task's ending closes it already)."""
-        if isinstance(scope, ThreadScope) and getattr(self.local, "scope", None) is scope:
-            self.local.set_aside_watch = SetAsideWatch(scope)
+        local = self.local
+        if isinstance(scope, ThreadScope) and getattr(local, "scope", None) is scope:
+            # One watch per thread and scope, kept: replacing it on every
+            # block would make the old one's __del__ close the session just
+            # set aside, and cost an object per block.
+            watch = getattr(local, "set_aside_watch", None)
+            if watch is None or watch.scope is not scope:
+                local.set_aside_watch = SetAsideWatch(scope)
 
     def existing(self) -> Scope | None:
         """The current scope if it was made already, else None."""
