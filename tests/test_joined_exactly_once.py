@@ -307,6 +307,31 @@ def test_a_session_reset_after_the_last_block_fails_the_commit(
     assert names(engine, models.Item) == []
 
 
+@pytest.mark.parametrize("join", ["always", "auto"])
+def test_removing_the_session_after_a_commit_leaves_no_transaction_behind(
+    engine: Engine, models: Any, join: str
+) -> None:
+    """zope.sqlalchemy's habit: ``Session.remove()`` once a transaction ended.
+    It closes the session; it does not join (nor, joining always, begin) a
+    transaction on the way, which left a closed session in a transaction
+    that the thread's next commit then refused."""
+    tx = ThreadLocalSASessionTransaction(engine, models.Base, join=join)
+    with transaction.manager, tx() as Session:
+        tx.session.add(models.Item(name="first"))
+    Session.remove()
+    assert checked_out(engine) == 0
+    # A script goes on without begin(): joining always, this block joins the
+    # thread's transaction; joining when begun, it commits by itself.
+    with tx():
+        tx.session.add(models.Item(name="second"))
+    transaction.commit()
+    Session.remove()
+    with transaction.manager, tx():
+        tx.session.add(models.Item(name="third"))
+    assert names(engine, models.Item) == ["first", "second", "third"]
+    assert checked_out(engine) == 0
+
+
 # -- the hooks of a transaction that is ending -----------------------------------------
 
 

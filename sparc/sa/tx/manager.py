@@ -65,6 +65,28 @@ class SessionRegistry:
         if scope is not None and not scope.blocks and scope.joined is None:
             scope.session = None
 
+    def existing(self) -> Session | None:
+        """The current scope's session if it has one, as it is: not joined
+        to any transaction on the way (closing a session must not begin one)."""
+        scope = self._manager.scopes.existing()
+        return None if scope is None else scope.session
+
+
+class ScopedSession(scoped_session[Session]):
+    """The yielded ``scoped_session``: SQLAlchemy's, whose ``remove()`` closes
+    the scope's session as it is. SQLAlchemy's would fetch it through the
+    registry, which joins the running transaction first (join="always" even
+    begins one): after a commit, ``Session.remove()`` then left a transaction
+    behind holding a closed session, and the next commit of the thread failed."""
+
+    registry: SessionRegistry  # type: ignore[assignment]
+
+    def remove(self) -> None:
+        session = self.registry.existing()
+        if session is not None:
+            session.close()
+        self.registry.clear()
+
 
 class ManagerCore:
     """The part of :class:`sparc.sa.orm.ThreadLocalSASessionTransaction` that
@@ -89,8 +111,8 @@ class ManagerCore:
         own_class = session_options.setdefault("class_", sessions.BlockSession)
         factory = self.new_session = sessionmaker(bind=engine, **session_options)
         self.scopes = ScopeRegistry(engine)
-        self._Session = scoped_session(factory)
-        self._Session.registry = SessionRegistry(self)  # type: ignore[assignment]
+        self._Session = ScopedSession(factory)
+        self._Session.registry = SessionRegistry(self)
         self.gates = GateCache()
         # The outermost open block of the current context: a thread or task
         # started from inside a block (asyncio.to_thread, create_task) sees it.
