@@ -64,10 +64,11 @@ if TYPE_CHECKING:
     from sparc.sa.replicas.config import attach as attach
     from sparc.sa.replicas.config import split_config as split_config
     from sparc.sa.replicas.errors import is_disconnect as is_disconnect
+    from sparc.sa.replicas.health import Replica
     from sparc.sa.replicas.positions import check_readonly_arguments, parse_token
     from sparc.sa.replicas.positions import lsn_to_int as lsn_to_int
     from sparc.sa.replicas.positions import token_check as token_check
-    from sparc.sa.replicas.routing import Replica, ReplicaSet, replica_set, replicas
+    from sparc.sa.replicas.routing import ReplicaSet, replica_set, replicas
     from sparc.sa.replicas.routing import describe_lines as describe_lines
     from sparc.sa.replicas.tokens import commit_token
     from sparc.sa.replicas.tokens import prepare as prepare
@@ -94,11 +95,11 @@ _HOMES = {
     "attach": "config",
     "split_config": "config",
     "is_disconnect": "errors",
+    "Replica": "health",
     "check_readonly_arguments": "positions",
     "lsn_to_int": "positions",
     "parse_token": "positions",
     "token_check": "positions",
-    "Replica": "routing",
     "ReplicaSet": "routing",
     "describe_lines": "routing",
     "replica_set": "routing",

@@ -1,17 +1,14 @@
 """Replicas: the replica set of a primary engine, which routes reads (its
-replicas' health, lag and turns), and the primary's position noted after
-each commit that wrote."""
+replicas' lag and turns; their health is :mod:`sparc.sa.replicas.health`'s),
+and the primary's position noted after each commit that wrote."""
 
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import re
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sqlalchemy import event
@@ -21,6 +18,9 @@ from sqlalchemy.orm import Session
 
 from sparc.sa.replicas import gtid
 from sparc.sa.replicas.gtid import Gtid
+from sparc.sa.replicas.health import Replica as Replica
+from sparc.sa.replicas.health import ReplicaHealth, logger
+from sparc.sa.replicas.health import Unusable as Unusable
 from sparc.sa.replicas.positions import (
     PRIMARY_ONLY,
     commit_positions,
@@ -30,15 +30,10 @@ from sparc.sa.replicas.positions import (
     token_check,
 )
 
-logger = logging.getLogger("sparc.sa.replicas")
-
-
 ATTR: Final = "_sparc_sa_replicas"
 _WROTE: Final = "sparc.sa wrote"
 _COMMITTED: Final = "sparc.sa committed"
 
-_FIRST_BACKOFF: Final = 0.5
-_MAX_BACKOFF: Final = 5.0
 #: Seconds between two measurements of a replica's replay lag.
 CHECK_INTERVAL: Final = 1.0
 # "start": START TRANSACTION [READ ONLY] begins, it does not write.
@@ -68,36 +63,9 @@ def replicas(engine: Any) -> tuple[Any, ...]:
 # -- the replica set ---------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class Replica:
-    """One replica and what is known of it."""
-
-    engine: Any
-    name: str
-    # "up", "down", "lagging", or "foreign": answering, but not a standby of
-    # this primary (promoted, another cluster, another timeline).
-    state: str = "up"
-    # The latest replay position seen while it was a standby of ours (a Gtid on MariaDB).
-    replayed: Any = 0
-    lag: float | None = None  # seconds, as last measured
-    checked: float = 0.0  # time.monotonic() of that measurement
-    confirmed: float = 0.0  # MariaDB: time.monotonic() it was last seen replicating ours
-    unjudged: bool = False  # MariaDB: its replication status cannot be read (warned once)
-    retry_at: float = 0.0
-    failures: int = 0
-    reason: str = field(default="", repr=False)
-
-    @property
-    def sync_engine(self) -> Engine:
-        return getattr(self.engine, "sync_engine", self.engine)  # type: ignore[no-any-return]
-
-
-class Unusable(Exception):
-    """This replica cannot serve this read now."""
-
-
-class ReplicaSet:
-    """A primary engine's replicas: their health, positions and turns."""
+class ReplicaSet(ReplicaHealth):
+    """A primary engine's replicas: their health (:class:`ReplicaHealth`),
+    positions and turns."""
 
     def __init__(
         self,
@@ -110,9 +78,11 @@ class ReplicaSet:
         from sparc.sa.config.secrets import hide_dsn
 
         self.primary = getattr(primary, "sync_engine", primary)
-        self.replicas = tuple(
-            Replica(engine, hide_dsn(getattr(engine, "sync_engine", engine).url))
-            for engine in engines
+        super().__init__(
+            tuple(
+                Replica(engine, hide_dsn(getattr(engine, "sync_engine", engine).url))
+                for engine in engines
+            )
         )
         self.max_lag = max_lag
         wait = 0.0 if wait is None else wait
@@ -130,16 +100,10 @@ class ReplicaSet:
         #: anew (it may be another server after a failover). On MariaDB,
         #: (``@@server_id``, ``@@log_bin``): see :mod:`sparc.sa.replicas.gtid`.
         self.identity: tuple[str, int | None] | None = None
-        # Guards the replicas' states; held only to read or change them.
-        self._lock = threading.Lock()
         self._turn = itertools.count()
         #: Counters, for `sparc-sa check`, the docs and the tests.
         self.stats = {"replica": 0, "primary": 0, "checks": 0, "waits": 0, "fallbacks": 0}
         _track(self)
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{r.name} ({r.state})" for r in self.replicas)
-        return f"<ReplicaSet of {self.primary.url.render_as_string(True)}: {shown}>"
 
     # -- positions --
 
@@ -271,16 +235,6 @@ class ReplicaSet:
         self.set_state(replica, "up", "")
         return bool(replayed >= need)
 
-    def foreign(self, replica: Replica, reason: str) -> None:
-        """*replica* answers but is not a standby of this primary: skipped,
-        and what it was seen to replay forgotten, until a check finds it a
-        standby of this primary again. Raises :class:`Unusable`."""
-        with self._lock:
-            replica.replayed = 0
-            replica.checked = time.monotonic()
-        self.set_state(replica, "foreign", reason)
-        raise Unusable
-
     def waited(self, deadline: float) -> float:
         """Seconds to wait before the next check; :class:`Unusable` if the
         time is up."""
@@ -305,67 +259,6 @@ class ReplicaSet:
             # too) is taken after the replay the next check may see.
             session.rollback()
             time.sleep(pause)
-
-    def set_state(self, replica: Replica, state: str, reason: str) -> None:
-        """Change a replica's state, logging once per change."""
-        with self._lock:
-            before = replica.state
-            replica.reason = reason
-            if state in ("down", "foreign"):
-                replica.failures += 1
-                delay = min(_FIRST_BACKOFF * 2 ** (replica.failures - 1), _MAX_BACKOFF)
-                replica.retry_at = time.monotonic() + delay
-            elif state == "up":
-                replica.failures = 0
-            if before == state:
-                return
-            replica.state = state
-        if state == "up":
-            logger.warning("replica %s is back in use (was %s)", replica.name, before)
-        elif state == "foreign":
-            logger.warning(
-                "replica %s is not a standby of this primary (%s); it serves no read "
-                "until it is one again",
-                replica.name,
-                reason,
-            )
-        else:
-            logger.warning(
-                "replica %s is %s (%s); reads go to other replicas or the primary",
-                replica.name,
-                state,
-                reason,
-            )
-
-    def failed(self, replica: Replica, error: BaseException) -> None:
-        from sparc.sa.config.secrets import hide_secrets_in_text
-
-        lines = str(error).splitlines() or [""]
-        reason = hide_secrets_in_text(f"{type(error).__name__}: {lines[0]}")
-        self.set_state(replica, "down", reason[:200])
-
-    def describe(self) -> list[dict[str, Any]]:
-        """Each replica's name, state, last measured replay lag and why it is not up."""
-        with self._lock:
-            return [
-                {"name": r.name, "state": r.state, "lag": r.lag, "reason": r.reason}
-                for r in self.replicas
-            ]
-
-    def probe(self) -> list[dict[str, Any]]:
-        """Connect to every replica now and measure it (``sparc-sa check``)."""
-        for replica in self.replicas:
-            try:
-                with replica.sync_engine.connect() as conn:
-                    if self.mariadb:
-                        gtid.probe_one(self, replica, conn)
-                        continue
-                    self.measure(replica, conn, 0)
-            except Unusable:
-                continue
-            except (sa_exc.DBAPIError, OSError) as error:
-                self.failed(replica, error)
-        return self.describe()
 
 
 def describe_lines(engine: Any) -> list[str]:
