@@ -73,7 +73,12 @@ def app_engine(backend: str, tmp_path: pathlib.Path) -> Engine:
 def pyramid_env(
     request: pytest.FixtureRequest, tmp_path: pathlib.Path
 ) -> Iterator[SimpleNamespace]:
-    backend = request.param
+    yield from app_environment(request.param, tmp_path)
+
+
+def app_environment(backend: str, tmp_path: pathlib.Path) -> Iterator[SimpleNamespace]:
+    """The body of an app test's fixture: the engine, the models with one
+    counter row, and after the test, no connection left checked out."""
     engine = app_engine(backend, tmp_path)
     models = make_models()
     models.Base.metadata.create_all(engine)

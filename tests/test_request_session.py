@@ -38,15 +38,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import transaction
 import webtest
 
 from sparc.sa.exceptions import JoinedTransactionError
 
 from .conftest import checked_out, names
-from .pyramid_app import make_models
 from .request_session_app import MANAGERS, ViewFailure, main
-from .test_pyramid import APP_BACKENDS, app_engine
+from .test_pyramid import APP_BACKENDS, app_environment
 
 # (path, names of the rows it leaves, what the request ends with: the
 # exception it raises, the status of an error page, or None for 200)
@@ -73,20 +71,7 @@ def _applies(scenario: str, backend: str) -> bool:
 
 @pytest.fixture
 def env(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[SimpleNamespace]:
-    backend = request.param
-    engine = app_engine(backend, tmp_path)
-    models = make_models()
-    models.Base.metadata.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(sa.insert(models.Counter.__table__).values(id=1, value=0))
-    yield SimpleNamespace(engine=engine, models=models, backend=backend)
-    transaction.abort()  # the default manager is the thread's: leave it clean
-    try:
-        left = checked_out(engine)
-        models.Base.metadata.drop_all(engine)
-    finally:
-        engine.dispose()
-    assert left == 0, f"{left} connection(s) still checked out after the requests"
+    yield from app_environment(request.param, tmp_path)
 
 
 def _cases() -> Iterator[Any]:
