@@ -8,6 +8,7 @@ asyncio sibling; without the variable they are skipped with the reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import random
@@ -28,6 +29,7 @@ from zope.configuration import xmlconfig
 from sparc.sa import aio
 from sparc.sa.engine import engine_from_config
 from sparc.sa.exceptions import (
+    AbortedTransactionError,
     BlockOrderError,
     CrossScopeSessionError,
     DoomedTransactionError,
@@ -199,6 +201,43 @@ def test_a_released_savepoint_is_undone_when_the_outer_block_rolls_back(
     assert db.run(main) == []
 
 
+def test_a_transaction_the_server_aborted_is_never_committed(db: SimpleNamespace) -> None:
+    """A statement fails and its error is caught inside the block: PostgreSQL
+    aborts the transaction, and a COMMIT would silently roll it all back
+    while the block exited normally. As with the threaded blocks (one state
+    machine, sparc.sa.tx.stack), the block raises AbortedTransactionError
+    instead, and an inner block's failure undoes that block alone. The other
+    databases keep the transaction going, so the rows are committed there."""
+    postgres = db.backend in ("asyncpg", "psycopg_async")
+
+    async def fail_a_statement(session: AsyncSession) -> None:
+        with pytest.raises(sa.exc.DBAPIError):
+            await session.execute(sa.text("SELECT * FROM sparc_no_such_table"))
+
+    async def main() -> list[int]:
+        async with db.tx() as session:
+            session.add(db.Item(id=1))
+            with pytest.raises(AbortedTransactionError) if postgres else _nothing():
+                async with db.tx() as inner:
+                    inner.add(db.Item(id=2))
+                    await inner.flush()
+                    await fail_a_statement(inner)
+            session.add(db.Item(id=3))
+        with pytest.raises(AbortedTransactionError) if postgres else _nothing():
+            async with db.tx() as session:
+                session.add(db.Item(id=4))
+                await session.flush()
+                await fail_a_statement(session)
+        return await ids(db)
+
+    assert db.run(main) == ([1, 3] if postgres else [1, 2, 3, 4])
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
 def test_a_blocks_first_read_runs_inside_its_transaction(db: SimpleNamespace) -> None:
     async def main() -> bool:
         async with db.tx() as session:
@@ -233,6 +272,25 @@ def test_two_tasks_interleaving_never_share_a_session(db: SimpleNamespace) -> No
         )
         assert seen[1] is not seen[2]
         assert isinstance(results[1], RuntimeError)
+        return await ids(db)
+
+    assert db.run(main) == [1]
+
+
+def test_joining_a_transaction_manager_is_refused_with_the_reason(db: SimpleNamespace) -> None:
+    """The `transaction` package commits synchronously: an asyncio block
+    cannot join it. Refused before anything opens, block and run() alike."""
+    import transaction
+
+    tm = transaction.TransactionManager(explicit=True)
+
+    async def main() -> list[int]:
+        with pytest.raises(TypeError, match="commits synchronously"):
+            db.tx(transaction_manager=tm)
+        with pytest.raises(TypeError, match="commits synchronously"):
+            await db.tx.run(lambda session: None, transaction_manager=tm)
+        async with db.tx() as session:  # nothing was left open
+            session.add(db.Item(id=1))
         return await ids(db)
 
     assert db.run(main) == [1]

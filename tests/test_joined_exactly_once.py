@@ -75,6 +75,46 @@ def test_a_block_joins_the_transaction_manager_it_is_given(engine: Engine, model
     assert checked_out(engine) == 0
 
 
+def test_a_read_only_block_reads_in_the_transaction_of_the_manager_it_is_given(
+    engine: Engine, models: Any
+) -> None:
+    """A read-only block never joins a transaction, but inside one its scope
+    wrote in, it reads there (seeing the uncommitted rows), and then the
+    manager it was given must be that transaction's; run() too."""
+    tx = scoped_transaction(engine, models.Base)
+    tm = transaction.TransactionManager(explicit=True)
+    tm.begin()
+    with tx(transaction_manager=tm):
+        tx.session.add(models.Item(name="pending"))
+    with tx(readonly=True, transaction_manager=tm) as session:
+        assert [item.name for item in session.query(models.Item)] == ["pending"]
+    assert (
+        tx.run(
+            lambda session: session.query(models.Item).count(),
+            readonly=True,
+            transaction_manager=tm,
+        )
+        == 1
+    )
+    other = transaction.TransactionManager(explicit=True)
+    other.begin()
+    with (
+        pytest.raises(JoinedTransactionError, match="already inside another transaction"),
+        tx(readonly=True, transaction_manager=other),
+    ):
+        pass  # pragma: no cover - refused at entry
+    with pytest.raises(JoinedTransactionError):
+        tx.run(lambda session: None, readonly=True, transaction_manager=other)
+    other.abort()
+    with pytest.raises(TypeError, match="must be a transaction manager"):
+        tx(readonly=True, transaction_manager="transaction.manager")
+    tm.commit()
+    assert names(engine, models.Item) == ["pending"]
+    with tx(readonly=True, transaction_manager=tm) as session:  # no transaction: reads alone
+        assert session.query(models.Item).count() == 1
+    assert checked_out(engine) == 0
+
+
 def test_a_transaction_manager_argument_is_checked(engine: Engine, models: Any) -> None:
     tx = scoped_transaction(engine, models.Base)
     with pytest.raises(TypeError, match="must be a transaction manager"):

@@ -679,12 +679,17 @@ def test_zcml_engine_with_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
     assert PASSWORD not in repr(rs)
 
 
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
 def test_check_lists_replicas_with_state_and_lag(
-    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], driver: str
 ) -> None:
+    """The same report for a threaded and an asyncio engine."""
     from sparc.sa.check import main
 
-    primary_dsn, replica_dsn = pair_dsns()
+    primary_dsn, replica_dsn = (
+        make_url(dsn).set(drivername=f"postgresql+{driver}").render_as_string(False)
+        for dsn in pair_dsns()
+    )
     dead = make_url(replica_dsn).set(port=1).render_as_string(False)
     config = tmp_path / "site.yaml"
     config.write_text(f"dsn: {primary_dsn}\nreplicas:\n  - {replica_dsn}\n  - {dead}\n")

@@ -129,6 +129,11 @@ class AsyncScopedTransaction:
         session_options.setdefault("sync_session_class", sessions.BlockSession)
         resets.install(engine.sync_engine)
         self._factory = async_sessionmaker(engine, **session_options)
+        # What the block state machine (sparc.sa.tx.stack) asks of a manager:
+        # whether the server's aborted transactions can be told, and whether
+        # SAVEPOINTs need an explicit BEGIN (pysqlite only, never here).
+        self.checks_aborted = sessions.checks_aborted(engine.sync_engine)
+        self.sqlite_begin = False
         self._scopes: weakref.WeakKeyDictionary[asyncio.Task[Any], AsyncScope] = (
             weakref.WeakKeyDictionary()
         )
@@ -156,7 +161,7 @@ class AsyncScopedTransaction:
                 "(a task started inside another task's block has none of its own): "
                 "use `async with tx() as session:`"
             )
-        return scope.session
+        return scope.asession
 
     @property
     def commit_token(self) -> str | None:
@@ -173,10 +178,17 @@ class AsyncScopedTransaction:
         readonly: bool = False,
         after: str | None = None,
         isolation_level: str | None = None,
+        transaction_manager: Any = None,
     ) -> Any:
         """An ``async with`` block; ``readonly=True`` (and *after*, a commit
         token) as for the threaded manager (:mod:`sparc.sa.replicas.areadonly`);
-        *isolation_level* as for the threaded manager's blocks."""
+        *isolation_level* as for the threaded manager's blocks.
+
+        *transaction_manager* is refused with the reason: the ``transaction``
+        package commits synchronously, calling its data managers without
+        awaiting them, so an asyncio block cannot join its transaction."""
+        if transaction_manager is not None:
+            _refuse_joining(transaction_manager)
         if type(savepoint) is not bool:
             raise TypeError(f"savepoint must be True or False, got {savepoint!r}")
         isolation = check_isolation(isolation_level)
@@ -206,6 +218,7 @@ class AsyncScopedTransaction:
         readonly: bool = False,
         after: str | None = None,
         isolation_level: str | None = None,
+        transaction_manager: Any = None,
         **kwargs: Any,
     ) -> Any:
         """Await ``fn(session, *args, **kwargs)`` in a block and return its result.
@@ -220,6 +233,8 @@ class AsyncScopedTransaction:
         same task, ``fn`` runs once, in a SAVEPOINT.
         """
         check_attempts(attempts)
+        if transaction_manager is not None:
+            _refuse_joining(transaction_manager)
         task = asyncio.current_task()
         scope = self._scopes.get(task) if task is not None else None
         if scope is not None and scope.blocks:
@@ -258,9 +273,11 @@ class AsyncScopedTransaction:
         home, scope.home = scope.home, None
         if home is not None:
             home.open.discard(scope)
-        session = scope.session
+        session = scope.asession
         gate, scope.gate = scope.gate, None
-        await finish(end_session(session, commit, discard, gate), settled=commit)
+        await finish(
+            end_session(session, commit, discard, gate, self.checks_aborted), settled=commit
+        )
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         """A task ended: roll back and close a block it left open."""
@@ -268,10 +285,23 @@ class AsyncScopedTransaction:
         if scope is None:
             return
         scope.broken = True
-        for block in scope.blocks:
-            block._state = DONE
+        for ref in scope.blocks:
+            block = ref()
+            if block is not None:
+                block._state = DONE
+        scope.blocks.clear()
         logger.warning("sparc.sa: a task ended inside a block; its transaction was rolled back")
         run_detached(self._end_scope(scope, commit=False))
+
+
+def _refuse_joining(tm: object) -> None:
+    raise TypeError(
+        f"transaction_manager={tm!r}: an asyncio block cannot join a transaction of "
+        "the `transaction` package, which commits synchronously and calls its data "
+        "managers without awaiting them (the COMMIT would run outside the event "
+        "loop's greenlet). Use the threaded manager (ISAScopedTransaction on a "
+        "synchronous engine) for joined work, or let the asyncio block commit itself"
+    )
 
 
 _CACHE_ATTR = "_sparc_sa_async_managers"

@@ -28,9 +28,10 @@ from xml.sax import SAXParseException
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.util import greenlet_spawn
 
 from sparc.sa import options, replicas
-from sparc.sa.foreign.of_sqlalchemy import max_overflow, pre_pings
+from sparc.sa.foreign.of_sqlalchemy import max_overflow
 from sparc.sa.foreign.of_zope_configuration import error_details
 from sparc.sa.tx import liveness
 
@@ -148,6 +149,9 @@ async def check_async_engine(engine: AsyncEngine, name: str = "") -> Report:
             await _probe_async(engine, shown)
             async with engine.connect() as conn:
                 prepared = await conn.run_sync(_prepared_on)
+            # The replicas' lines, as for a threaded engine; their probes run
+            # on the replicas' own engines through the greenlet bridge.
+            replica_lines = await greenlet_spawn(replicas.describe_lines, engine.sync_engine)
         except sa.exc.SQLAlchemyError as exc:
             raise CheckFailed(f"{shown}: {_one_line(exc, engine.sync_engine)}") from None
         except OSError as exc:  # some asyncio drivers raise these unwrapped
@@ -166,10 +170,11 @@ async def check_async_engine(engine: AsyncEngine, name: str = "") -> Report:
         driver=f"{sync_engine.driver}, asyncio",
         server_version=server_version,
         pool=_pool_text(sync_engine.pool),
-        pre_ping=pre_pings(sync_engine.pool),
+        pre_ping=liveness.is_checked(sync_engine),
         isolation_level=isolation,
         round_trip_ms=statistics.median(timings),
         prepared=prepared,
+        replicas=replica_lines,
     )
 
 

@@ -193,15 +193,15 @@ class ThreadLocalSASessionTransaction(ManagerCore):
            *transaction_manager*, *readonly*, *after*, *isolation_level*.
         """
         isolation = sessions.check_isolation(isolation_level)
+        if transaction_manager is not None:
+            _check_manager(transaction_manager, self._join)
         if readonly or after is not None:
             _no_isolation_when_readonly(isolation)
-            return _readonly_block(self, readonly, after)
+            return _readonly_block(self, readonly, after, transaction_manager)
         if savepoint is not True and savepoint is not False:
             raise TypeError(
                 f"'savepoint' must be True or False, got {savepoint!r} ({type(savepoint).__name__})"
             )
-        if transaction_manager is not None:
-            _check_manager(transaction_manager, self._join)
         return Block(self, savepoint, transaction_manager, False, isolation)
 
     def run(
@@ -228,12 +228,12 @@ class ThreadLocalSASessionTransaction(ManagerCore):
         :meth:`__call__`; with a *transaction_manager* the block joins its
         transaction, whose owner retries, so *fn* runs once."""
         isolation = sessions.check_isolation(isolation_level)
+        if transaction_manager is not None:
+            _check_manager(transaction_manager, self._join)
         if readonly or after is not None:
             _no_isolation_when_readonly(isolation)
             _readonly_block(self, readonly, after)  # checks the arguments
-            return run_readonly(self, fn, args, kwargs, attempts, after)
-        if transaction_manager is not None:
-            _check_manager(transaction_manager, self._join)
+            return run_readonly(self, fn, args, kwargs, attempts, after, transaction_manager)
         return _run(
             self, fn, args, kwargs, check_attempts(attempts), isolation, transaction_manager
         )
@@ -303,9 +303,9 @@ def _check_manager(tm: object, join: str) -> None:
 
 
 def _readonly_block(
-    manager: ThreadLocalSASessionTransaction, readonly: object, after: object
+    manager: ThreadLocalSASessionTransaction, readonly: object, after: object, tm: Any = None
 ) -> Any:
-    return ReadOnlyBlock(manager, check_readonly_arguments(readonly, after, "tx"))
+    return ReadOnlyBlock(manager, check_readonly_arguments(readonly, after, "tx"), tm)
 
 
 def _no_coroutine(result: _T, fn: Any) -> _T:

@@ -56,10 +56,24 @@ _T = TypeVar("_T")
 class ReadOnlyBlock:
     """One ``with tx(readonly=True):`` block."""
 
-    __slots__ = ("_after", "_block", "_guarded", "_manager", "_replica", "_rs", "_saved", "_scope")
+    __slots__ = (
+        "_after",
+        "_block",
+        "_guarded",
+        "_manager",
+        "_replica",
+        "_rs",
+        "_saved",
+        "_scope",
+        "_tm",
+    )
 
-    def __init__(self, manager: Any, after: str | None = None) -> None:
+    def __init__(self, manager: Any, after: str | None = None, tm: Any = None) -> None:
         self._manager = manager
+        # A transaction manager given to the block: a read-only block never
+        # joins a transaction, but inside one it reads in it, and then it must
+        # be this manager's (sparc.sa.tx.stack.check_same_transaction).
+        self._tm = tm
         self._after = read_token(after)
         self._block: Block | None = None
         self._guarded: Session | None = None
@@ -84,7 +98,7 @@ class ReadOnlyBlock:
         scope = self._scope = manager.scopes.current()
         if scope.blocks or scope.joined is not None:
             # In the writing transaction around it, to see its uncommitted work.
-            block = self._block = Block(manager, True, readonly=True)
+            block = self._block = Block(manager, True, self._tm, readonly=True)
             entered = block.__enter__()
             guarded = self._guarded = block.session
             guard(guarded)
@@ -276,6 +290,7 @@ def run_readonly(
     kwargs: dict[str, Any],
     attempts: int,
     after: str | None,
+    tm: Any = None,
 ) -> _T:
     """``tx.run(fn, readonly=True)``: *fn* in a read-only block, run again if
     the database aborts it (as :meth:`run` does), and once more on another
@@ -289,7 +304,7 @@ def run_readonly(
     attempt = 1
     moved = False
     while True:
-        block = ReadOnlyBlock(manager, after)
+        block = ReadOnlyBlock(manager, after, tm)
         try:
             with block:
                 return fn(block.session, *args, **kwargs)

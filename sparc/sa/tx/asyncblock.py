@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
+from sqlalchemy.util import greenlet_spawn
 
 from sparc.sa.connections.keep import keep_shared_connection
 from sparc.sa.exceptions import (
@@ -27,14 +28,13 @@ from sparc.sa.exceptions import (
     DoomedTransactionError,
     ForeignEventLoopError,
     InterleavedTransactionError,
-    IsolationLevelError,
-    ReadOnlyTransactionError,
 )
 from sparc.sa.foreign.of_asyncio import call_connection_lost, cancel_pending
 from sparc.sa.foreign.of_sqlalchemy import driver_transport
-from sparc.sa.tx.sessions import READONLY, check_isolation
-from sparc.sa.tx.shielded import finish, quietly
-from sparc.sa.tx.suspended import GENERATOR, check_owner, owner_of_block
+from sparc.sa.tx.scope import Scope
+from sparc.sa.tx.shielded import finish
+from sparc.sa.tx.stack import DONE, DOOMED, NEW, OPEN, BlockState, enter_nested, exit_nested
+from sparc.sa.tx.suspended import GENERATOR, owner_of_block
 
 __all__ = ["DONE", "AsyncBlock", "AsyncBlockHost", "AsyncScope"]
 
@@ -109,8 +109,11 @@ def _abandon_with_loop(scope: AsyncScope) -> None:
     loop nothing can be awaited, so its connection's socket is shut down,
     which makes the server roll the transaction back and drop its locks."""
     scope.broken = True
-    for block in scope.blocks:
-        block._state = DONE
+    for ref in scope.blocks:
+        block = ref()
+        if block is not None:
+            block._state = DONE
+    scope.blocks.clear()
     manager = scope.manager
     if manager._scopes.get(scope.task) is scope:
         del manager._scopes[scope.task]
@@ -153,40 +156,26 @@ def _shut_down(driver: Any) -> None:
     # released when the connection is collected.
 
 
-NEW, OPEN, DONE = "new", "open", "done"
+class AsyncScope(Scope):
+    """The open blocks of one task for one manager, innermost last: a
+    :class:`~sparc.sa.tx.scope.Scope` (what the block state machine of
+    :mod:`sparc.sa.tx.stack` works on) whose session is the sync session of
+    the task's :class:`~sqlalchemy.ext.asyncio.AsyncSession`."""
 
-
-class AsyncScope:
-    """The open blocks of one task for one manager, innermost last."""
-
-    __slots__ = (
-        "blocks",
-        "broken",
-        "connection",
-        "doomed",
-        "gate",
-        "home",
-        "manager",
-        "owner",
-        "session",
-        "task",
-    )
+    __slots__ = ("asession", "broken", "connection", "gate", "home", "manager", "task")
 
     def __init__(
         self, task: asyncio.Task[Any], session: AsyncSession, manager: AsyncBlockHost
     ) -> None:
+        Scope.__init__(self, manager._engine.sync_engine)
         self.task = task
-        self.session = session
+        self.asession = session
+        self.session = session.sync_session
         self.manager = manager
         self.connection: Any = None  # the AsyncConnection the block took
         self.home: _EngineState | None = None  # set while the block is open
-        self.blocks: list[AsyncBlock] = []
-        self.doomed = False
         self.broken = False  # blocks ended out of order
         self.gate: asyncio.Lock | None = None
-        # The async generator whose frame opened the outermost block, if
-        # iteration drives it (see sparc.sa.tx.suspended).
-        self.owner: FrameType | None = None
 
 
 # The scope of the outermost block the current context is inside of; a child
@@ -194,19 +183,17 @@ class AsyncScope:
 _inside: ContextVar[AsyncScope | None] = ContextVar("sparc_sa_async_block", default=None)
 
 
-class AsyncBlock:
-    """One ``async with tx():`` block."""
+class AsyncBlock(BlockState):
+    """One ``async with tx():`` block: the state machine of
+    :mod:`sparc.sa.tx.stack` (:class:`~sparc.sa.tx.stack.BlockState`, its
+    states, its stack of nested blocks and SAVEPOINTs), driven through
+    SQLAlchemy's greenlet bridge as its asyncio extension drives a sync
+    session. What is asyncio's own is here: the gate, the connection taken
+    and the transaction ended under the cancellation shield
+    (:mod:`sparc.sa.tx.shielded`), and a task or loop that ends with the
+    block open."""
 
-    __slots__ = (
-        "_factory",
-        "_isolation",
-        "_manager",
-        "_nested",
-        "_readonly",
-        "_scope",
-        "_state",
-        "_use_savepoint",
-    )
+    __slots__ = ("_factory",)
 
     def __init__(
         self,
@@ -216,14 +203,8 @@ class AsyncBlock:
         factory: Any = None,
         isolation: str | None = None,
     ) -> None:
-        self._manager = manager
-        self._isolation = isolation  # normalised by sessions.check_isolation
-        self._use_savepoint = savepoint
-        self._readonly = readonly  # see sparc.sa.replicas.areadonly
+        BlockState.__init__(self, manager, savepoint, None, readonly, isolation)  # type: ignore[arg-type]
         self._factory = factory  # the read-only block's sessions, if not the manager's
-        self._scope: AsyncScope | None = None
-        self._nested: Any = None
-        self._state = NEW
 
     def __enter__(self) -> None:
         raise TypeError(
@@ -241,33 +222,24 @@ class AsyncBlock:
         if task is None:
             raise RuntimeError("async with tx() needs a running asyncio task")
         manager = self._manager
-        scope = manager._scopes.get(task)
+        scope: AsyncScope | None = manager._scopes.get(task)  # type: ignore[attr-defined]
         if scope is None:
             frame = sys._getframe(1)
             owner = owner_of_block(frame) if frame.f_code.co_flags & GENERATOR else None
             return await self._enter_outermost(task, owner)
         if scope.broken:
             raise BlockOrderError("blocks of this task ended out of order; end them all first")
-        if scope.owner is not None:  # held open by an async generator: is it running?
-            check_owner(scope.owner, sys._getframe(1))
-        if not self._readonly and READONLY in scope.session.sync_session.info:
-            raise ReadOnlyTransactionError(
-                "a writing block was opened inside a read-only block (tx(readonly=True)); "
-                "open the writing block outside it, or drop readonly=True from the outer block"
-            )
-        if self._isolation is not None:
-            await _check_nested_isolation(self, scope)
-        if self._use_savepoint:
-            self._nested = await scope.session.begin_nested()
-        scope.blocks.append(self)
-        self._scope = scope
-        self._state = OPEN
-        return scope.session
+        blocks = scope.blocks
+        if self._use_savepoint or self._isolation is not None:
+            await greenlet_spawn(enter_nested, self, scope, blocks, sys._getframe(1))
+        else:  # nothing to send: no switch into a greenlet
+            enter_nested(self, scope, blocks, sys._getframe(1))
+        return scope.asession
 
     async def _enter_outermost(
         self, task: asyncio.Task[Any], owner: FrameType | None
     ) -> AsyncSession:
-        manager = self._manager
+        manager: Any = self._manager
         manager._prepare(manager._engine)  # read-your-writes positions (sparc.sa.replicas)
         state = await _engine_state(manager._engine)
         gate = state.gate
@@ -293,22 +265,23 @@ class AsyncBlock:
             # arriving while the driver connects must not leave a connection
             # half made (some drivers then leak it until garbage collection).
             options = None if self._isolation is None else {"isolation_level": self._isolation}
-            scope.connection = await finish(scope.session.connection(execution_options=options))
+            scope.connection = await finish(scope.asession.connection(execution_options=options))
         except BaseException:
             await manager._end_scope(scope, commit=False)
             raise
         scope.home = state
         state.open.add(scope)
-        scope.owner = owner
-        scope.blocks.append(self)
+        self._owner = owner
+        self._scope = scope
+        self._session = scope.session
+        scope.blocks.append(self._ref)
+        self._state = OPEN
         _inside.set(scope)
         manager._scopes[task] = scope
         if task not in manager._watched:
             manager._watched.add(task)
             task.add_done_callback(manager._task_done)
-        self._scope = scope
-        self._state = OPEN
-        return scope.session
+        return scope.asession
 
     async def __aexit__(
         self,
@@ -319,44 +292,37 @@ class AsyncBlock:
         scope = self._scope
         if self._state is not OPEN or scope is None:
             return _exit_closed(self, scope, exc_type)
-        self._state = DONE
+        assert isinstance(scope, AsyncScope)
         blocks = scope.blocks
-        if not blocks or blocks[-1] is not self:
+        if not blocks or blocks[-1] is not self._ref:
             await _exit_out_of_order(self, scope, blocks)
-        blocks.pop()
-        if blocks:
-            await self._exit_inner(scope, exc_type)
+        if len(blocks) > 1:
+            if self._sp is None:  # savepoint=False: nothing to send
+                exit_nested(self, scope, blocks, exc_type)
+            else:
+                # RELEASE (or ROLLBACK TO) runs to its end: a cancellation
+                # arriving meanwhile waits for it; if the block exited
+                # normally its work stays, and the cancellation is delivered
+                # at the task's next await.
+                await finish(
+                    greenlet_spawn(exit_nested, self, scope, blocks, exc_type),
+                    settled=exc_type is None,
+                )
             return False
+        blocks.clear()
+        self._state = DONE
         if scope.broken:
-            await self._manager._end_scope(scope, commit=False)
+            await self._manager._end_scope(scope, commit=False)  # type: ignore[attr-defined]
             raise BlockOrderError("blocks of this task ended out of order; rolled back")
         await self._exit_outermost(scope, exc_type)
         return False
 
-    async def _exit_inner(self, scope: AsyncScope, exc_type: type[BaseException] | None) -> None:
-        nested = self._nested
-        if nested is None:  # savepoint=False: joined the outer transaction
-            if exc_type is not None:
-                scope.doomed = True
-            return
-        if exc_type is None:
-            # The block exited normally, so its work stays, even while the
-            # task is being cancelled (code in the block caught the
-            # CancelledError): RELEASE runs to its end, and a cancellation
-            # arriving meanwhile is delivered at the task's next await.
-            try:
-                await finish(nested.commit(), settled=True)  # RELEASE SAVEPOINT
-            except BaseException:
-                await finish(quietly(nested.rollback()))
-                raise
-        else:
-            await finish(quietly(nested.rollback()))
-
     async def _exit_outermost(
         self, scope: AsyncScope, exc_type: type[BaseException] | None
     ) -> None:
-        manager = self._manager
-        if exc_type is not None or scope.doomed:
+        manager: Any = self._manager
+        doomed, scope.doomed = scope.doomed, False
+        if exc_type is not None or doomed:
             # A cancellation (or another BaseException) may have interrupted a
             # statement half-way through the driver's protocol: such a
             # connection is discarded, never handed out again. aiosqlite runs
@@ -366,10 +332,7 @@ class AsyncBlock:
             discard = interrupted and not _keeps_connection(manager, scope)
             await manager._end_scope(scope, commit=False, discard=discard)
             if exc_type is None:
-                raise DoomedTransactionError(
-                    "an inner block joined with savepoint=False failed; "
-                    "the transaction was rolled back"
-                )
+                raise DoomedTransactionError(DOOMED)
             return
         if cancel_pending(scope.task):
             # Requested while the task ran, not yet delivered: deliver it now,
@@ -383,17 +346,18 @@ class AsyncBlock:
         # first (in the same pass through the greenlet, one switch less than a
         # flush of its own): a cancellation arriving meanwhile waits for it;
         # if it succeeded, the block exits normally and the cancellation is
-        # delivered at the task's next await.
+        # delivered at the task's next await. A transaction the server
+        # aborted is rolled back instead (sparc.sa.tx.stack.commit_block).
         await manager._end_scope(scope, commit=True)
 
 
 def _exit_closed(
-    block: AsyncBlock, scope: AsyncScope | None, exc_type: type[BaseException] | None
+    block: BlockState, scope: Scope | None, exc_type: type[BaseException] | None
 ) -> bool:
     """The exit of a block that is not open."""
     if exc_type is GeneratorExit:
         return False  # a coroutine closed after its loop closed
-    if block._state is DONE and scope is not None and scope.broken:
+    if block._state is DONE and isinstance(scope, AsyncScope) and scope.broken:
         raise BlockOrderError(
             "this block's task ended, or its blocks ended out of order, before "
             "it closed; its transaction was rolled back"
@@ -402,39 +366,25 @@ def _exit_closed(
 
 
 async def _exit_out_of_order(
-    block: AsyncBlock, scope: AsyncScope, blocks: list[AsyncBlock]
+    block: AsyncBlock, scope: AsyncScope, blocks: list[weakref.ref[BlockState]]
 ) -> None:
     """*block* ended while blocks opened inside it are still open: nothing of
     the transaction can be trusted to commit at the right close."""
     scope.broken = True
-    outermost = bool(blocks) and blocks[0] is block
-    if block in blocks:
-        blocks.remove(block)
+    outermost = bool(blocks) and blocks[0] is block._ref
+    block._state = DONE
+    if block._ref in blocks:
+        blocks.remove(block._ref)
     if outermost:
-        for other in blocks:
-            other._state = DONE
-        await block._manager._end_scope(scope, commit=False)
+        for ref in blocks:
+            other = ref()
+            if other is not None:
+                other._state = DONE
+        blocks.clear()
+        await block._manager._end_scope(scope, commit=False)  # type: ignore[attr-defined]
     raise BlockOrderError(
         "a block ended while blocks opened inside it were open; the task's "
         "transaction was rolled back"
-    )
-
-
-async def _check_nested_isolation(block: AsyncBlock, scope: AsyncScope) -> None:
-    """A nested block asking for an isolation level: only its outer block's
-    own will do (see the threaded manager's blocks)."""
-    level = scope.blocks[0]._isolation if scope.blocks else None
-    if level == block._isolation:
-        return
-    if level is None:
-        current = await scope.connection.get_isolation_level()
-        if check_isolation(current) == block._isolation:
-            return
-    raise IsolationLevelError(
-        f"a nested block asked for isolation_level={block._isolation!r}, but it runs "
-        "in its outer block's transaction, "
-        + (f"at {level!r}" if level else "at the engine's level")
-        + "; give the level to the outermost block: `async with tx(isolation_level=...):`"
     )
 
 

@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session, scoped_session
 
 from sparc.sa.connections.keep import keep_shared_connection
 from sparc.sa.exceptions import (
-    AbortedTransactionError,
     BlockOrderError,
     DoomedTransactionError,
 )
@@ -38,15 +37,14 @@ from sparc.sa.tx.gate import Gate, GateCache, ThreadGate
 from sparc.sa.tx.scope import Scope, after_interruption, note_interruption
 from sparc.sa.tx.sessions import (
     IN_BLOCK,
-    aborted,
     begin_nested,
     freshen,
     rollback,
     rollback_savepoint,
 )
 from sparc.sa.tx.stack import (
-    ABORTED,
     DONE,
+    DOOMED,
     NEW,
     OPEN,
     BlockHost,
@@ -54,6 +52,7 @@ from sparc.sa.tx.stack import (
     check_innermost,
     check_same_transaction,
     close_block,
+    commit,
     enter_nested,
     exit_closed,
     exit_forked,
@@ -73,10 +72,6 @@ _ABANDONED: Final = (
     "rolled back, and with it %d inner block(s) that had ended normally "
     "meanwhile (blocks opened on this thread while the generator was suspended "
     "nest in its block); close such generators before opening other blocks"
-)
-
-_DOOMED: Final = (
-    "an inner block joined with savepoint=False failed; the transaction was rolled back"
 )
 
 
@@ -220,10 +215,8 @@ class Block(BlockState):
         try:
             if exc_type is None:
                 if scope.doomed:
-                    raise DoomedTransactionError(_DOOMED)
-                if self._manager.checks_aborted and aborted(session):
-                    raise AbortedTransactionError(ABORTED)
-                session.commit()
+                    raise DoomedTransactionError(DOOMED)
+                commit(session, self._manager.checks_aborted)
                 if self._debug:
                     logger.debug("block committed: %r", session)
             else:

@@ -19,6 +19,12 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.util import greenlet_spawn
+
+from sparc.sa.exceptions import AbortedTransactionError
+from sparc.sa.tx.sessions import aborted
+from sparc.sa.tx.stack import ABORTED
+from sparc.sa.tx.stack import commit as commit_block
 
 __all__ = ["end_session", "finish", "quietly", "run_detached"]
 
@@ -121,7 +127,11 @@ async def quietly(work: Awaitable[Any]) -> None:
 
 
 async def end_session(
-    session: AsyncSession, commit: bool, discard: bool, gate: asyncio.Lock | None
+    session: AsyncSession,
+    commit: bool,
+    discard: bool,
+    gate: asyncio.Lock | None,
+    checks_aborted: bool = False,
 ) -> None:
     """COMMIT or ROLLBACK (or, with *discard*, invalidate the connection,
     which the server rolls back), then close *session* and release *gate*.
@@ -133,10 +143,15 @@ async def end_session(
         elif _plain_ends(session):
             # The end and the close in one pass through the greenlet: a
             # switch less per block than awaiting each in turn.
-            await session.run_sync(_commit_and_close if commit else _rollback_and_close)
+            if commit:
+                await session.run_sync(_commit_and_close, checks_aborted)
+            else:
+                await session.run_sync(_rollback_and_close)
             closed = True
         elif commit:  # an AsyncSession class of the application's: its methods run
             try:
+                if checks_aborted and await greenlet_spawn(aborted, session.sync_session):
+                    raise AbortedTransactionError(ABORTED)
                 await session.commit()
             except BaseException:
                 await quietly(session.rollback())
@@ -161,11 +176,11 @@ def _plain_ends(session: AsyncSession) -> bool:
     )
 
 
-def _commit_and_close(session: Session) -> None:
-    """COMMIT (rolled back if it fails), then close: a block's normal end,
-    run in one greenlet."""
+def _commit_and_close(session: Session, checks_aborted: bool) -> None:
+    """COMMIT (rolled back if it fails, or if the server aborted the
+    transaction), then close: a block's normal end, run in one greenlet."""
     try:
-        session.commit()
+        commit_block(session, checks_aborted)
     except BaseException:
         try:
             session.rollback()

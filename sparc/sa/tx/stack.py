@@ -49,6 +49,7 @@ __all__ = [
     "ABORTED",
     "CANCELLED",
     "DONE",
+    "DOOMED",
     "NEW",
     "OPEN",
     "BlockHost",
@@ -57,6 +58,7 @@ __all__ = [
     "check_nested_isolation",
     "check_same_transaction",
     "close_block",
+    "commit",
     "enter_nested",
     "exit_closed",
     "exit_forked",
@@ -71,6 +73,8 @@ NEW: Final = 0
 OPEN: Final = 1
 DONE: Final = 2
 CANCELLED: Final = 3  # rolled back when an outer block ended before it
+
+DOOMED: Final = "an inner block joined with savepoint=False failed; the transaction was rolled back"
 
 ABORTED: Final = (
     "a statement failed inside this block and its error was caught; PostgreSQL "
@@ -174,6 +178,16 @@ class BlockState:
                 pass  # closed from another context than it opened in
 
 
+def commit(session: Session, checks_aborted: bool) -> None:
+    """COMMIT an outermost block's transaction, unless the server aborted it
+    (a statement failed, and its error was caught inside the block): then
+    :class:`~sparc.sa.exceptions.AbortedTransactionError`, for the caller to
+    roll back. The threaded block and the asyncio front both end here."""
+    if checks_aborted and aborted(session):
+        raise AbortedTransactionError(ABORTED)
+    session.commit()
+
+
 def close_block(block: BlockState, scope: Scope, session: Session) -> None:
     """Reset the session and give the gate and context back."""
     try:
@@ -199,7 +213,16 @@ def close_block(block: BlockState, scope: Scope, session: Session) -> None:
                 gate.release(scope)
 
 
-def enter_nested(block: BlockState, scope: Scope, blocks: list[weakref.ref[BlockState]]) -> None:
+def enter_nested(
+    block: BlockState,
+    scope: Scope,
+    blocks: list[weakref.ref[BlockState]],
+    opener: FrameType | None = None,
+) -> None:
+    """Open *block* inside the scope's open blocks: a SAVEPOINT, or with
+    ``savepoint=False`` a part of the outer transaction. *opener* is the
+    frame of the code that opened it (the caller's caller by default; the
+    asyncio front, whose greenlet has no caller, hands it in)."""
     if block._tm is not None:
         check_same_transaction(block, scope)
     top = blocks[-1]()
@@ -214,7 +237,7 @@ def enter_nested(block: BlockState, scope: Scope, blocks: list[weakref.ref[Block
     if block._isolation is not None:
         check_nested_isolation(block, outer)
     if outer._owner is not None:  # held open by a generator: is it running?
-        check_owner(outer._owner, sys._getframe(1))
+        check_owner(outer._owner, opener or sys._getframe(1))
     session = outer._session
     if not block._readonly and (READONLY in session.info or session.info.get(GUARDED)):
         raise ReadOnlyTransactionError(
@@ -294,7 +317,7 @@ def check_nested_isolation(block: BlockState, outer: BlockState) -> None:
         f"a nested block asked for isolation_level={block._isolation!r}, but it runs "
         "in its outer block's transaction, "
         + (f"at {level!r}" if level else "at the engine's level")
-        + "; give the level to the outermost block: `with tx(isolation_level=...):`"
+        + "; give the level to the outermost block: `tx(isolation_level=...)`"
     )
 
 
