@@ -58,7 +58,7 @@ from run import median_interval, own_engine, sent_per_call
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from sparc.sa.engine import engine_from_config
-from sparc.sa.orm import ThreadLocalSASessionTransaction
+from sparc.sa.orm import ScopedTransaction
 from sparc.sa.replicas import lsn_to_int, replica_set, replicas, token_check
 from sparc.sa.replicas.gtid import Gtid, format_token
 
@@ -144,7 +144,7 @@ def spread(ratios: list[float]) -> str:
     )
 
 
-def cost(tx: ThreadLocalSASessionTransaction, replica: Any, replica_dsn: str) -> None:
+def cost(tx: ScopedTransaction, replica: Any, replica_dsn: str) -> None:
     """Part 1: paired, interleaved rounds of plain SQLAlchemy on an engine of
     its own (create_engine() on the replica's URL, with the pool options
     sparc.sa's factory gives the replica engine) and of read-only blocks."""
@@ -258,7 +258,7 @@ def cost(tx: ThreadLocalSASessionTransaction, replica: Any, replica_dsn: str) ->
 
 
 def stale_reads(
-    tx: ThreadLocalSASessionTransaction,
+    tx: ScopedTransaction,
     primary: Any,
     replica: Any,
     delay: float,
@@ -322,9 +322,7 @@ def stale_reads(
     return stale[0], served
 
 
-def sweep(
-    tx: ThreadLocalSASessionTransaction, primary: Any, replica: Any, replica_dsn: str
-) -> None:
+def sweep(tx: ScopedTransaction, primary: Any, replica: Any, replica_dsn: str) -> None:
     rs = replica_set(primary)
     assert rs is not None
     rs.wait = 0.0
@@ -393,7 +391,7 @@ def main() -> None:
         with Session(primary) as session, session.begin():
             session.add(Row(id=1, name="one"))
         caught_up(primary, replica)
-        tx = ThreadLocalSASessionTransaction(primary, Base)
+        tx = ScopedTransaction(primary, Base)
         print(f"SQLAlchemy {sa.__version__}, Python {sys.version.split()[0]}")
         cost(tx, replica, replica_dsn)
         if COST_ONLY:

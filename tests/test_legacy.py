@@ -126,6 +126,23 @@ def test_an_old_path_gives_the_very_objects_of_the_new_one() -> None:
     assert ThreadLocalSASessionTransaction is sparc.sa.orm.ThreadLocalSASessionTransaction
 
 
+def test_the_threaded_managers_1x_name_is_its_new_name() -> None:
+    """Renamed ScopedTransaction (its scopes are tasks too); the 1.x name is
+    the same class, from every path that gave it."""
+    from sparc.sa.orm.session import ThreadLocalSASessionTransaction
+
+    assert ThreadLocalSASessionTransaction is sparc.sa.orm.ScopedTransaction
+    assert sparc.sa.ThreadLocalSASessionTransaction is sparc.sa.ScopedTransaction
+    assert "ThreadLocalSASessionTransaction" in sparc.sa.orm.__all__
+
+    class Base(sa.orm.DeclarativeBase):
+        pass
+
+    manager = ThreadLocalSASessionTransaction(sa.create_engine("sqlite://"), Base)
+    assert isinstance(manager, sparc.sa.orm.ScopedTransaction)
+    assert repr(manager).startswith("<ScopedTransaction engine=Engine(sqlite://)")
+
+
 def test_old_paths_leave_the_real_modules_alone() -> None:
     """Importing ``sparc.sa.orm.query.filter`` must not bind ``filter`` (nor any
     other 1.x submodule name) inside the module that holds the code."""

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         ISASession,
     )
     from sparc.sa.orm import (
+        ScopedTransaction,
         ThreadLocalSASessionTransaction,
         configure_transaction,
         is_retryable,
@@ -62,6 +63,7 @@ __all__ = [
     "ISASession",
     "InterleavedTransactionError",
     "SAEngineFromConfigFactory",
+    "ScopedTransaction",
     "ThreadLocalSASessionTransaction",
     "configure_transaction",
     "engine_from_config",
@@ -82,6 +84,7 @@ _HOMES = {
     "ISASession": "sparc.sa.interfaces",
     "InterleavedTransactionError": "sparc.sa.exceptions",
     "SAEngineFromConfigFactory": "sparc.sa.engine",
+    "ScopedTransaction": "sparc.sa.orm",
     "ThreadLocalSASessionTransaction": "sparc.sa.orm",
     "configure_transaction": "sparc.sa.orm",
     "engine_from_config": "sparc.sa.engine",

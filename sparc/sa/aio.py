@@ -114,7 +114,7 @@ class AsyncScopedTransaction:
             raise TypeError(
                 f"expected an AsyncEngine (a DSN with an asyncio driver, such as "
                 f"postgresql+asyncpg://), got {engine!r}; for a synchronous engine "
-                "use ThreadLocalSASessionTransaction"
+                "use ScopedTransaction"
             )
         check_base(base)
         self._engine = engine

@@ -95,6 +95,7 @@ __all__ = [
     "InterleavedTransactionError",
     "JoinedTransactionError",
     "RetryableDatabaseError",
+    "ScopedTransaction",
     "ThreadLocalSASessionTransaction",
     "configure_shared",
     "configure_transaction",
@@ -111,10 +112,14 @@ _T = TypeVar("_T")
 
 
 @implementer(ISAScopedTransaction)
-class ThreadLocalSASessionTransaction(ManagerCore):
+class ScopedTransaction(ManagerCore):
     """Thread- and task-scoped sessions with commit-or-roll-back blocks.
 
-    ``ThreadLocalSASessionTransaction(engine, Base)`` builds a private
+    1.x called it ``ThreadLocalSASessionTransaction``; that name is kept, for
+    the same class (its scopes are asyncio tasks too, so the new name says
+    what the old one no longer did).
+
+    ``ScopedTransaction(engine, Base)`` builds a private
     manager; ``getMultiAdapter((engine, Base), ISAScopedTransaction)`` returns
     the one shared by the whole application for that engine and Base.
     Extra keyword arguments are passed to :class:`sqlalchemy.orm.sessionmaker`.
@@ -239,8 +244,12 @@ class ThreadLocalSASessionTransaction(ManagerCore):
         )
 
 
+#: The 1.x name, kept: the same class.
+ThreadLocalSASessionTransaction = ScopedTransaction
+
+
 def _run(
-    manager: ThreadLocalSASessionTransaction,
+    manager: ScopedTransaction,
     fn: Callable[..., _T],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -248,7 +257,7 @@ def _run(
     isolation: str | None = None,
     tm: Any = None,
 ) -> _T:
-    """The body of :meth:`ThreadLocalSASessionTransaction.run`."""
+    """The body of :meth:`ScopedTransaction.run`."""
     if inspect.iscoroutinefunction(fn) or inspect.isawaitable(fn):
         raise TypeError(
             f"run() calls {fn!r} without awaiting it; for a coroutine function "
@@ -303,7 +312,7 @@ def _check_manager(tm: object, join: str) -> None:
 
 
 def _readonly_block(
-    manager: ThreadLocalSASessionTransaction, readonly: object, after: object, tm: Any = None
+    manager: ScopedTransaction, readonly: object, after: object, tm: Any = None
 ) -> Any:
     return ReadOnlyBlock(manager, check_readonly_arguments(readonly, after, "tx"), tm)
 
@@ -325,12 +334,10 @@ def _no_coroutine(result: _T, fn: Any) -> _T:
 _CACHE_ATTR: Final = "_sparc_sa_transactions"
 
 
-def scoped_transaction(engine: Engine, base: type[Any]) -> ThreadLocalSASessionTransaction:
+def scoped_transaction(engine: Engine, base: type[Any]) -> ScopedTransaction:
     """The adapter factory: the one shared manager for *engine* and *base*
     (see :mod:`sparc.sa.tx.cache`)."""
-    return cache.shared(
-        engine.__dict__, _CACHE_ATTR, base, lambda: ThreadLocalSASessionTransaction(engine, base)
-    )
+    return cache.shared(engine.__dict__, _CACHE_ATTR, base, lambda: ScopedTransaction(engine, base))
 
 
 # Declared after the fact: zope's decorators return the function itself, but
@@ -340,7 +347,7 @@ adapter(ISAEngine, ISADeclarativeMeta)(scoped_transaction)
 
 
 def configure_shared(
-    manager: ThreadLocalSASessionTransaction,
+    manager: ScopedTransaction,
     join: str | None,
     twophase: bool | None,
     where: str,
@@ -370,7 +377,7 @@ def configure_transaction(
     *,
     join: str | None = None,
     twophase: bool | None = None,
-) -> ThreadLocalSASessionTransaction:
+) -> ScopedTransaction:
     """Set the join mode and two-phase commit of the shared manager of
     *engine* and *base* (the one every ``getMultiAdapter((engine, Base),
     ISAScopedTransaction)`` returns), as ``<sa:transaction>`` does in ZCML,

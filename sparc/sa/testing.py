@@ -28,7 +28,7 @@ from zope.component.testlayer import ZCMLFileLayer
 
 import sparc.sa
 from sparc.sa.engine import SAEngineFromConfigFactory
-from sparc.sa.orm import ThreadLocalSASessionTransaction
+from sparc.sa.orm import ScopedTransaction
 from sparc.sa.query import ORMRelatedModelsAdderFactory
 
 __all__ = [
@@ -134,7 +134,7 @@ def _foreign_keys_on(dbapi_connection: Any, connection_record: Any) -> None:
     cursor.close()
 
 
-def get_transaction() -> ThreadLocalSASessionTransaction:
+def get_transaction() -> ScopedTransaction:
     """A new manager over a new in-memory SQLite database with Test1-Test4's tables.
 
     One connection serves every thread (StaticPool), with foreign keys enforced.
@@ -146,7 +146,7 @@ def get_transaction() -> ThreadLocalSASessionTransaction:
         }
     )
     event.listen(engine, "connect", _foreign_keys_on)
-    transaction = ThreadLocalSASessionTransaction(engine, Base)
+    transaction = ScopedTransaction(engine, Base)
     Base.metadata.create_all(bind=engine)
     return transaction
 

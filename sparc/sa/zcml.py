@@ -48,7 +48,7 @@ from sparc.sa.interfaces import (
 from sparc.sa.mismatch import NotRegisteredError
 from sparc.sa.orm import (
     JOIN_MODES,
-    ThreadLocalSASessionTransaction,
+    ScopedTransaction,
     configure_shared,
     scoped_transaction,
 )
@@ -367,7 +367,7 @@ def _register_transaction(
     manager = _query_manager(found, base, ISAScopedTransaction)
     if manager is None:  # sparc.sa's adapter is not registered in this site
         manager = scoped_transaction(found, base)
-    if isinstance(manager, ThreadLocalSASessionTransaction):
+    if isinstance(manager, ScopedTransaction):
         try:
             configure_shared(manager, mode, twophase, where=str(info))
         except (TypeError, ValueError) as exc:

@@ -2,8 +2,8 @@
 scopes and their sessions, the gates, and the open block of each context;
 what blocks (:class:`~sparc.sa.tx.stack.BlockHost`) and joined mode use.
 
-:class:`sparc.sa.orm.ThreadLocalSASessionTransaction` is its public face,
-adding blocks, :meth:`~sparc.sa.orm.ThreadLocalSASessionTransaction.run` and
+:class:`sparc.sa.orm.ScopedTransaction` is its public face,
+adding blocks, :meth:`~sparc.sa.orm.ScopedTransaction.run` and
 read-only blocks.
 """
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["JOIN_MODES", "ManagerCore", "SessionRegistry", "check_join"]
 
-#: The join modes of :class:`sparc.sa.orm.ThreadLocalSASessionTransaction`.
+#: The join modes of :class:`sparc.sa.orm.ScopedTransaction`.
 JOIN_MODES: Final = ("auto", "always", "never")
 
 
@@ -89,7 +89,7 @@ class ScopedSession(scoped_session[Session]):
 
 
 class ManagerCore:
-    """The part of :class:`sparc.sa.orm.ThreadLocalSASessionTransaction` that
+    """The part of :class:`sparc.sa.orm.ScopedTransaction` that
     its blocks and joined mode use: the engine, the sessions of scopes, the
     gates and the open block of each context."""
 
