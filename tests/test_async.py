@@ -357,6 +357,40 @@ def test_blocks_ended_out_of_order_roll_back(db: SimpleNamespace) -> None:
     assert db.run(main) == []
 
 
+def test_a_block_ending_before_its_inner_blocks_rolls_back_at_once(db: SimpleNamespace) -> None:
+    """The middle of three blocks ends first: the state machine the threaded
+    blocks use (sparc.sa.tx.stack) rolls the whole transaction back there and
+    then, and gives the connection back; each block still open raises when
+    it ends, and what the innermost's code wrote after that is rolled back
+    at its end, leaving no connection out."""
+
+    async def main() -> tuple[list[int], list[int]]:
+        outer, middle, inner = db.tx(), db.tx(), db.tx()
+        session = await outer.__aenter__()
+        session.add(db.Item(id=1))
+        await middle.__aenter__()
+        await inner.__aenter__()
+        session.add(db.Item(id=2))
+        await session.flush()
+        with pytest.raises(BlockOrderError, match="1 block"):
+            await middle.__aexit__(None, None, None)
+        out = [checked_out(db.engine)]
+        session.add(db.Item(id=3))
+        await session.flush()  # after the rollback: belongs to no block
+        with pytest.raises(BlockOrderError, match="rolled back, not committed"):
+            await inner.__aexit__(None, None, None)
+        with pytest.raises(BlockOrderError, match="rolled back, not committed"):
+            await outer.__aexit__(None, None, None)
+        out.append(checked_out(db.engine))
+        async with db.tx() as fresh:  # the task opens blocks again
+            fresh.add(db.Item(id=4))
+        return out, await ids(db)
+
+    out, found = db.run(main)
+    assert found == [4]
+    assert out == [0, 0]
+
+
 # -- retries ------------------------------------------------------------------------
 
 

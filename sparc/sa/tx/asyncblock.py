@@ -33,7 +33,18 @@ from sparc.sa.foreign.of_asyncio import call_connection_lost, cancel_pending
 from sparc.sa.foreign.of_sqlalchemy import driver_transport
 from sparc.sa.tx.scope import Scope
 from sparc.sa.tx.shielded import finish
-from sparc.sa.tx.stack import DONE, DOOMED, NEW, OPEN, BlockState, enter_nested, exit_nested
+from sparc.sa.tx.stack import (
+    CANCELLED,
+    DONE,
+    DOOMED,
+    NEW,
+    OPEN,
+    BlockState,
+    enter_nested,
+    exit_closed,
+    exit_nested,
+    exit_out_of_order,
+)
 from sparc.sa.tx.suspended import GENERATOR, owner_of_block
 
 __all__ = ["DONE", "AsyncBlock", "AsyncBlockHost", "AsyncScope"]
@@ -174,7 +185,7 @@ class AsyncScope(Scope):
         self.manager = manager
         self.connection: Any = None  # the AsyncConnection the block took
         self.home: _EngineState | None = None  # set while the block is open
-        self.broken = False  # blocks ended out of order
+        self.broken = False  # its task or event loop ended with a block open
         self.gate: asyncio.Lock | None = None
 
 
@@ -227,8 +238,6 @@ class AsyncBlock(BlockState):
             frame = sys._getframe(1)
             owner = owner_of_block(frame) if frame.f_code.co_flags & GENERATOR else None
             return await self._enter_outermost(task, owner)
-        if scope.broken:
-            raise BlockOrderError("blocks of this task ended out of order; end them all first")
         blocks = scope.blocks
         if self._use_savepoint or self._isolation is not None:
             await greenlet_spawn(enter_nested, self, scope, blocks, sys._getframe(1))
@@ -291,7 +300,7 @@ class AsyncBlock(BlockState):
     ) -> bool:
         scope = self._scope
         if self._state is not OPEN or scope is None:
-            return _exit_closed(self, scope, exc_type)
+            return await _exit_closed(self, scope, exc_type)
         assert isinstance(scope, AsyncScope)
         blocks = scope.blocks
         if not blocks or blocks[-1] is not self._ref:
@@ -311,9 +320,6 @@ class AsyncBlock(BlockState):
             return False
         blocks.clear()
         self._state = DONE
-        if scope.broken:
-            await self._manager._end_scope(scope, commit=False)  # type: ignore[attr-defined]
-            raise BlockOrderError("blocks of this task ended out of order; rolled back")
         await self._exit_outermost(scope, exc_type)
         return False
 
@@ -351,41 +357,36 @@ class AsyncBlock(BlockState):
         await manager._end_scope(scope, commit=True)
 
 
-def _exit_closed(
+async def _exit_closed(
     block: BlockState, scope: Scope | None, exc_type: type[BaseException] | None
 ) -> bool:
-    """The exit of a block that is not open."""
+    """The exit of a block that is not open (:func:`sparc.sa.tx.stack.exit_closed`)."""
     if exc_type is GeneratorExit:
         return False  # a coroutine closed after its loop closed
     if block._state is DONE and isinstance(scope, AsyncScope) and scope.broken:
         raise BlockOrderError(
-            "this block's task ended, or its blocks ended out of order, before "
-            "it closed; its transaction was rolled back"
+            "this block's task or event loop ended before it closed; its "
+            "transaction was rolled back"
         )
-    raise RuntimeError("this block is not open")
+    if block._state is CANCELLED:
+        # rolls back what the block's code did after its transaction ended
+        await greenlet_spawn(exit_closed, block, exc_type)
+    exit_closed(block, exc_type)
+    return False  # pragma: no cover - exit_closed raises
 
 
 async def _exit_out_of_order(
     block: AsyncBlock, scope: AsyncScope, blocks: list[weakref.ref[BlockState]]
 ) -> None:
-    """*block* ended while blocks opened inside it are still open: nothing of
-    the transaction can be trusted to commit at the right close."""
-    scope.broken = True
-    outermost = bool(blocks) and blocks[0] is block._ref
-    block._state = DONE
-    if block._ref in blocks:
-        blocks.remove(block._ref)
-    if outermost:
-        for ref in blocks:
-            other = ref()
-            if other is not None:
-                other._state = DONE
-        blocks.clear()
+    """*block* ended while blocks opened inside it are still open: the
+    state machine rolls the whole transaction back and cancels every open
+    block of the task (:func:`sparc.sa.tx.stack.exit_out_of_order`), which
+    raises; then the front ends the scope (its gate, its records)."""
+    try:
+        await finish(greenlet_spawn(exit_out_of_order, block, scope, blocks))
+    finally:
         await block._manager._end_scope(scope, commit=False)  # type: ignore[attr-defined]
-    raise BlockOrderError(
-        "a block ended while blocks opened inside it were open; the task's "
-        "transaction was rolled back"
-    )
+    raise AssertionError("exit_out_of_order raises")  # pragma: no cover
 
 
 def _keeps_connection(manager: AsyncBlockHost, scope: AsyncScope) -> bool:
