@@ -514,7 +514,7 @@ def test_a_task_cancelled_while_its_block_commits_leaves_no_connection(
     db: SimpleNamespace, slow: str
 ) -> None:
     tx = aio.AsyncScopedTransaction(db.engine, db.Base)
-    tx._factory = async_sessionmaker(db.engine, expire_on_commit=False, **SLOW_COMMITS[slow])
+    tx.session_factory = async_sessionmaker(db.engine, expire_on_commit=False, **SLOW_COMMITS[slow])
 
     async def victim(exiting: asyncio.Event) -> None:
         async with tx() as session:
@@ -566,7 +566,7 @@ def test_a_thousand_tasks_a_tenth_cancelled(db: SimpleNamespace) -> None:
         committed.update(session.info.get("ids", ()))
 
     sa.event.listen(
-        db.tx._factory.kw.get("sync_session_class", sa.orm.Session), "after_commit", note
+        db.tx.session_factory.kw.get("sync_session_class", sa.orm.Session), "after_commit", note
     )
     rng = random.Random(1000)
 
@@ -599,7 +599,7 @@ def test_a_thousand_tasks_a_tenth_cancelled(db: SimpleNamespace) -> None:
         found, succeeded = db.run(main)
     finally:
         sa.event.remove(
-            db.tx._factory.kw.get("sync_session_class", sa.orm.Session), "after_commit", note
+            db.tx.session_factory.kw.get("sync_session_class", sa.orm.Session), "after_commit", note
         )
     assert set(found) == committed
     assert succeeded <= committed

@@ -149,7 +149,7 @@ def test_a_block_whose_commit_succeeded_exits_normally_when_cancelled_meanwhile(
     db: SimpleNamespace,
 ) -> None:
     tx = aio.AsyncScopedTransaction(db.engine, db.Base)
-    tx._factory = async_sessionmaker(
+    tx.session_factory = async_sessionmaker(
         db.engine, class_=_CancelledDuringCommit, expire_on_commit=False
     )
     seen: list[str] = []
@@ -192,7 +192,9 @@ def test_a_commit_of_unknown_outcome_raises_its_error_not_a_cancellation(
     db: SimpleNamespace,
 ) -> None:
     tx = aio.AsyncScopedTransaction(db.engine, db.Base)
-    tx._factory = async_sessionmaker(db.engine, class_=_LostDuringCommit, expire_on_commit=False)
+    tx.session_factory = async_sessionmaker(
+        db.engine, class_=_LostDuringCommit, expire_on_commit=False
+    )
 
     seen: list[str] = []
 

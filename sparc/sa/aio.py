@@ -107,7 +107,7 @@ class AsyncScopedTransaction:
     retry_max_delay: float = 1.0
 
     # Called by a block as it opens (sparc.sa.tx.asyncblock, which imports no feature).
-    _prepare = staticmethod(prepare)
+    prepare = staticmethod(prepare)
 
     def __init__(self, engine: AsyncEngine, base: type[Any], **session_options: Any) -> None:
         if not isinstance(engine, AsyncEngine):
@@ -128,16 +128,15 @@ class AsyncScopedTransaction:
         # own sync_session_class is left as it is).
         session_options.setdefault("sync_session_class", sessions.BlockSession)
         resets.install(engine.sync_engine)
-        self._factory = async_sessionmaker(engine, **session_options)
-        # What the block state machine (sparc.sa.tx.stack) asks of a manager:
-        # whether the server's aborted transactions can be told, and whether
-        # SAVEPOINTs need an explicit BEGIN (pysqlite only, never here).
+        self.session_factory = async_sessionmaker(engine, **session_options)
+        # What the block state machine (sparc.sa.tx.stack) asks of a manager.
         self.checks_aborted = sessions.checks_aborted(engine.sync_engine)
         self.sqlite_begin = False
-        self._scopes: weakref.WeakKeyDictionary[asyncio.Task[Any], AsyncScope] = (
+        self.readonly_sessions: dict[Any, Any] = {}  # by target (sparc.sa.replicas.areadonly)
+        self.scopes: weakref.WeakKeyDictionary[asyncio.Task[Any], AsyncScope] = (
             weakref.WeakKeyDictionary()
         )
-        self._watched: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        self.watched: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"<AsyncScopedTransaction {self._engine!r} {self._Base.__name__}>"
@@ -154,7 +153,7 @@ class AsyncScopedTransaction:
     def session(self) -> AsyncSession:
         """The current task's session: the one of its innermost open block."""
         task = asyncio.current_task()
-        scope = self._scopes.get(task) if task is not None else None
+        scope = self.scopes.get(task) if task is not None else None
         if scope is None or not scope.blocks:
             raise CrossScopeSessionError(
                 "no block of this transaction manager is open in the current task "
@@ -236,7 +235,7 @@ class AsyncScopedTransaction:
         if transaction_manager is not None:
             _refuse_joining(transaction_manager)
         task = asyncio.current_task()
-        scope = self._scopes.get(task) if task is not None else None
+        scope = self.scopes.get(task) if task is not None else None
         if scope is not None and scope.blocks:
             attempts = 1
         moved = not readonly
@@ -264,12 +263,12 @@ class AsyncScopedTransaction:
                 attempt += 1
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _end_scope(self, scope: AsyncScope, commit: bool, discard: bool = False) -> None:
+    async def end_scope(self, scope: AsyncScope, commit: bool, discard: bool = False) -> None:
         """COMMIT or ROLLBACK (or, with ``discard``, invalidate the connection,
         which the server rolls back), then close the session and open the
         gate: all of it to the end, whatever cancellation arrives meanwhile."""
-        if self._scopes.get(scope.task) is scope:
-            del self._scopes[scope.task]
+        if self.scopes.get(scope.task) is scope:
+            del self.scopes[scope.task]
         home, scope.home = scope.home, None
         if home is not None:
             home.open.discard(scope)
@@ -279,9 +278,9 @@ class AsyncScopedTransaction:
             end_session(session, commit, discard, gate, self.checks_aborted), settled=commit
         )
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def task_done(self, task: asyncio.Task[Any]) -> None:
         """A task ended: roll back and close a block it left open."""
-        scope = self._scopes.pop(task, None)
+        scope = self.scopes.pop(task, None)
         if scope is None:
             return
         scope.broken = True
@@ -291,7 +290,7 @@ class AsyncScopedTransaction:
                 block._state = DONE
         scope.blocks.clear()
         logger.warning("sparc.sa: a task ended inside a block; its transaction was rolled back")
-        run_detached(self._end_scope(scope, commit=False))
+        run_detached(self.end_scope(scope, commit=False))
 
 
 def _refuse_joining(tm: object) -> None:

@@ -67,7 +67,7 @@ from sparc.sa.replicas.readonly import ReadOnlyBlock, run_readonly
 from sparc.sa.replicas.tokens import commit_token
 from sparc.sa.tx import cache, sessions
 from sparc.sa.tx.block import Block
-from sparc.sa.tx.manager import JOIN_MODES, ManagerCore, check_join
+from sparc.sa.tx.manager import JOIN_MODES, ManagerCore, reconfigure
 from sparc.sa.tx.retry import (
     RETRY_MYSQL_ERRORS,
     RETRY_SQLITE_CODES,
@@ -269,7 +269,7 @@ def _run(
         scope.blocks
         or scope.joined is not None
         or tm is not None
-        or manager._transaction_to_join() is not None
+        or manager.transaction_to_join() is not None
     ):
         # Retrying an inner block cannot help: the server aborted the
         # whole transaction, which only its owner can restart.
@@ -357,18 +357,7 @@ def configure_shared(
     Two configurations that disagree about one engine and base are an error
     that names where the first one was made.
     """
-    wanted_join = manager._join if join is None else join
-    wanted_two = manager._twophase if twophase is None else twophase
-    first = manager.__dict__.get("_configured_at")
-    if first is not None and (wanted_join, wanted_two) != (manager._join, manager._twophase):
-        raise ValueError(
-            f"join={wanted_join!r} twophase={wanted_two} disagrees with "
-            f"join={manager._join!r} twophase={manager._twophase} set for the same "
-            f"engine and base at {first}"
-        )
-    manager._join, manager._twophase = check_join(manager._engine, wanted_join, wanted_two)
-    if first is None:
-        manager.__dict__["_configured_at"] = " ".join(where.split())
+    reconfigure(manager, join, twophase, where)
 
 
 def configure_transaction(

@@ -27,7 +27,7 @@ __all__ = ["orphan", "track", "track_engine"]
 
 
 class _Forgetful(Protocol):
-    def _forget_after_fork(self) -> None: ...
+    def forget_after_fork(self) -> None: ...
 
 
 # Guards the two registries below; replaced in the child because the thread
@@ -52,7 +52,7 @@ def track_engine(engine: Engine) -> None:
 
 
 def track(manager: _Forgetful) -> None:
-    """Call ``manager._forget_after_fork()`` in any forked child."""
+    """Call ``manager.forget_after_fork()`` in any forked child."""
     with _lock:
         _managers.add(manager)
 
@@ -66,7 +66,7 @@ def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()
     for manager in list(_managers):
-        manager._forget_after_fork()
+        manager.forget_after_fork()
     for engine in list(_engines):
         _orphans.append(engine.pool)
         engine.dispose(close=False)

@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 from types import TracebackType
-from typing import Any, Final
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -66,7 +66,7 @@ class AsyncReadOnlyBlock:
     async def __aenter__(self) -> AsyncSession:
         manager = self._manager
         task = asyncio.current_task()
-        scope = manager._scopes.get(task) if task is not None else None
+        scope = manager.scopes.get(task) if task is not None else None
         if scope is not None and scope.blocks:
             # In the writing transaction around it, to see its uncommitted work.
             block = self._block = AsyncBlock(manager, True, readonly=True)
@@ -170,18 +170,17 @@ class AsyncReadOnlyBlock:
 # The read-only session makers of a manager, one per target, made on first
 # use under a lock; their Session class carries the guards from the start.
 _lock = threading.Lock()
-_FACTORIES: Final = "_sparc_sa_readonly_factories"
 
 
 def _factory(manager: AsyncBlockHost, replica: Replica | None = None) -> Any:
-    factories: dict[Replica | None, Any] = manager.__dict__.setdefault(_FACTORIES, {})
+    factories: dict[Replica | None, Any] = manager.readonly_sessions
     key = replica
     factory = factories.get(key)
     if factory is None:
         with _lock:
             factory = factories.get(key)
             if factory is None:
-                own = manager._factory
+                own = manager.session_factory
                 base = own.kw.get("sync_session_class", Session)
                 guarded = type("ReadOnlySession", (base,), {})
                 event.listen(guarded, "after_begin", after_begin)

@@ -315,7 +315,7 @@ def _sample(rs: Any, replica: Any, connection: Any, lag_wanted: bool) -> tuple[s
                 reason = "replication is stopped"
             elif lag > rs.max_lag:
                 reason = f"replay lag {lag:.1f}s"
-    with rs._lock:
+    with rs.lock:
         replica.replayed = replayed.merge(replica.replayed)
         replica.lag = lag if lag is not None else replica.lag
         replica.checked = now
@@ -327,7 +327,7 @@ class _PrimaryUnknown(Exception):
 
 
 def _warn_unjudged(rs: Any, replica: Any, why: str) -> None:
-    with rs._lock:
+    with rs.lock:
         if replica.unjudged:
             return
         replica.unjudged = True
@@ -347,7 +347,7 @@ def _judge(rs: Any, replica: Any, verdict: tuple[str, str] | None) -> bool:
         return True
     state, reason = verdict
     if state == "foreign":
-        with rs._lock:
+        with rs.lock:
             replica.replayed = Gtid()
         # The primary's identity may be the stale one (a failover since it
         # was read): the next check asks the primary again.
@@ -401,7 +401,7 @@ def wait(rs: Any, replica: Any, connection: Any, need: object) -> bool | None:
         "SELECT MASTER_GTID_WAIT(%s, %s)", (str(need), float(rs.wait))
     ).scalar()
     if answer == 0:
-        with rs._lock:
+        with rs.lock:
             replica.replayed = need.merge(replica.replayed)
         return True
     rs.stats["fallbacks"] += 1

@@ -62,7 +62,7 @@ class ReplicaHealth:
     def __init__(self, replicas: tuple[Replica, ...]) -> None:
         self.replicas = replicas
         # Guards the replicas' states; held only to read or change them.
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
     if TYPE_CHECKING:  # routing's, which probe() runs on each replica
 
@@ -76,7 +76,7 @@ class ReplicaHealth:
         """*replica* answers but is not a standby of this primary: skipped,
         and what it was seen to replay forgotten, until a check finds it a
         standby of this primary again. Raises :class:`Unusable`."""
-        with self._lock:
+        with self.lock:
             replica.replayed = 0
             replica.checked = time.monotonic()
         self.set_state(replica, "foreign", reason)
@@ -84,7 +84,7 @@ class ReplicaHealth:
 
     def set_state(self, replica: Replica, state: str, reason: str) -> None:
         """Change a replica's state, logging once per change."""
-        with self._lock:
+        with self.lock:
             before = replica.state
             replica.reason = reason
             if state in ("down", "foreign"):
@@ -122,7 +122,7 @@ class ReplicaHealth:
 
     def describe(self) -> list[dict[str, Any]]:
         """Each replica's name, state, last measured replay lag and why it is not up."""
-        with self._lock:
+        with self.lock:
             return [
                 {"name": r.name, "state": r.state, "lag": r.lag, "reason": r.reason}
                 for r in self.replicas

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -223,7 +223,6 @@ class ReadOnlyBlock:
 # two threads from making two; the listeners are in place before any session
 # of it exists, so no thread ever sees them change.
 _factory_lock = threading.Lock()
-_FACTORY: Final = "_sparc_sa_readonly_sessions"
 
 
 def _undo_open(
@@ -269,17 +268,17 @@ def _undo_open(
 
 
 def _factory(manager: Any) -> Any:
-    factory = manager.__dict__.get(_FACTORY)
+    factory = manager.readonly_sessions.get(None)
     if factory is None:
         with _factory_lock:
-            factory = manager.__dict__.get(_FACTORY)
+            factory = manager.readonly_sessions.get(None)
             if factory is None:
                 own = manager.new_session
                 factory = sessionmaker(class_=own.class_.__mro__[1], **own.kw)
                 if manager.sqlite_begin and not isinstance(manager.engine.pool, StaticPool):
                     event.listen(factory, "after_begin", begin_on_sqlite)
                 install_guards(factory)
-                manager.__dict__[_FACTORY] = factory
+                manager.readonly_sessions[None] = factory
     return factory
 
 

@@ -225,7 +225,7 @@ class ReplicaSet(ReplicaHealth):
         if timeline != primary_timeline:
             self.foreign(replica, f"timeline {timeline}, the primary's is {primary_timeline}")
         replayed = lsn_to_int(replayed) if replayed else 0
-        with self._lock:
+        with self.lock:
             replica.replayed = max(replica.replayed, replayed)
             replica.lag = float(lag) if lag is not None else 0.0
             replica.checked = time.monotonic()

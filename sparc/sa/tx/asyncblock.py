@@ -56,17 +56,25 @@ class AsyncBlockHost(Protocol):
     """What a block needs of its asyncio transaction manager
     (:class:`sparc.sa.aio.AsyncScopedTransaction`)."""
 
-    _engine: AsyncEngine
-    _factory: Any
-    _scopes: weakref.WeakKeyDictionary[asyncio.Task[Any], AsyncScope]
-    _watched: weakref.WeakSet[asyncio.Task[Any]]
+    #: The manager's sessions (an ``async_sessionmaker``).
+    session_factory: Any
+    #: The open blocks' scopes, by task.
+    scopes: weakref.WeakKeyDictionary[asyncio.Task[Any], AsyncScope]
+    #: Tasks whose end the manager watches.
+    watched: weakref.WeakSet[asyncio.Task[Any]]
+    #: Whether the server's aborted transactions can be told (sessions.checks_aborted).
+    checks_aborted: bool
+    #: Whether SAVEPOINTs need an explicit BEGIN (pysqlite only: never here).
+    sqlite_begin: bool
+    #: The read-only blocks' session makers (sparc.sa.replicas.areadonly).
+    readonly_sessions: dict[Any, Any]
 
     @property
     def engine(self) -> AsyncEngine: ...
 
-    def _prepare(self, engine: Any) -> None: ...
-    async def _end_scope(self, scope: AsyncScope, commit: bool, discard: bool = False) -> None: ...
-    def _task_done(self, task: asyncio.Task[Any]) -> None: ...
+    def prepare(self, engine: Any) -> None: ...
+    async def end_scope(self, scope: AsyncScope, commit: bool, discard: bool = False) -> None: ...
+    def task_done(self, task: asyncio.Task[Any]) -> None: ...
 
 
 class _EngineState:
@@ -126,8 +134,8 @@ def _abandon_with_loop(scope: AsyncScope) -> None:
             block._state = DONE
     scope.blocks.clear()
     manager = scope.manager
-    if manager._scopes.get(scope.task) is scope:
-        del manager._scopes[scope.task]
+    if manager.scopes.get(scope.task) is scope:
+        del manager.scopes[scope.task]
     logger.warning(
         "sparc.sa: a block was still open when its event loop closed; its "
         "connection was cut, so the server rolls its transaction back"
@@ -178,7 +186,7 @@ class AsyncScope(Scope):
     def __init__(
         self, task: asyncio.Task[Any], session: AsyncSession, manager: AsyncBlockHost
     ) -> None:
-        Scope.__init__(self, manager._engine.sync_engine)
+        Scope.__init__(self, manager.engine.sync_engine)
         self.task = task
         self.asession = session
         self.session = session.sync_session
@@ -233,7 +241,7 @@ class AsyncBlock(BlockState):
         if task is None:
             raise RuntimeError("async with tx() needs a running asyncio task")
         manager = self._manager
-        scope: AsyncScope | None = manager._scopes.get(task)  # type: ignore[attr-defined]
+        scope: AsyncScope | None = manager.scopes.get(task)  # type: ignore[attr-defined]
         if scope is None:
             frame = sys._getframe(1)
             owner = owner_of_block(frame) if frame.f_code.co_flags & GENERATOR else None
@@ -249,8 +257,8 @@ class AsyncBlock(BlockState):
         self, task: asyncio.Task[Any], owner: FrameType | None
     ) -> AsyncSession:
         manager: Any = self._manager
-        manager._prepare(manager._engine)  # read-your-writes positions (sparc.sa.replicas)
-        state = await _engine_state(manager._engine)
+        manager.prepare(manager.engine)  # read-your-writes positions (sparc.sa.replicas)
+        state = await _engine_state(manager.engine)
         gate = state.gate
         if gate is not None:
             holder = _inside.get()
@@ -263,7 +271,7 @@ class AsyncBlock(BlockState):
                 )
             await gate.acquire()
         try:
-            scope = AsyncScope(task, (self._factory or manager._factory)(), manager)
+            scope = AsyncScope(task, (self._factory or manager.session_factory)(), manager)
         except BaseException:
             if gate is not None:
                 gate.release()
@@ -276,7 +284,7 @@ class AsyncBlock(BlockState):
             options = None if self._isolation is None else {"isolation_level": self._isolation}
             scope.connection = await finish(scope.asession.connection(execution_options=options))
         except BaseException:
-            await manager._end_scope(scope, commit=False)
+            await manager.end_scope(scope, commit=False)
             raise
         scope.home = state
         state.open.add(scope)
@@ -286,10 +294,10 @@ class AsyncBlock(BlockState):
         scope.blocks.append(self._ref)
         self._state = OPEN
         _inside.set(scope)
-        manager._scopes[task] = scope
-        if task not in manager._watched:
-            manager._watched.add(task)
-            task.add_done_callback(manager._task_done)
+        manager.scopes[task] = scope
+        if task not in manager.watched:
+            manager.watched.add(task)
+            task.add_done_callback(manager.task_done)
         return scope.asession
 
     async def __aexit__(
@@ -336,7 +344,7 @@ class AsyncBlock(BlockState):
             # database lives in its one connection: that one is rolled back.
             interrupted = exc_type is not None and not issubclass(exc_type, Exception)
             discard = interrupted and not _keeps_connection(manager, scope)
-            await manager._end_scope(scope, commit=False, discard=discard)
+            await manager.end_scope(scope, commit=False, discard=discard)
             if exc_type is None:
                 raise DoomedTransactionError(DOOMED)
             return
@@ -346,7 +354,7 @@ class AsyncBlock(BlockState):
             try:
                 await asyncio.sleep(0)
             except BaseException:
-                await manager._end_scope(scope, commit=False)
+                await manager.end_scope(scope, commit=False)
                 raise
         # From here the outcome is the COMMIT's, which flushes what is pending
         # first (in the same pass through the greenlet, one switch less than a
@@ -354,7 +362,7 @@ class AsyncBlock(BlockState):
         # if it succeeded, the block exits normally and the cancellation is
         # delivered at the task's next await. A transaction the server
         # aborted is rolled back instead (sparc.sa.tx.stack.commit_block).
-        await manager._end_scope(scope, commit=True)
+        await manager.end_scope(scope, commit=True)
 
 
 async def _exit_closed(
@@ -385,7 +393,7 @@ async def _exit_out_of_order(
     try:
         await finish(greenlet_spawn(exit_out_of_order, block, scope, blocks))
     finally:
-        await block._manager._end_scope(scope, commit=False)  # type: ignore[attr-defined]
+        await block._manager.end_scope(scope, commit=False)  # type: ignore[attr-defined]
     raise AssertionError("exit_out_of_order raises")  # pragma: no cover
 
 
@@ -393,4 +401,4 @@ def _keeps_connection(manager: AsyncBlockHost, scope: AsyncScope) -> bool:
     """Whether an interrupted block's connection is rolled back and kept
     rather than discarded: aiosqlite runs each call to its end in its own
     thread, and an in-memory database lives in its one shared connection."""
-    return scope.gate is not None or manager._engine.dialect.driver == "aiosqlite"
+    return scope.gate is not None or manager.engine.dialect.driver == "aiosqlite"

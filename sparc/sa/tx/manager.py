@@ -34,7 +34,7 @@ from sparc.sa.tx.stack import BlockState
 if TYPE_CHECKING:
     from asyncio import Task
 
-__all__ = ["JOIN_MODES", "ManagerCore", "SessionRegistry", "check_join"]
+__all__ = ["JOIN_MODES", "ManagerCore", "SessionRegistry", "check_join", "reconfigure"]
 
 #: The join modes of :class:`sparc.sa.orm.ScopedTransaction`.
 JOIN_MODES: Final = ("auto", "always", "never")
@@ -114,6 +114,9 @@ class ManagerCore:
         self._Session = ScopedSession(factory)
         self._Session.registry = SessionRegistry(self)
         self.gates = GateCache()
+        #: The read-only blocks' session makers, by target (None: the primary),
+        #: made on first use (sparc.sa.replicas.readonly).
+        self.readonly_sessions: dict[Any, Any] = {}
         # The outermost open block of the current context: a thread or task
         # started from inside a block (asyncio.to_thread, create_task) sees it.
         self.open_block: contextvars.ContextVar[weakref.ref[BlockState] | None] = (
@@ -268,19 +271,37 @@ class ManagerCore:
         """The gate of the engine's current pool (None for most pools)."""
         return self.gates.current(self._engine.pool)
 
-    def _forget_after_fork(self) -> None:
+    def forget_after_fork(self) -> None:
         self.scopes.forget_after_fork()
         self.open_block = contextvars.ContextVar("sparc.sa open block", default=None)
         # A gate inherited in a held state would block the child forever.
         forget_gate(self._engine.pool)
         self.gates = GateCache()
 
-    def _transaction_to_join(self) -> Any:
+    def transaction_to_join(self) -> Any:
         """The transaction of the ``transaction`` package that blocks of this
         scope join now, or None."""
         if self._join == "never" or (self._join == "auto" and "transaction" not in sys.modules):
             return None  # nobody imported it, so no transaction is running
         return joined.transaction_to_join(self._join)
+
+
+def reconfigure(manager: ManagerCore, join: str | None, twophase: bool | None, where: str) -> None:
+    """The body of :func:`sparc.sa.orm.configure_shared`: set the join mode of
+    a shared manager; a second configuration that disagrees names where the
+    first was made."""
+    wanted_join = manager._join if join is None else join
+    wanted_two = manager._twophase if twophase is None else twophase
+    first = manager.__dict__.get("_configured_at")
+    if first is not None and (wanted_join, wanted_two) != (manager._join, manager._twophase):
+        raise ValueError(
+            f"join={wanted_join!r} twophase={wanted_two} disagrees with "
+            f"join={manager._join!r} twophase={manager._twophase} set for the same "
+            f"engine and base at {first}"
+        )
+    manager._join, manager._twophase = check_join(manager._engine, wanted_join, wanted_two)
+    if first is None:
+        manager.__dict__["_configured_at"] = " ".join(where.split())
 
 
 def check_join(engine: Engine, join: object, twophase: object) -> tuple[str, bool]:
