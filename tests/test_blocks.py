@@ -405,6 +405,11 @@ def test_run_refuses_a_coroutine_function(engine: Engine, models: Any, transacti
         transaction.run(add)
     with pytest.raises(TypeError, match="awaitable"):
         transaction.run(lambda session: add(session))
+    # One loop for every synchronous run(): the read-only one refuses the same.
+    with pytest.raises(TypeError, match=r"await tx\.run|asyncio manager"):
+        transaction.run(add, readonly=True)
+    with pytest.raises(TypeError, match="awaitable"):
+        transaction.run(lambda session: add(session), readonly=True)
     assert count_rows(engine, models.Item) == 0
 
 

@@ -36,11 +36,9 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, TypeVar
 
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from zope.component import adapter
 from zope.interface import implementer
@@ -73,12 +71,9 @@ from sparc.sa.tx.retry import (
     RETRY_SQLITE_CODES,
     RETRY_SQLSTATES,
     check_attempts,
-    delay_before_next,
     is_retryable,
+    run_in_blocks,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "JOIN_MODES",
@@ -273,21 +268,18 @@ def _run(
     ):
         # Retrying an inner block cannot help: the server aborted the
         # whole transaction, which only its owner can restart.
-        block = Block(manager, True, tm, False, isolation)
-        with block:
-            return _no_coroutine(fn(block.session, *args, **kwargs), fn)
-    attempt = 1
-    while True:
-        block = Block(manager, True, None, False, isolation)
-        try:
-            with block:
-                return _no_coroutine(fn(block.session, *args, **kwargs), fn)
-        except sa_exc.DBAPIError as error:
-            delay = delay_before_next(
-                error, attempt, attempts, manager.retry_delay, manager.retry_max_delay
-            )
-            time.sleep(delay)
-            attempt += 1
+        return run_in_blocks(
+            lambda: Block(manager, True, tm, False, isolation), fn, args, kwargs, 1, 0.0, 0.0
+        )
+    return run_in_blocks(
+        lambda: Block(manager, True, None, False, isolation),
+        fn,
+        args,
+        kwargs,
+        attempts,
+        manager.retry_delay,
+        manager.retry_max_delay,
+    )
 
 
 def _no_isolation_when_readonly(isolation: str | None) -> None:
@@ -315,18 +307,6 @@ def _readonly_block(
     manager: ScopedTransaction, readonly: object, after: object, tm: Any = None
 ) -> Any:
     return ReadOnlyBlock(manager, check_readonly_arguments(readonly, after, "tx"), tm)
-
-
-def _no_coroutine(result: _T, fn: Any) -> _T:
-    if inspect.isawaitable(result):
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
-        raise TypeError(
-            f"run() got an awaitable from {fn!r}; the block was rolled back. For "
-            "asynchronous work use the asyncio manager: `await tx.run(fn)`"
-        )
-    return result
 
 
 # -- the shared managers ----------------------------------------------------------

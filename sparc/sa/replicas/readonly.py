@@ -41,7 +41,7 @@ from sparc.sa.replicas.positions import PRIMARY_ONLY, later, read_token
 from sparc.sa.replicas.routing import Replica, ReplicaSet, Unusable, replica_set
 from sparc.sa.replicas.tokens import ON_REPLICA, nested_wait
 from sparc.sa.tx.block import Block
-from sparc.sa.tx.retry import check_attempts, delay_before_next
+from sparc.sa.tx.retry import check_attempts, run_in_blocks
 from sparc.sa.tx.sessions import READONLY, begin_on_sqlite
 
 if TYPE_CHECKING:
@@ -300,21 +300,23 @@ def run_readonly(
     scope = manager.scopes.current()
     if scope.blocks or scope.joined is not None:
         attempts = 1  # only the owner of the outer transaction can restart it
-    attempt = 1
-    moved = False
-    while True:
-        block = ReadOnlyBlock(manager, after, tm)
-        try:
-            with block:
-                return fn(block.session, *args, **kwargs)
-        except sa_exc.DBAPIError as error:
-            if not moved and block.replica is not None and is_disconnect(error):
-                moved = True  # the replica was marked down: the next block goes elsewhere
-                logger.info("replica %s failed during a read; reading again", block.replica.name)
-                continue
-            time.sleep(
-                delay_before_next(
-                    error, attempt, attempts, manager.retry_delay, manager.retry_max_delay
-                )
-            )
-            attempt += 1
+    return run_in_blocks(
+        lambda: ReadOnlyBlock(manager, after, tm),
+        fn,
+        args,
+        kwargs,
+        attempts,
+        manager.retry_delay,
+        manager.retry_max_delay,
+        _read_elsewhere,
+    )
+
+
+def _read_elsewhere(block: ReadOnlyBlock, error: BaseException) -> bool:
+    """Whether *block*'s replica died under it: it was marked down, and the
+    next block reads elsewhere."""
+    replica = block.replica
+    if replica is None or not is_disconnect(error):
+        return False
+    logger.info("replica %s failed during a read; reading again", replica.name)
+    return True

@@ -8,9 +8,12 @@ errors to the transaction's owner (Zope's publisher, pyramid_tm) as a
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
-from typing import Any, Final
+import time
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm.exc import StaleDataError
@@ -25,8 +28,12 @@ __all__ = [
     "check_attempts",
     "delay_before_next",
     "is_retryable",
+    "no_coroutine",
     "retryable_in_request",
+    "run_in_blocks",
 ]
+
+_T = TypeVar("_T")
 
 #: SQLSTATEs of a transaction the server aborted so that it can be retried.
 RETRY_SQLSTATES: Final = frozenset({"40001", "40P01"})
@@ -135,3 +142,49 @@ def check_attempts(attempts: object) -> int:
     if type(attempts) is not int or attempts < 1:
         raise ValueError(f"'attempts' must be a positive integer, got {attempts!r}")
     return attempts
+
+
+def run_in_blocks(
+    open_block: Callable[[], Any],
+    fn: Callable[..., _T],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    attempts: int,
+    first: float,
+    most: float,
+    elsewhere: Callable[[Any, BaseException], bool] | None = None,
+) -> _T:
+    """The loop of every synchronous ``run()``: *fn* in a block from
+    *open_block*, run again after a backoff when the database aborted it
+    (:func:`delay_before_next` decides), up to *attempts* in all; and, once,
+    at once, when *elsewhere* says the block's server failed and the next
+    block goes to another (a replica marked down). The asyncio manager's
+    ``run()`` is the same loop with ``await``."""
+    attempt = 1
+    moved = elsewhere is None
+    while True:
+        block = open_block()
+        try:
+            with block:
+                return no_coroutine(fn(block.session, *args, **kwargs), fn)
+        except Exception as error:
+            if not moved and elsewhere is not None and elsewhere(block, error):
+                moved = True
+                continue
+            time.sleep(delay_before_next(error, attempt, attempts, first, most))
+            attempt += 1
+
+
+def no_coroutine(result: _T, fn: Any) -> _T:
+    """*fn*'s result, or a TypeError when it is an awaitable that a
+    synchronous ``run()`` cannot await (closed, so that it is never left
+    unawaited)."""
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        raise TypeError(
+            f"run() got an awaitable from {fn!r}; the block was rolled back. For "
+            "asynchronous work use the asyncio manager: `await tx.run(fn)`"
+        )
+    return result
