@@ -86,6 +86,7 @@ from sparc.sa.tx.cache import check_base, shared
 from sparc.sa.tx.retry import check_attempts, delay_before_next
 from sparc.sa.tx.sessions import check_isolation
 from sparc.sa.tx.shielded import end_session, finish, run_detached
+from sparc.sa.tx.stack import check_savepoint
 
 __all__ = ["AsyncScopedTransaction", "async_scoped_transaction"]
 
@@ -188,8 +189,7 @@ class AsyncScopedTransaction:
         awaiting them, so an asyncio block cannot join its transaction."""
         if transaction_manager is not None:
             _refuse_joining(transaction_manager)
-        if type(savepoint) is not bool:
-            raise TypeError(f"savepoint must be True or False, got {savepoint!r}")
+        check_savepoint(savepoint)
         isolation = check_isolation(isolation_level)
         if isolation is not None:
             if readonly or after is not None:
@@ -234,36 +234,23 @@ class AsyncScopedTransaction:
         check_attempts(attempts)
         if transaction_manager is not None:
             _refuse_joining(transaction_manager)
+        if readonly or after:
+            open_block = lambda: self(readonly=readonly, after=after)  # noqa: E731
+        else:
+            open_block = lambda: self(isolation_level=isolation_level)  # noqa: E731
         task = asyncio.current_task()
         scope = self.scopes.get(task) if task is not None else None
         if scope is not None and scope.blocks:
-            attempts = 1
-        moved = not readonly
-        attempt = 1
-        while attempt <= attempts:
-            block = (
-                self(readonly=readonly, after=after)
-                if readonly or after
-                else self(isolation_level=isolation_level)
-            )
-            try:
-                async with block as session:
-                    result = fn(session, *args, **kwargs)
-                    if inspect.isawaitable(result):
-                        result = await result
-                    return result
-            except Exception as exc:
-                if not moved and getattr(block, "replica", None) is not None and is_disconnect(exc):
-                    moved = True  # the replica was marked down: read elsewhere, once
-                    continue
-                delay = delay_before_next(
-                    exc, attempt, attempts, self.retry_delay, self.retry_max_delay
-                )
-                await asyncio.sleep(delay)
-                attempt += 1
-        raise AssertionError("unreachable")  # pragma: no cover
+            attempts = 1  # only the owner of the outer transaction can restart it
+        return await _run_in_blocks(self, open_block, fn, args, kwargs, attempts, readonly)
 
-    async def end_scope(self, scope: AsyncScope, commit: bool, discard: bool = False) -> None:
+    async def end_scope(
+        self,
+        scope: AsyncScope,
+        commit: bool,
+        discard: bool = False,
+        cause: BaseException | None = None,
+    ) -> None:
         """COMMIT or ROLLBACK (or, with ``discard``, invalidate the connection,
         which the server rolls back), then close the session and open the
         gate: all of it to the end, whatever cancellation arrives meanwhile."""
@@ -275,7 +262,8 @@ class AsyncScopedTransaction:
         session = scope.asession
         gate, scope.gate = scope.gate, None
         await finish(
-            end_session(session, commit, discard, gate, self.checks_aborted), settled=commit
+            end_session(session, commit, discard, gate, self.checks_aborted, cause),
+            settled=commit,
         )
 
     def task_done(self, task: asyncio.Task[Any]) -> None:
@@ -291,6 +279,39 @@ class AsyncScopedTransaction:
         scope.blocks.clear()
         logger.warning("sparc.sa: a task ended inside a block; its transaction was rolled back")
         run_detached(self.end_scope(scope, commit=False))
+
+
+async def _run_in_blocks(
+    manager: AsyncScopedTransaction,
+    open_block: Callable[[], Any],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    attempts: int,
+    readonly: bool,
+) -> Any:
+    """:func:`sparc.sa.tx.retry.run_in_blocks` with ``await``: the same
+    policy, and the same one move to another server for a read whose
+    replica died."""
+    moved = not readonly
+    attempt = 1
+    while True:
+        block = open_block()
+        try:
+            async with block as session:
+                result = fn(session, *args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+        except Exception as exc:
+            if not moved and getattr(block, "replica", None) is not None and is_disconnect(exc):
+                moved = True  # the replica was marked down: read elsewhere, once
+                continue
+            delay = delay_before_next(
+                exc, attempt, attempts, manager.retry_delay, manager.retry_max_delay
+            )
+            await asyncio.sleep(delay)
+            attempt += 1
 
 
 def _refuse_joining(tm: object) -> None:

@@ -74,6 +74,7 @@ from sparc.sa.tx.retry import (
     is_retryable,
     run_in_blocks,
 )
+from sparc.sa.tx.stack import check_savepoint
 
 __all__ = [
     "JOIN_MODES",
@@ -192,16 +193,13 @@ class ScopedTransaction(ManagerCore):
         .. versionchanged:: 2.0
            *transaction_manager*, *readonly*, *after*, *isolation_level*.
         """
+        check_savepoint(savepoint)
         isolation = sessions.check_isolation(isolation_level)
         if transaction_manager is not None:
             _check_manager(transaction_manager, self._join)
         if readonly or after is not None:
             _no_isolation_when_readonly(isolation)
             return _readonly_block(self, readonly, after, transaction_manager)
-        if savepoint is not True and savepoint is not False:
-            raise TypeError(
-                f"'savepoint' must be True or False, got {savepoint!r} ({type(savepoint).__name__})"
-            )
         return Block(self, savepoint, transaction_manager, False, isolation)
 
     def run(

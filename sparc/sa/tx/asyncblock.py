@@ -73,7 +73,13 @@ class AsyncBlockHost(Protocol):
     def engine(self) -> AsyncEngine: ...
 
     def prepare(self, engine: Any) -> None: ...
-    async def end_scope(self, scope: AsyncScope, commit: bool, discard: bool = False) -> None: ...
+    async def end_scope(
+        self,
+        scope: AsyncScope,
+        commit: bool,
+        discard: bool = False,
+        cause: BaseException | None = None,
+    ) -> None: ...
     def task_done(self, task: asyncio.Task[Any]) -> None: ...
 
 
@@ -328,11 +334,11 @@ class AsyncBlock(BlockState):
             return False
         blocks.clear()
         self._state = DONE
-        await self._exit_outermost(scope, exc_type)
+        await self._exit_outermost(scope, exc_type, exc)
         return False
 
     async def _exit_outermost(
-        self, scope: AsyncScope, exc_type: type[BaseException] | None
+        self, scope: AsyncScope, exc_type: type[BaseException] | None, exc: BaseException | None
     ) -> None:
         manager: Any = self._manager
         doomed, scope.doomed = scope.doomed, False
@@ -344,7 +350,7 @@ class AsyncBlock(BlockState):
             # database lives in its one connection: that one is rolled back.
             interrupted = exc_type is not None and not issubclass(exc_type, Exception)
             discard = interrupted and not _keeps_connection(manager, scope)
-            await manager.end_scope(scope, commit=False, discard=discard)
+            await manager.end_scope(scope, commit=False, discard=discard, cause=exc)
             if exc_type is None:
                 raise DoomedTransactionError(DOOMED)
             return

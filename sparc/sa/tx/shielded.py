@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from sparc.sa.exceptions import AbortedTransactionError
-from sparc.sa.tx.sessions import aborted
+from sparc.sa.tx.sessions import aborted, rollback
 from sparc.sa.tx.stack import ABORTED
 from sparc.sa.tx.stack import commit as commit_block
 
@@ -132,6 +132,7 @@ async def end_session(
     discard: bool,
     gate: asyncio.Lock | None,
     checks_aborted: bool = False,
+    cause: BaseException | None = None,
 ) -> None:
     """COMMIT or ROLLBACK (or, with *discard*, invalidate the connection,
     which the server rolls back), then close *session* and release *gate*.
@@ -146,7 +147,7 @@ async def end_session(
             if commit:
                 await session.run_sync(_commit_and_close, checks_aborted)
             else:
-                await session.run_sync(_rollback_and_close)
+                await session.run_sync(_rollback_and_close, cause)
             closed = True
         elif commit:  # an AsyncSession class of the application's: its methods run
             try:
@@ -157,7 +158,7 @@ async def end_session(
                 await quietly(session.rollback())
                 raise
         else:
-            await quietly(session.rollback())
+            await greenlet_spawn(rollback, session.sync_session, cause)
     finally:
         if not closed:
             await quietly(session.close())
@@ -181,11 +182,8 @@ def _commit_and_close(session: Session, checks_aborted: bool) -> None:
     transaction), then close: a block's normal end, run in one greenlet."""
     try:
         commit_block(session, checks_aborted)
-    except BaseException:
-        try:
-            session.rollback()
-        except Exception:
-            logger.warning("sparc.sa: rolling back after a failed COMMIT failed", exc_info=True)
+    except BaseException as error:
+        rollback(session, error)
         raise
     finally:
         try:
@@ -194,14 +192,14 @@ def _commit_and_close(session: Session, checks_aborted: bool) -> None:
             logger.warning("sparc.sa: closing a session failed", exc_info=True)
 
 
-def _rollback_and_close(session: Session) -> None:
-    """ROLLBACK, then close; a failure of either is logged, not raised."""
+def _rollback_and_close(session: Session, cause: BaseException | None) -> None:
+    """ROLLBACK, then close; a failure of either is logged, not raised, so
+    that *cause*, the error that ended the block, is the one that propagates
+    (the threaded block's words: sparc.sa.tx.sessions.rollback)."""
     try:
-        session.rollback()
-    except Exception:
-        logger.warning("sparc.sa: cleanup failed", exc_info=True)
+        rollback(session, cause)
     finally:
         try:
             session.close()
         except Exception:
-            logger.warning("sparc.sa: cleanup failed", exc_info=True)
+            logger.warning("sparc.sa: closing a session failed", exc_info=True)

@@ -57,6 +57,7 @@ __all__ = [
     "check_innermost",
     "check_nested_isolation",
     "check_same_transaction",
+    "check_savepoint",
     "close_block",
     "commit",
     "enter_nested",
@@ -176,6 +177,15 @@ class BlockState:
                 self._manager.open_block.reset(token)
             except ValueError:
                 pass  # closed from another context than it opened in
+
+
+def check_savepoint(savepoint: object) -> None:
+    """A block's *savepoint* argument: True or False, else a TypeError (both
+    managers, read-only blocks included)."""
+    if savepoint is not True and savepoint is not False:
+        raise TypeError(
+            f"'savepoint' must be True or False, got {savepoint!r} ({type(savepoint).__name__})"
+        )
 
 
 def commit(session: Session, checks_aborted: bool) -> None:
