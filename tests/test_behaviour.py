@@ -10,6 +10,7 @@ explicit branch on ``either.asyncio``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import warnings
 from typing import Any
 
@@ -83,6 +84,76 @@ def test_a_block_rolls_back_on_any_exception_and_reraises_it_unchanged(
     assert either.names() == ["after"]
 
 
+def test_a_commit_failure_rolls_back_and_raises_the_commit_error(either: Either) -> None:
+    with either.block() as session:
+        session.add(either.Counter(id=1))
+    with pytest.raises(sa.exc.IntegrityError), either.block() as session:
+        session.add(either.Item(name="with-the-duplicate"))
+        session.add(either.Counter(id=1))  # fails at commit's flush
+    assert either.count() == 0
+    assert either.checked_out() == 0
+    with either.block() as session:  # and the scope works again
+        session.add(either.Item(name="after"))
+    assert either.names() == ["after"]
+
+
+def test_a_failed_rollback_is_logged_and_the_original_error_propagates(
+    either: Either, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_rollback(conn: Any) -> None:
+        raise RuntimeError("rollback exploded")
+
+    original = Boom("the block's own error")
+    sa.event.listen(either.sync_engine, "rollback", broken_rollback)
+    try:
+        with (
+            caplog.at_level(logging.WARNING, "sparc.sa"),
+            pytest.raises(Boom) as raised,
+            either.block() as session,
+        ):
+            session.add(either.Item(name="x"))
+            session.flush()
+            raise original
+    finally:
+        sa.event.remove(either.sync_engine, "rollback", broken_rollback)
+    assert raised.value is original
+    # DIFFERENCE: both log the failed ROLLBACK with its exception, and the
+    # block's own error propagates. The threaded manager logs it at ERROR on
+    # sparc.sa.sessions, "rolling back after Boom failed; the original error
+    # propagates"; the asyncio one at WARNING on sparc.sa.shielded, "sparc.sa:
+    # cleanup failed", which names neither the rollback nor the cause.
+    if either.asyncio:
+        level, says = logging.WARNING, "cleanup failed"
+    else:
+        level, says = logging.ERROR, "rolling back"
+    assert any(
+        r.levelno == level
+        and says in r.getMessage()
+        and r.exc_info
+        and "rollback exploded" in str(r.exc_info[1])
+        for r in caplog.records
+    ), caplog.text
+    assert either.checked_out() == 0
+    assert either.count() == 0
+    with either.block() as session:
+        session.add(either.Item(name="next"))
+    assert either.names() == ["next"]
+
+
+def test_a_block_object_is_entered_once(either: Either) -> None:
+    block = either.block()
+    with block:
+        pass
+    with pytest.raises(RuntimeError, match="entered once"), block:
+        pass
+    # DIFFERENCE: the same RuntimeError for a block exited without being
+    # entered; the threaded manager says "this block was never entered", the
+    # asyncio one "this block is not open".
+    never = "is not open" if either.asyncio else "never entered"
+    with pytest.raises(RuntimeError, match=never):
+        either.block().__exit__(None, None, None)
+
+
 # -- nested blocks: SAVEPOINTs ---------------------------------------------------------------
 
 
@@ -122,6 +193,44 @@ def test_a_released_savepoint_is_undone_when_the_outer_block_rolls_back(either: 
     assert either.checked_out() == 0
 
 
+def test_a_released_savepoint_after_only_reads_is_undone_by_the_outer_rollback(
+    either: Either,
+) -> None:
+    """SQLite's drivers begin no transaction before a SAVEPOINT, so a RELEASE
+    of the first savepoint would commit; the outer rollback must still undo it."""
+    with pytest.raises(Boom), either.block() as session:
+        session.scalars(sa.select(either.Item)).all()  # reads only
+        with either.block():
+            session.add(either.Item(name="inner"))
+        raise Boom
+    assert either.count() == 0
+
+
+def test_three_levels(either: Either) -> None:
+    with either.block() as session:
+        session.add(either.Item(name="1"))
+        with either.block():
+            session.add(either.Item(name="2"))
+            with pytest.raises(Boom), either.block():
+                session.add(either.Item(name="3"))
+                session.flush()
+                raise Boom
+            session.add(either.Item(name="2b"))
+    assert either.names() == ["1", "2", "2b"]
+
+
+def test_an_inner_flush_error_rolls_back_to_the_savepoint(either: Either) -> None:
+    with either.block() as session:
+        session.add(either.Counter(id=1))
+    with either.block() as session:
+        session.add(either.Item(name="outer"))
+        with pytest.raises(sa.exc.IntegrityError), either.block():
+            session.add(either.Counter(id=1))  # fails at RELEASE's flush
+        session.add(either.Counter(id=2))
+    assert either.names() == ["outer"]
+    assert either.count(either.Counter) == 2
+
+
 # -- savepoint=False: joining the outer transaction -------------------------------------
 
 
@@ -140,6 +249,29 @@ def test_a_failed_joined_block_dooms_the_outer_block(either: Either) -> None:
     with either.block() as session:  # the doom does not outlive its transaction
         session.add(either.Item(name="next"))
     assert either.names() == ["next"]
+
+
+def test_savepoint_false_joins_the_outer_transaction(either: Either) -> None:
+    with either.block() as session:
+        session.add(either.Item(name="outer"))
+        with either.block(savepoint=False):
+            session.add(either.Item(name="joined"))
+    assert either.names() == ["joined", "outer"]
+
+    statements: list[str] = []
+    sa.event.listen(either.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    with either.block(), either.block(savepoint=False) as session:
+        session.add(either.Item(name="x"))
+    assert statements  # the listener sees the block's statements
+    assert not any("SAVEPOINT" in s.upper() for s in statements)
+
+
+def test_a_failed_joined_block_propagates_through_the_outer(either: Either) -> None:
+    with pytest.raises(Boom), either.block() as session:
+        session.add(either.Item(name="outer"))
+        with either.block(savepoint=False):
+            raise Boom
+    assert either.count() == 0
 
 
 @pytest.mark.parametrize("value", ["no", 0, 1, None, "False"])
@@ -201,10 +333,11 @@ def test_a_block_runs_at_its_level_and_the_next_at_the_engines(either: Either) -
         default = level_in_force(either.database, session)
     level = OTHER_LEVEL[either.database]
     assert default != level
-    with either.block(isolation_level=level.lower().replace(" ", "_")) as session:
-        assert level_in_force(either.database, session) == level
-    with either.block() as session:
-        assert level_in_force(either.database, session) == default
+    for spelled in (level, level.lower().replace(" ", "_")):
+        with either.block(isolation_level=spelled) as session:
+            assert level_in_force(either.database, session) == level
+        with either.block() as session:
+            assert level_in_force(either.database, session) == default
     assert either.checked_out() == 0
 
 
@@ -234,6 +367,7 @@ def test_options_after_the_transaction_began_raise_instead_of_being_ignored(
                 session.flush()
                 session.connection(execution_options={"isolation_level": level})
                 session.add(either.Item(name="never"))
+        assert either.count() == 0
         with either.block(isolation_level=level) as session:
             with pytest.raises(IsolationLevelError):
                 session.connection(execution_options={"isolation_level": other})
