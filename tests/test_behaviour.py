@@ -152,6 +152,11 @@ def test_a_block_object_is_entered_once(either: Either) -> None:
     never = "is not open" if either.asyncio else "never entered"
     with pytest.raises(RuntimeError, match=never):
         either.block().__exit__(None, None, None)
+    # DIFFERENCE: the same for a block exited twice: "this block has already
+    # ended" (threaded), "this block is not open" (asyncio).
+    ended = "is not open" if either.asyncio else "already ended"
+    with pytest.raises(RuntimeError, match=ended):
+        block.__exit__(None, None, None)
 
 
 # -- nested blocks: SAVEPOINTs ---------------------------------------------------------------
@@ -286,6 +291,26 @@ def test_savepoint_takes_bools_only(either: Either, value: Any) -> None:
         match = "'savepoint' must be True or False"
     with pytest.raises(TypeError, match=match):
         either.block(savepoint=value)
+    # DIFFERENCE: a read-only block's savepoint argument is checked by the
+    # asyncio manager only; the threaded one makes the read-only block before
+    # it looks at savepoint, and ignores it.
+    if either.asyncio:
+        with pytest.raises(TypeError, match=match):
+            either.block(savepoint=value, readonly=True)
+    else:
+        either.block(savepoint=value, readonly=True)  # no error
+
+
+def test_the_read_only_arguments_are_checked(either: Either) -> None:
+    with pytest.raises(TypeError, match="'readonly' must be True or False"):
+        either.block(readonly="yes")
+    # The words name each manager's own call: "tx(readonly=True,
+    # after=token)", "atx(readonly=True, after=token)".
+    with pytest.raises(TypeError, match="'after' applies to read-only blocks"):
+        either.block(after="pg:0/1")
+    with pytest.raises(ValueError, match=r"commit token as tx\.commit_token gives it"):
+        either.block(readonly=True, after="yesterday")
+    assert either.tx.commit_token is None  # no replicas: no positions
 
 
 # -- blocks ended out of order -------------------------------------------------------------
@@ -326,6 +351,28 @@ def test_blocks_ended_out_of_order_roll_back_and_say_so(either: Either) -> None:
 
 
 # -- isolation_level per block ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", [1, "", "   ", b"SERIALIZABLE"])
+def test_a_level_must_be_a_name(either: Either, level: Any) -> None:
+    with pytest.raises(TypeError, match="'isolation_level' must be a level's name"):
+        either.block(isolation_level=level)
+
+
+def test_autocommit_is_refused_for_a_block(either: Either) -> None:
+    with pytest.raises(ValueError, match="all or nothing"):
+        either.block(isolation_level="autocommit")
+    with pytest.raises(TypeError, match="read-only block chooses its own isolation"):
+        either.block(readonly=True, isolation_level="SERIALIZABLE")
+
+
+def test_a_level_the_database_lacks_names_the_valid_ones(either: Either) -> None:
+    with (
+        pytest.raises(sa.exc.ArgumentError, match="Valid isolation levels"),
+        either.block(isolation_level="SNAPSHOT"),
+    ):
+        pass
+    assert either.checked_out() == 0
 
 
 def test_a_block_runs_at_its_level_and_the_next_at_the_engines(either: Either) -> None:

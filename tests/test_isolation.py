@@ -47,30 +47,6 @@ OTHER_LEVEL = {
 }
 
 
-@pytest.mark.parametrize("level", [1, "", "   ", b"SERIALIZABLE"])
-def test_a_level_must_be_a_name(transaction: ThreadLocalSASessionTransaction, level: Any) -> None:
-    with pytest.raises(TypeError, match="'isolation_level' must be a level's name"):
-        transaction(isolation_level=level)
-
-
-def test_autocommit_is_refused_for_a_block(transaction: ThreadLocalSASessionTransaction) -> None:
-    with pytest.raises(ValueError, match="all or nothing"):
-        transaction(isolation_level="autocommit")
-    with pytest.raises(TypeError, match="read-only block chooses its own isolation"):
-        transaction(readonly=True, isolation_level="SERIALIZABLE")
-
-
-def test_a_level_the_database_lacks_names_the_valid_ones(
-    backend: str, transaction: ThreadLocalSASessionTransaction, engine: Engine
-) -> None:
-    with (
-        pytest.raises(sa.exc.ArgumentError, match="Valid isolation levels"),
-        transaction(isolation_level="SNAPSHOT"),
-    ):
-        pass
-    assert checked_out(engine) == 0
-
-
 # -- joined -----------------------------------------------------------------------------
 
 

@@ -34,18 +34,6 @@ def test_readonly_blocks_give_back_the_session_they_set_aside_as_it_was(
         assert transaction.session is session and item in session
 
 
-def test_arguments_are_checked(
-    engine: Engine, models: SimpleNamespace, transaction: ThreadLocalSASessionTransaction
-) -> None:
-    with pytest.raises(TypeError, match="'readonly' must be True or False"):
-        transaction(readonly="yes")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="'after' applies to read-only blocks"):
-        transaction(after="pg:0/1")
-    with pytest.raises(ValueError, match=r"commit token as tx\.commit_token gives it"):
-        transaction(readonly=True, after="yesterday")
-    assert transaction.commit_token is None  # no replicas: no positions
-
-
 def test_readonly_blocks_never_join_until_a_joined_write(
     engine: Engine, models: SimpleNamespace, transaction: ThreadLocalSASessionTransaction
 ) -> None:
