@@ -10,6 +10,7 @@ explicit branch on ``either.asyncio``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import warnings
 from typing import Any
@@ -19,6 +20,7 @@ import sqlalchemy as sa
 
 from sparc.sa.aio import AsyncScopedTransaction
 from sparc.sa.exceptions import (
+    AbortedTransactionError,
     BlockOrderError,
     DoomedTransactionError,
     IsolationLevelError,
@@ -26,6 +28,7 @@ from sparc.sa.exceptions import (
 )
 from sparc.sa.orm import ThreadLocalSASessionTransaction
 from sparc.sa.tx.asyncblock import AsyncBlock
+from sparc.sa.tx.stack import DONE, OPEN
 
 from .conftest import AwaitedBlock, Either
 from .test_isolation import OTHER_LEVEL, level_in_force
@@ -47,15 +50,16 @@ def test_the_fixture_drives_each_managers_own_blocks(either: Either) -> None:
             assert asyncio.current_task() is not None
             assert isinstance(either.tx, AsyncScopedTransaction)
             assert isinstance(block, AwaitedBlock) and isinstance(block.block, AsyncBlock)
-            assert block.block._state == "open"
             assert isinstance(either.unwrapped(session), sa.ext.asyncio.AsyncSession)
+            real = block.block
         else:
             assert isinstance(either.tx, ThreadLocalSASessionTransaction)
             assert isinstance(either.unwrapped(session), sa.orm.Session)
+            real = block
+        assert real._state is OPEN
         assert either.open_blocks() == 1
     assert either.open_blocks() == 0
-    if either.asyncio:
-        assert block.block._state == "done"
+    assert real._state is DONE
 
 
 # -- commit or roll back ---------------------------------------------------------------
@@ -157,6 +161,38 @@ def test_a_block_object_is_entered_once(either: Either) -> None:
     ended = "is not open" if either.asyncio else "already ended"
     with pytest.raises(RuntimeError, match=ended):
         block.__exit__(None, None, None)
+
+
+def test_a_transaction_the_server_aborted_is_never_committed(either: Either) -> None:
+    """A statement fails and its error is caught inside the block: PostgreSQL
+    aborts the transaction, and a COMMIT would silently roll it all back
+    while the block exited normally. The block raises AbortedTransactionError
+    instead, and an inner block's failure undoes that block alone. The other
+    databases keep the transaction going, so the rows are committed there."""
+    postgres = either.database == "postgresql"
+
+    def fail_a_statement(session: Any) -> None:
+        with pytest.raises(sa.exc.DBAPIError):
+            session.execute(sa.text("SELECT * FROM sparc_no_such_table"))
+
+    def aborted() -> Any:
+        return pytest.raises(AbortedTransactionError) if postgres else contextlib.nullcontext()
+
+    with either.block() as session:
+        session.add(either.Item(name="outer"))
+        with aborted(), either.block() as inner:
+            inner.add(either.Item(name="inner"))
+            inner.flush()
+            fail_a_statement(inner)
+        session.add(either.Item(name="after"))
+    kept = ["after", "outer"] if postgres else ["after", "inner", "outer"]
+    assert either.names() == kept
+    with aborted(), either.block() as session:
+        session.add(either.Item(name="lost" if postgres else "last"))
+        session.flush()
+        fail_a_statement(session)
+    assert either.names() == (kept if postgres else sorted([*kept, "last"]))
+    assert either.checked_out() == 0
 
 
 # -- nested blocks: SAVEPOINTs ---------------------------------------------------------------
