@@ -8,7 +8,6 @@ asyncio sibling; without the variable they are skipped with the reason.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import pathlib
 import random
@@ -29,7 +28,6 @@ from zope.configuration import xmlconfig
 from sparc.sa import aio
 from sparc.sa.engine import engine_from_config
 from sparc.sa.exceptions import (
-    AbortedTransactionError,
     CrossScopeSessionError,
     ForeignEventLoopError,
     InterleavedTransactionError,
@@ -140,43 +138,6 @@ async def ids(db: SimpleNamespace) -> list[int]:
 
 
 # -- blocks -----------------------------------------------------------------------
-
-
-def test_a_transaction_the_server_aborted_is_never_committed(db: SimpleNamespace) -> None:
-    """A statement fails and its error is caught inside the block: PostgreSQL
-    aborts the transaction, and a COMMIT would silently roll it all back
-    while the block exited normally. As with the threaded blocks (one state
-    machine, sparc.sa.tx.stack), the block raises AbortedTransactionError
-    instead, and an inner block's failure undoes that block alone. The other
-    databases keep the transaction going, so the rows are committed there."""
-    postgres = db.backend in ("asyncpg", "psycopg_async")
-
-    async def fail_a_statement(session: AsyncSession) -> None:
-        with pytest.raises(sa.exc.DBAPIError):
-            await session.execute(sa.text("SELECT * FROM sparc_no_such_table"))
-
-    async def main() -> list[int]:
-        async with db.tx() as session:
-            session.add(db.Item(id=1))
-            with pytest.raises(AbortedTransactionError) if postgres else _nothing():
-                async with db.tx() as inner:
-                    inner.add(db.Item(id=2))
-                    await inner.flush()
-                    await fail_a_statement(inner)
-            session.add(db.Item(id=3))
-        with pytest.raises(AbortedTransactionError) if postgres else _nothing():
-            async with db.tx() as session:
-                session.add(db.Item(id=4))
-                await session.flush()
-                await fail_a_statement(session)
-        return await ids(db)
-
-    assert db.run(main) == ([1, 3] if postgres else [1, 2, 3, 4])
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def test_a_blocks_first_read_runs_inside_its_transaction(db: SimpleNamespace) -> None:
