@@ -9,15 +9,22 @@ Backends:
 
 Without the environment variable the server cases are skipped with the reason.
 With it, a server that cannot be reached fails the test.
+
+``FLAVOURS`` lists each database with each flavour of driver that reaches
+it, threaded or asyncio; the ``either`` fixture runs one test body on every
+entry (tests/test_behaviour.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import pathlib
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -40,8 +47,38 @@ from sparc.sa.interfaces import ISADeclarativeMeta
 from sparc.sa.orm import ThreadLocalSASessionTransaction, scoped_transaction
 
 SERVER_ENV = {"postgresql": "TEST_PG_DSN", "mysql": "TEST_MYSQL_DSN"}
-BACKENDS = ("sqlite", "sqlite-file", "postgresql", "mysql")
 SERVERS = ("postgresql", "mysql")
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """A database, and the driver that reaches it: the threaded manager's
+    (``asyncio=False``: the driver the DSN names, SQLite's own for SQLite) or
+    the asyncio manager's (that driver's asyncio sibling)."""
+
+    database: str  # "sqlite" (in memory), "sqlite-file", "postgresql", "mysql" (MariaDB)
+    driver: str  # SQLAlchemy's name of the asyncio driver; "sync" for the threaded one
+    asyncio: bool
+
+    @property
+    def id(self) -> str:
+        return f"{self.database}-{self.driver}"
+
+
+#: Every database, threaded and asyncio: one list for both managers. The
+#: asyncio drivers are tests/test_async.py's.
+FLAVOURS = (
+    Flavour("sqlite", "sync", False),
+    Flavour("sqlite-file", "sync", False),
+    Flavour("postgresql", "sync", False),
+    Flavour("mysql", "sync", False),
+    Flavour("sqlite", "aiosqlite", True),
+    Flavour("sqlite-file", "aiosqlite", True),
+    Flavour("postgresql", "asyncpg", True),
+    Flavour("postgresql", "psycopg_async", True),
+    Flavour("mysql", "asyncmy", True),
+)
+BACKENDS = tuple(f.database for f in FLAVOURS if not f.asyncio)
 
 
 def server_dsn(name: str) -> str:
@@ -58,6 +95,23 @@ def backend_dsn(name: str, tmp_path: pathlib.Path) -> str:
     if name == "sqlite-file":
         return f"sqlite:///{tmp_path / 'test.db'}"
     return server_dsn(name)
+
+
+def flavour_dsn(flavour: Flavour, tmp_path: pathlib.Path) -> str:
+    """The DSN of *flavour*; its server cases skip as the other tests' do,
+    with the same reasons (a server variable unset)."""
+    if not flavour.asyncio:
+        return backend_dsn(flavour.database, tmp_path)
+    if flavour.database == "sqlite":
+        return "sqlite+aiosqlite://"
+    if flavour.database == "sqlite-file":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    var = SERVER_ENV[flavour.database]
+    dsn = os.environ.get(var)
+    if not dsn:  # tests/test_async.py's words
+        pytest.skip(f"{var} is not set, so there is no server for {flavour.driver} to test against")
+    url = sa.make_url(dsn).set(drivername=f"{sa.make_url(dsn).get_backend_name()}+{flavour.driver}")
+    return str(url.render_as_string(hide_password=False))
 
 
 def make_engine(dsn: str, **kwargs: Any) -> Engine:
@@ -228,6 +282,183 @@ def count_rows(engine: Engine, model: Any) -> int:
 def names(engine: Engine, model: Any) -> list[str]:
     with engine.connect() as conn:
         return sorted(conn.execute(sa.select(model.__table__.c.name)).scalars())
+
+
+# -- one test body for both managers --------------------------------------------------
+
+
+class Awaiting:
+    """An AsyncSession (or the AsyncConnection it gives) for plain code that
+    runs inside ``greenlet_spawn``: each coroutine method is awaited in place
+    with ``await_only``, as ``await session.flush()`` would await it."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.target, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr  # add(), add_all(), info ...: not awaited in asyncio either
+
+        def awaited(*args: Any, **kwargs: Any) -> Any:
+            from sqlalchemy.ext.asyncio import AsyncConnection
+            from sqlalchemy.util import await_only
+
+            result = await_only(attr(*args, **kwargs))
+            return Awaiting(result) if isinstance(result, AsyncConnection) else result
+
+        return awaited
+
+    def __contains__(self, instance: object) -> bool:
+        return instance in self.target
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.target)
+
+
+class AwaitedBlock:
+    """``with`` over one block of the asyncio manager: its own ``__aenter__``
+    and ``__aexit__``, awaited in place, given what ``async with`` gives
+    them (the exception, if any, and the answer whether to swallow it)."""
+
+    def __init__(self, block: Any) -> None:
+        self.block = block
+
+    def __enter__(self) -> Awaiting:
+        from sqlalchemy.util import await_only
+
+        return Awaiting(await_only(self.block.__aenter__()))
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        from sqlalchemy.util import await_only
+
+        return bool(await_only(self.block.__aexit__(*exc_info)))
+
+
+class Either:
+    """One database, with the threaded or the asyncio manager, for a test
+    body written once as plain code: ``with either.block() as session:``.
+
+    Threaded, that is ``with tx() as session:`` and session is what the
+    block gives (the scoped session). Asyncio, the whole test body runs in
+    ``greenlet_spawn`` on this fixture's event loop (``pytest_pyfunc_call``
+    below): ``block()`` is an :class:`AwaitedBlock` of the real asyncio
+    block, and session the block's AsyncSession, :class:`Awaiting`.
+
+    The models are conftest's ``Item`` (id, name) and ``Counter``; the test
+    must leave nothing checked out."""
+
+    def __init__(self, flavour: Flavour, dsn: str) -> None:
+        self.flavour = flavour
+        self.database = flavour.database
+        self.asyncio = flavour.asyncio
+        models = build_models()
+        self.Base, self.Item, self.Counter = models.Base, models.Item, models.Counter
+        self.loop: asyncio.AbstractEventLoop | None = None
+        if flavour.asyncio:
+            from sparc.sa import aio
+
+            self.engine: Any = engine_from_config({"dsn": dsn})
+            self.sync_engine: Engine = self.engine.sync_engine
+            self.tx: Any = aio.async_scoped_transaction(self.engine, self.Base)
+            # One loop for the whole test, set-up and tear-down too: an
+            # in-memory database lives in its one connection, which belongs to
+            # the loop that opened it.
+            self.loop = asyncio.new_event_loop()
+        else:
+            self.engine = self.sync_engine = make_engine(dsn)
+            self.tx = scoped_transaction(self.engine, self.Base)
+        self.sync_engine.__dict__["_test_counter"] = CheckoutCounter(self.sync_engine)
+
+    def drive(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``; asyncio, in ``greenlet_spawn`` on the fixture's loop."""
+        if self.loop is None:
+            return fn(*args)
+        from sqlalchemy.util import greenlet_spawn
+
+        return self.loop.run_until_complete(greenlet_spawn(fn, *args))
+
+    def block(self, *args: Any, **kwargs: Any) -> Any:
+        """A block, ``tx(*args, **kwargs)``, for ``with``."""
+        block = self.tx(*args, **kwargs)
+        return AwaitedBlock(block) if self.asyncio else block
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``tx.run(fn, *args, **kwargs)``: *fn* is plain code, given the session."""
+        if not self.asyncio:
+            return self.tx.run(fn, *args, **kwargs)
+        from sqlalchemy.util import await_only, greenlet_spawn
+
+        return await_only(
+            self.tx.run(lambda session: greenlet_spawn(fn, Awaiting(session)), *args, **kwargs)
+        )
+
+    @property
+    def session(self) -> Any:
+        """The manager's ``tx.session``: the Session, or the AsyncSession."""
+        return self.tx.session
+
+    @staticmethod
+    def unwrapped(session: Any) -> Any:
+        """What a block gave, as ``tx.session`` gives it."""
+        return session.target if isinstance(session, Awaiting) else session()
+
+    def open_blocks(self) -> int:
+        """How many blocks of the manager the current thread or task has open."""
+        if self.asyncio:
+            scope = self.tx.scopes.get(asyncio.current_task())
+        else:
+            scope = self.tx._existing_scope()
+        return 0 if scope is None else len(scope.blocks)
+
+    def names(self) -> list[str]:
+        """The Item names committed, as a fresh connection sees them."""
+        return names(self.sync_engine, self.Item)
+
+    def count(self, model: Any = None) -> int:
+        return count_rows(self.sync_engine, model or self.Item)
+
+    def checked_out(self) -> int:
+        return checked_out(self.sync_engine)
+
+    def close(self) -> None:
+        left = self.checked_out()
+        try:
+            if self.database in SERVERS:  # runs share the servers' databases
+                self.drive(self.Base.metadata.drop_all, self.sync_engine)
+        finally:
+            if self.loop is None:
+                self.engine.dispose()
+            else:
+                self.loop.run_until_complete(self.engine.dispose())
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+                self.loop.close()
+        assert left == 0, f"{left} connection(s) still checked out after the test"
+
+
+@pytest.fixture(params=FLAVOURS, ids=lambda flavour: flavour.id)
+def either(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[Either]:
+    """Each database with each manager (``FLAVOURS``), the models' tables made."""
+    either = Either(request.param, flavour_dsn(request.param, tmp_path))
+    try:
+        either.drive(either.Base.metadata.create_all, either.sync_engine)
+    except BaseException:
+        either.close()
+        raise
+    yield either
+    either.close()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """A test of the ``either`` fixture's asyncio flavour runs in
+    ``greenlet_spawn`` on the fixture's event loop (see :class:`Either`)."""
+    either = pyfuncitem.funcargs.get("either")
+    if not isinstance(either, Either) or not either.asyncio:
+        return None  # pytest calls the test as usual
+    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    either.drive(lambda: pyfuncitem.obj(**kwargs))
+    return True
 
 
 # -- pytest-xdist: what must not run on two workers at once -------------------------------

@@ -8,7 +8,6 @@ asyncio sibling; without the variable they are skipped with the reason.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import pathlib
 import random
@@ -29,10 +28,8 @@ from zope.configuration import xmlconfig
 from sparc.sa import aio
 from sparc.sa.engine import engine_from_config
 from sparc.sa.exceptions import (
-    AbortedTransactionError,
     BlockOrderError,
     CrossScopeSessionError,
-    DoomedTransactionError,
     ForeignEventLoopError,
     InterleavedTransactionError,
 )
@@ -144,100 +141,6 @@ async def ids(db: SimpleNamespace) -> list[int]:
 # -- blocks -----------------------------------------------------------------------
 
 
-def test_a_block_commits_or_rolls_back_and_reraises(db: SimpleNamespace) -> None:
-    async def main() -> list[int]:
-        async with db.tx() as session:
-            session.add(db.Item(id=1, name="kept"))
-        with pytest.raises(ValueError, match="no"):
-            async with db.tx() as session:
-                session.add(db.Item(id=2))
-                await session.flush()
-                raise ValueError("no")
-        assert checked_out(db.engine) == 0
-        return await ids(db)
-
-    assert db.run(main) == [1]
-
-
-def test_nested_blocks_are_savepoints_and_savepoint_false_dooms(db: SimpleNamespace) -> None:
-    async def main() -> list[int]:
-        async with db.tx() as session:
-            session.add(db.Item(id=1))
-            with pytest.raises(KeyError):
-                async with db.tx() as inner:
-                    assert inner is session is db.tx.session
-                    inner.add(db.Item(id=2))
-                    await inner.flush()
-                    raise KeyError("inner only")
-            async with db.tx():
-                session.add(db.Item(id=3))
-        with pytest.raises(DoomedTransactionError):
-            async with db.tx() as session:
-                session.add(db.Item(id=4))
-                with pytest.raises(KeyError):
-                    async with db.tx(savepoint=False):
-                        raise KeyError("dooms the outer block")
-        with pytest.raises(TypeError, match="True or False"):
-            db.tx(savepoint="no")
-        return await ids(db)
-
-    assert db.run(main) == [1, 3]
-
-
-def test_a_released_savepoint_is_undone_when_the_outer_block_rolls_back(
-    db: SimpleNamespace,
-) -> None:
-    """On aiosqlite too, where the driver begins no transaction before a
-    SAVEPOINT by itself, so a RELEASE there would commit."""
-
-    async def main() -> list[int]:
-        with pytest.raises(LookupError):
-            async with db.tx() as session:
-                async with db.tx():
-                    session.add(db.Item(id=1))
-                raise LookupError("undo it all")
-        return await ids(db)
-
-    assert db.run(main) == []
-
-
-def test_a_transaction_the_server_aborted_is_never_committed(db: SimpleNamespace) -> None:
-    """A statement fails and its error is caught inside the block: PostgreSQL
-    aborts the transaction, and a COMMIT would silently roll it all back
-    while the block exited normally. As with the threaded blocks (one state
-    machine, sparc.sa.tx.stack), the block raises AbortedTransactionError
-    instead, and an inner block's failure undoes that block alone. The other
-    databases keep the transaction going, so the rows are committed there."""
-    postgres = db.backend in ("asyncpg", "psycopg_async")
-
-    async def fail_a_statement(session: AsyncSession) -> None:
-        with pytest.raises(sa.exc.DBAPIError):
-            await session.execute(sa.text("SELECT * FROM sparc_no_such_table"))
-
-    async def main() -> list[int]:
-        async with db.tx() as session:
-            session.add(db.Item(id=1))
-            with pytest.raises(AbortedTransactionError) if postgres else _nothing():
-                async with db.tx() as inner:
-                    inner.add(db.Item(id=2))
-                    await inner.flush()
-                    await fail_a_statement(inner)
-            session.add(db.Item(id=3))
-        with pytest.raises(AbortedTransactionError) if postgres else _nothing():
-            async with db.tx() as session:
-                session.add(db.Item(id=4))
-                await session.flush()
-                await fail_a_statement(session)
-        return await ids(db)
-
-    assert db.run(main) == ([1, 3] if postgres else [1, 2, 3, 4])
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 def test_a_blocks_first_read_runs_inside_its_transaction(db: SimpleNamespace) -> None:
     async def main() -> bool:
         async with db.tx() as session:
@@ -340,21 +243,6 @@ def test_the_session_outside_a_block_is_an_error(db: SimpleNamespace) -> None:
             pass
 
     db.run(main)
-
-
-def test_blocks_ended_out_of_order_roll_back(db: SimpleNamespace) -> None:
-    async def main() -> list[int]:
-        outer, inner = db.tx(), db.tx()
-        session = await outer.__aenter__()
-        session.add(db.Item(id=1))
-        await inner.__aenter__()
-        with pytest.raises(BlockOrderError):
-            await outer.__aexit__(None, None, None)
-        with pytest.raises(BlockOrderError):
-            await inner.__aexit__(None, None, None)
-        return await ids(db)
-
-    assert db.run(main) == []
 
 
 def test_a_block_ending_before_its_inner_blocks_rolls_back_at_once(db: SimpleNamespace) -> None:

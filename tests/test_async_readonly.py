@@ -1,5 +1,5 @@
-"""``async with atx(readonly=True)``: on the primary (aiosqlite, asyncpg) and
-on a real PostgreSQL streaming replica."""
+"""``async with atx(readonly=True)`` on a real PostgreSQL streaming replica
+(on the primary: tests/test_behaviour.py, with the threaded manager's)."""
 
 from __future__ import annotations
 
@@ -15,70 +15,9 @@ pytest.importorskip("greenlet")
 
 from sparc.sa.aio import AsyncScopedTransaction
 from sparc.sa.engine import engine_from_config
-from sparc.sa.exceptions import ReadOnlyTransactionError
 from sparc.sa.replicas import replica_set, replicas
 from tests.conftest import build_models
 from tests.test_replicas import wait_caught_up
-
-
-def async_dsn(name: str) -> str:
-    if name == "aiosqlite":
-        return "sqlite+aiosqlite://"
-    dsn = os.environ.get("TEST_PG_DSN")
-    if not dsn:
-        pytest.skip("TEST_PG_DSN is not set, so there is no postgresql server to test against")
-    return make_url(dsn).set(drivername="postgresql+asyncpg").render_as_string(False)
-
-
-@pytest.mark.parametrize("driver", ["aiosqlite", "asyncpg"])
-def test_async_readonly_blocks_read_refuse_writes_and_nest(driver: str) -> None:
-    if driver == "asyncpg":
-        pytest.importorskip("asyncpg")
-    engine: Any = engine_from_config({"dsn": async_dsn(driver)})
-    models = build_models()
-    Item = models.Item
-    atx = AsyncScopedTransaction(engine, models.Base)
-
-    async def main() -> None:
-        async with engine.begin() as conn:
-            await conn.run_sync(models.Base.metadata.create_all)
-        try:
-            async with atx() as session:
-                session.add(Item(name="a"))
-            async with atx(readonly=True) as session:
-                assert (await session.scalars(sa.select(Item.name))).all() == ["a"]
-            table = Item.__table__.name
-            for write in (
-                lambda s: s.execute(sa.insert(Item).values(name="x")),
-                lambda s: s.execute(sa.text(f"DELETE FROM {table}")),
-                lambda s: s.connection(),  # then below the ORM:
-            ):
-                with pytest.raises(ReadOnlyTransactionError):
-                    async with atx(readonly=True) as session:
-                        result = await write(session)
-                        if isinstance(result, sa.ext.asyncio.AsyncConnection):
-                            await result.exec_driver_sql(f"DELETE FROM {table}")
-            assert await atx.run(lambda s: s.get(Item, 1), readonly=True) is not None
-            async with atx() as session:  # read-only inside writing sees its work
-                session.add(Item(name="b"))
-                await session.flush()
-                async with atx(readonly=True) as inner:
-                    names = (await inner.scalars(sa.select(Item.name).order_by(Item.id))).all()
-                    assert names == ["a", "b"]
-            async with atx(readonly=True):  # writing inside read-only is an error
-                with pytest.raises(ReadOnlyTransactionError):
-                    async with atx():
-                        pass
-            async with atx() as session:
-                assert (await session.scalars(sa.select(Item.name))).all() == ["a", "b"]
-        finally:
-            async with engine.begin() as conn:
-                await conn.run_sync(models.Base.metadata.drop_all)
-            pool = engine.sync_engine.pool
-            assert not hasattr(pool, "checkedout") or pool.checkedout() == 0
-            await engine.dispose()
-
-    asyncio.run(main())
 
 
 def test_async_readonly_on_replica_reads_own_writes() -> None:

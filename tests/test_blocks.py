@@ -41,29 +41,6 @@ def open_blocks(transaction: ThreadLocalSASessionTransaction) -> int:
 # -- the stack ------------------------------------------------------------------
 
 
-def test_blocks_closed_out_of_order_roll_back_and_say_so(
-    engine: Engine, models: Any, transaction: Any
-) -> None:
-    first, second = transaction(), transaction()
-    first.__enter__()
-    transaction.session.add(models.Item(name="first"))
-    second.__enter__()  # nested in first's block: same thread
-    transaction.session.add(models.Item(name="second"))
-    transaction.session.flush()
-    with pytest.raises(BlockOrderError, match=r"1 block.* still open.*rolled back"):
-        first.__exit__(None, None, None)
-    assert open_blocks(transaction) == 0
-    with pytest.raises(BlockOrderError, match="rolled back, not committed"):
-        second.__exit__(None, None, None)
-    assert open_blocks(transaction) == 0
-    assert count_rows(engine, models.Item) == 0
-
-    with transaction():  # the thread's next block works normally
-        transaction.session.add(models.Item(name="after"))
-    assert names(engine, models.Item) == ["after"]
-    assert checked_out(engine) == 0
-
-
 def test_a_block_opened_while_a_generator_is_suspended_in_its_block_is_refused(
     engine: Engine, models: Any, transaction: Any
 ) -> None:
@@ -99,16 +76,6 @@ def test_a_generator_closed_with_nothing_inside_just_rolls_back(
     suspended.close()
     assert count_rows(engine, models.Item) == 0
     assert open_blocks(transaction) == 0
-
-
-def test_a_block_object_is_entered_once(transaction: Any) -> None:
-    block = transaction()
-    with block:
-        pass
-    with pytest.raises(RuntimeError, match="entered once"), block:
-        pass
-    with pytest.raises(RuntimeError, match="never entered"):
-        transaction().__exit__(None, None, None)
 
 
 # -- atomic entry and exit -------------------------------------------------------
@@ -411,12 +378,6 @@ def test_run_refuses_a_coroutine_function(engine: Engine, models: Any, transacti
     with pytest.raises(TypeError, match="awaitable"):
         transaction.run(lambda session: add(session), readonly=True)
     assert count_rows(engine, models.Item) == 0
-
-
-@pytest.mark.parametrize("value", ["no", 0, 1, None, "False"])
-def test_savepoint_takes_bools_only(transaction: Any, value: Any) -> None:
-    with pytest.raises(TypeError, match="'savepoint' must be True or False"):
-        transaction(savepoint=value)
 
 
 def test_a_mapped_class_is_not_a_base(engine: Engine, models: Any) -> None:

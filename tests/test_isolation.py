@@ -1,4 +1,5 @@
-"""Isolation per block: ``tx(isolation_level=...)``, sync and asyncio.
+"""Isolation per block: ``tx(isolation_level=...)``; what both managers do
+alike is in tests/test_behaviour.py (this module's ``level_in_force``).
 
 zope.sqlalchemy code sets the level on the session's connection
 (``session.connection(execution_options={"isolation_level": ...})``). Inside
@@ -11,11 +12,8 @@ the transaction.
 from __future__ import annotations
 
 import contextlib
-import pathlib
 import threading
-import warnings
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,7 +24,6 @@ from sparc.sa.exceptions import IsolationLevelError
 from sparc.sa.orm import ThreadLocalSASessionTransaction, scoped_transaction
 
 from .conftest import checked_out, count_rows
-from .test_async import ASYNC_BACKENDS, async_database
 
 txnpkg = pytest.importorskip("transaction")
 
@@ -48,86 +45,6 @@ OTHER_LEVEL = {
     "postgresql": "SERIALIZABLE",
     "mysql": "SERIALIZABLE",
 }
-
-
-def test_a_block_runs_at_its_level_and_the_next_at_the_engines(
-    backend: str, engine: Engine, transaction: ThreadLocalSASessionTransaction
-) -> None:
-    tx = transaction
-    with tx() as session:
-        default = level_in_force(backend, session())
-    level = OTHER_LEVEL[backend]
-    assert default != level
-    with tx(isolation_level=level.lower().replace(" ", "_")) as session:
-        assert level_in_force(backend, session()) == level
-    with tx() as session:
-        assert level_in_force(backend, session()) == default
-    assert checked_out(engine) == 0
-
-
-def test_options_after_the_transaction_began_raise_instead_of_being_ignored(
-    backend: str, engine: Engine, models: Any, transaction: ThreadLocalSASessionTransaction
-) -> None:
-    tx = transaction
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no SAWarning either
-        with pytest.raises(IsolationLevelError, match="tx\\(isolation_level="), tx():
-            tx.session.add(models.Item(name="guarded"))
-            tx.session.flush()
-            tx.session.connection(execution_options={"isolation_level": OTHER_LEVEL[backend]})
-            tx.session.add(models.Item(name="never"))
-    assert count_rows(engine, models.Item) == 0
-    # The level in force already is no error.
-    with tx(isolation_level=OTHER_LEVEL[backend]):
-        tx.session.add(models.Item(name="kept"))
-        tx.session.flush()
-        tx.session.connection(execution_options={"isolation_level": OTHER_LEVEL[backend]})
-    assert count_rows(engine, models.Item) == 1
-    assert checked_out(engine) == 0
-
-
-def test_a_nested_block_names_only_its_outer_blocks_level(
-    backend: str, engine: Engine, models: Any, transaction: ThreadLocalSASessionTransaction
-) -> None:
-    tx = transaction
-    level = OTHER_LEVEL[backend]
-    with tx(isolation_level=level):
-        with tx(isolation_level=level):
-            tx.session.add(models.Item(name="same level"))
-        with pytest.raises(IsolationLevelError, match="outer block"):  # noqa: SIM117
-            with tx(
-                isolation_level="READ COMMITTED" if backend in OTHER_SERVER else "SERIALIZABLE"
-            ):
-                pass
-    assert count_rows(engine, models.Item) == 1
-    assert checked_out(engine) == 0
-
-
-OTHER_SERVER = ("postgresql", "mysql")
-
-
-@pytest.mark.parametrize("level", [1, "", "   ", b"SERIALIZABLE"])
-def test_a_level_must_be_a_name(transaction: ThreadLocalSASessionTransaction, level: Any) -> None:
-    with pytest.raises(TypeError, match="'isolation_level' must be a level's name"):
-        transaction(isolation_level=level)
-
-
-def test_autocommit_is_refused_for_a_block(transaction: ThreadLocalSASessionTransaction) -> None:
-    with pytest.raises(ValueError, match="all or nothing"):
-        transaction(isolation_level="autocommit")
-    with pytest.raises(TypeError, match="read-only block chooses its own isolation"):
-        transaction(readonly=True, isolation_level="SERIALIZABLE")
-
-
-def test_a_level_the_database_lacks_names_the_valid_ones(
-    backend: str, transaction: ThreadLocalSASessionTransaction, engine: Engine
-) -> None:
-    with (
-        pytest.raises(sa.exc.ArgumentError, match="Valid isolation levels"),
-        transaction(isolation_level="SNAPSHOT"),
-    ):
-        pass
-    assert checked_out(engine) == 0
 
 
 # -- joined -----------------------------------------------------------------------------
@@ -234,46 +151,3 @@ def test_without_a_level_the_same_increments_lose_one(
     assert _increment_concurrently(tx, counter, None) == []
     with engine.connect() as conn:
         assert conn.execute(sa.select(counter.value)).scalar_one() == 1
-
-
-# -- asyncio ----------------------------------------------------------------------------
-
-
-@pytest.fixture(params=ASYNC_BACKENDS)
-def adb(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[SimpleNamespace]:
-    yield from async_database(request.param, tmp_path)
-
-
-def test_async_blocks_take_a_level_too(adb: SimpleNamespace) -> None:
-    backend = {"aiosqlite-file": "sqlite", "aiosqlite": "sqlite"}.get(adb.backend, adb.backend)
-    name = "postgresql" if backend in ("asyncpg", "psycopg_async") else backend
-    name = "mysql" if name == "asyncmy" else name
-    level = OTHER_LEVEL.get(name, "READ UNCOMMITTED")
-    tx = adb.tx
-
-    async def main() -> list[str]:
-        seen = []
-        async with tx() as session:
-            seen.append(await session.run_sync(lambda s: level_in_force(name, s)))
-        async with tx(isolation_level=level) as session:
-            seen.append(await session.run_sync(lambda s: level_in_force(name, s)))
-            async with tx(isolation_level=level):
-                pass
-            with pytest.raises(IsolationLevelError, match="outer block"):
-                async with tx(
-                    isolation_level="READ COMMITTED" if name != "sqlite" else "SERIALIZABLE"
-                ):
-                    pass
-            with pytest.raises(IsolationLevelError):
-                await session.connection(
-                    execution_options={
-                        "isolation_level": "READ COMMITTED" if name != "sqlite" else "SERIALIZABLE"
-                    }
-                )
-        async with tx() as session:
-            seen.append(await session.run_sync(lambda s: level_in_force(name, s)))
-        return seen
-
-    default, during, after = adb.run(main)
-    assert during == level
-    assert default == after != level

@@ -188,27 +188,6 @@ def test_a_caught_failure_outside_blocks_fails_the_commit(
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
-def test_plain_blocks_never_commit_a_transaction_the_server_aborted(
-    engine: Engine, models: Any, transaction: Any
-) -> None:
-    tx = transaction
-    with tx():
-        tx.session.add(models.Item(name="outer"))
-        with pytest.raises(AbortedTransactionError), tx():
-            tx.session.add(models.Item(name="inner"))
-            tx.session.flush()
-            fail_a_statement(tx.session)
-        tx.session.add(models.Item(name="after"))
-    assert names(engine, models.Item) == ["after", "outer"]
-    with pytest.raises(AbortedTransactionError), tx():
-        tx.session.add(models.Item(name="lost"))
-        tx.session.flush()
-        fail_a_statement(tx.session)
-    assert names(engine, models.Item) == ["after", "outer"]
-    assert checked_out(engine) == 0
-
-
-@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_a_failed_release_leaves_the_transaction_usable(
     engine: Engine, models: Any, transaction: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import logging
 import threading
 import weakref
 from typing import Any
@@ -18,15 +17,11 @@ from zope.interface.verify import verifyObject
 from sparc.sa.interfaces import ISAScopedSession, ISAScopedTransaction, ISASession
 from sparc.sa.orm import ThreadLocalSASessionTransaction, scoped_transaction
 
-from .conftest import STYLES, build_models, checked_out, count_rows, make_engine, names
+from .conftest import STYLES, build_models, checked_out, make_engine, names
 
 
 class Boom(Exception):
     pass
-
-
-class Interrupt(BaseException):
-    """Stands in for KeyboardInterrupt/SystemExit without stopping pytest."""
 
 
 def test_manager_provides_its_interface(transaction: ThreadLocalSASessionTransaction) -> None:
@@ -84,13 +79,6 @@ def test_engines_and_bases_are_held_weakly() -> None:
     assert manager_ref() is None
 
 
-def test_block_commits_on_success(engine: Engine, models: Any, transaction: Any) -> None:
-    with transaction():
-        transaction.session.add(models.Item(name="kept"))
-    assert names(engine, models.Item) == ["kept"]
-    assert checked_out(engine) == 0
-
-
 def test_block_yields_the_scoped_session(engine: Engine, models: Any, transaction: Any) -> None:
     with transaction() as Session_:
         assert isinstance(Session_, scoped_session)
@@ -99,67 +87,6 @@ def test_block_yields_the_scoped_session(engine: Engine, models: Any, transactio
         assert ISASession.providedBy(Session_())
         Session_.add(models.Item(name="via-scoped"))
     assert names(engine, models.Item) == ["via-scoped"]
-
-
-@pytest.mark.parametrize("error", [Boom("x"), Interrupt("stop"), KeyboardInterrupt()])
-def test_block_rolls_back_on_any_exception_and_reraises_it_unchanged(
-    engine: Engine, models: Any, transaction: Any, error: BaseException
-) -> None:
-    with pytest.raises(type(error)) as raised, transaction():
-        transaction.session.add(models.Item(name="lost"))
-        transaction.session.flush()  # the row reached the database...
-        raise error
-    assert raised.value is error
-    assert count_rows(engine, models.Item) == 0  # ...and is gone
-    assert checked_out(engine) == 0
-
-
-def test_commit_failure_rolls_back_and_raises_the_commit_error(
-    engine: Engine, models: Any, transaction: Any
-) -> None:
-    with transaction():
-        transaction.session.add(models.Counter(id=1))
-    with pytest.raises(sa.exc.IntegrityError), transaction():
-        transaction.session.add(models.Item(name="with-the-duplicate"))
-        transaction.session.add(models.Counter(id=1))  # fails at commit's flush
-    assert count_rows(engine, models.Item) == 0
-    assert checked_out(engine) == 0
-    with transaction():  # and the scope works again
-        transaction.session.add(models.Item(name="after"))
-    assert names(engine, models.Item) == ["after"]
-
-
-def test_failed_rollback_is_logged_and_the_original_error_propagates(
-    engine: Engine, models: Any, transaction: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    def broken_rollback(conn: Any) -> None:
-        raise RuntimeError("rollback exploded")
-
-    original = Boom("the block's own error")
-    sa.event.listen(engine, "rollback", broken_rollback)
-    try:
-        with (
-            caplog.at_level(logging.ERROR, "sparc.sa"),
-            pytest.raises(Boom) as raised,
-            transaction(),
-        ):
-            transaction.session.add(models.Item(name="x"))
-            transaction.session.flush()
-            raise original
-    finally:
-        sa.event.remove(engine, "rollback", broken_rollback)
-    assert raised.value is original
-    assert any(
-        "rolling back" in r.getMessage()
-        and r.exc_info
-        and "rollback exploded" in str(r.exc_info[1])
-        for r in caplog.records
-    ), caplog.text
-    assert checked_out(engine) == 0
-    assert count_rows(engine, models.Item) == 0
-    with transaction():
-        transaction.session.add(models.Item(name="next"))
-    assert names(engine, models.Item) == ["next"]
 
 
 def test_session_is_reset_and_connection_returned_after_every_block(

@@ -1,6 +1,6 @@
 """Read-only blocks on every backend: ``tx(readonly=True)`` without replicas
 runs on the primary in a READ ONLY transaction; writes fail with one error;
-nesting rules."""
+nesting rules. What both managers do alike is in tests/test_behaviour.py."""
 
 from __future__ import annotations
 
@@ -12,20 +12,7 @@ from sqlalchemy.engine import Engine
 
 from sparc.sa.exceptions import ReadOnlyTransactionError
 from sparc.sa.orm import ThreadLocalSASessionTransaction
-from tests.conftest import count_rows, names
-
-
-def test_readonly_block_reads(
-    engine: Engine, models: SimpleNamespace, transaction: ThreadLocalSASessionTransaction
-) -> None:
-    with transaction() as Session:
-        Session.add(models.Item(name="a"))
-    with transaction(readonly=True) as Session:
-        assert Session.scalars(sa.select(models.Item.name)).all() == ["a"]
-        assert Session() is transaction.session
-    assert transaction.run(
-        lambda s: s.scalars(sa.select(models.Item.name)).all(), readonly=True
-    ) == ["a"]
+from tests.conftest import names
 
 
 def test_readonly_blocks_give_back_the_session_they_set_aside_as_it_was(
@@ -45,91 +32,6 @@ def test_readonly_blocks_give_back_the_session_they_set_aside_as_it_was(
             assert Session() is not session
             assert Session.scalars(sa.select(models.Item.name)).all() == ["a"]
         assert transaction.session is session and item in session
-
-
-@pytest.mark.parametrize("how", ["orm", "core", "text", "connection"])
-def test_write_in_readonly_block_fails_and_writes_nothing(
-    engine: Engine,
-    models: SimpleNamespace,
-    transaction: ThreadLocalSASessionTransaction,
-    how: str,
-) -> None:
-    table = models.Item.__table__.name
-    with (
-        pytest.raises(ReadOnlyTransactionError, match="read-only block"),
-        transaction(readonly=True) as Session,
-    ):
-        if how == "orm":
-            Session.add(models.Item(name="x"))
-            Session.flush()
-        elif how == "core":
-            Session.execute(sa.insert(models.Item).values(name="x"))
-        elif how == "text":
-            Session.execute(sa.text(f"INSERT INTO {table} (name) VALUES ('x')"))
-        else:  # below the ORM: the database itself refuses
-            Session.connection().exec_driver_sql(f"INSERT INTO {table} (name) VALUES ('x')")
-    assert count_rows(engine, models.Item) == 0
-    # The connection is writable again for the next block.
-    with transaction() as Session:
-        Session.add(models.Item(name="after"))
-    assert names(engine, models.Item) == ["after"]
-
-
-def test_readonly_run_write_fails(
-    engine: Engine, models: SimpleNamespace, transaction: ThreadLocalSASessionTransaction
-) -> None:
-    with pytest.raises(ReadOnlyTransactionError):
-        transaction.run(lambda s: s.add(models.Item(name="x")), readonly=True)
-    assert count_rows(engine, models.Item) == 0
-
-
-def test_readonly_inside_writing_block_sees_its_uncommitted_work(
-    engine: Engine, models: SimpleNamespace, transaction: ThreadLocalSASessionTransaction
-) -> None:
-    with transaction() as Session:
-        Session.add(models.Item(name="pending"))
-        Session.flush()
-        with transaction(readonly=True) as Inner:
-            assert Inner.scalars(sa.select(models.Item.name)).all() == ["pending"]
-        with pytest.raises(ReadOnlyTransactionError), transaction(readonly=True) as Inner:
-            Inner.add(models.Item(name="no"))
-            Inner.flush()
-        with pytest.raises(ReadOnlyTransactionError), transaction(readonly=True) as Inner:
-            Inner.execute(sa.delete(models.Item))
-    assert names(engine, models.Item) == ["pending"]
-
-
-def test_writing_block_inside_readonly_block_is_an_error(
-    engine: Engine, models: SimpleNamespace, transaction: ThreadLocalSASessionTransaction
-) -> None:
-    with transaction(readonly=True):
-        inner = transaction()
-        with pytest.raises(ReadOnlyTransactionError, match="writing block was opened inside"):
-            inner.__enter__()
-        with transaction(readonly=True) as Inner:  # read-only in read-only is fine
-            assert Inner.scalars(sa.select(models.Item.name)).all() == []
-    with transaction() as Session:  # and nothing is left read-only afterwards
-        Session.add(models.Item(name="ok"))
-    assert names(engine, models.Item) == ["ok"]
-
-
-def test_empty_block_counts_as_writing(
-    engine: Engine, models: SimpleNamespace, transaction: ThreadLocalSASessionTransaction
-) -> None:
-    with transaction(readonly=True), pytest.raises(ReadOnlyTransactionError), transaction():
-        pass
-
-
-def test_arguments_are_checked(
-    engine: Engine, models: SimpleNamespace, transaction: ThreadLocalSASessionTransaction
-) -> None:
-    with pytest.raises(TypeError, match="'readonly' must be True or False"):
-        transaction(readonly="yes")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="'after' applies to read-only blocks"):
-        transaction(after="pg:0/1")
-    with pytest.raises(ValueError, match=r"commit token as tx\.commit_token gives it"):
-        transaction(readonly=True, after="yesterday")
-    assert transaction.commit_token is None  # no replicas: no positions
 
 
 def test_readonly_blocks_never_join_until_a_joined_write(
