@@ -104,7 +104,11 @@ def frozen_heap() -> Iterator[None]:
 # often during a later, unrelated test. Every socket made during the run
 # remembers the test that made it and the code that made it, so that the
 # report names the culprit rather than the victim.
-_socket_origins: dict[int, tuple[str, str]] = {}
+# Keyed by id(), with a weak reference that is not used to drop the entry
+# when the socket dies: a socket in a reference cycle has its weak references
+# cleared before its __del__ reports it, so the entry must outlive it; dead
+# entries are dropped as each test starts.
+_socket_origins: dict[int, tuple[str, str, weakref.ref[socket.socket]]] = {}
 #: How such a report begins (pyproject.toml's filterwarnings matches it).
 LEAKED_ELSEWHERE = "A socket made by an earlier test"
 _PYTEST_CODE = re.compile(r"[/\\](_pytest|pluggy)[/\\]")
@@ -117,8 +121,12 @@ def _remember_socket_origin(sock: socket.socket) -> None:
     stack = "".join(
         traceback.format_list([f for f in frames if not _PYTEST_CODE.search(f.filename)][-14:])
     )
-    _socket_origins[key] = (_current_test, stack)
-    weakref.finalize(sock, _socket_origins.pop, key, None)
+    _socket_origins[key] = (_current_test, stack, weakref.ref(sock))
+
+
+def _forget_dead_sockets() -> None:
+    for key in [key for key, (_, _, ref) in _socket_origins.items() if ref() is None]:
+        del _socket_origins[key]
 
 
 _socket_init = socket.socket.__init__
@@ -132,6 +140,7 @@ def _socket_init_remembering(self: socket.socket, *args: Any, **kwargs: Any) -> 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     global _current_test
+    _forget_dead_sockets()
     _current_test = item.nodeid
     yield
 
@@ -142,8 +151,10 @@ def _install_socket_origins() -> None:
 
     def report_origin(unraisable: Any) -> None:
         origin = _socket_origins.get(id(unraisable.object))
+        if origin is not None and origin[2]() not in (None, unraisable.object):
+            origin = None  # another socket's entry under a reused id
         if isinstance(unraisable.object, socket.socket) and origin is not None:
-            made_by, stack = origin
+            made_by, stack, _ = origin
             if made_by != _current_test:
                 # Not this test's socket: reported as a warning that names the
                 # test that made it (pyproject.toml keeps these visible in the

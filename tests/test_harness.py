@@ -1,0 +1,78 @@
+"""The test run's own guards (the root conftest.py), checked in a pytest of
+their own: a socket an earlier test left unclosed is reported as a warning
+naming that test, also when it is freed by the garbage collector (a socket
+in a reference cycle, as drivers' connections are); a socket a test leaks
+and frees itself still fails that test."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+PROBE = """
+import gc, socket
+
+_keep = []
+
+
+class Cycle:
+    def __init__(self):
+        self.me = self
+        self.sock = socket.socket()
+
+
+def test_a_leaks():
+    _keep.append(Cycle())
+
+
+def test_b_frees_it():
+    _keep.clear()
+    gc.collect()
+
+
+def test_c_leaks_and_frees_its_own():
+    Cycle()
+    gc.collect()
+"""
+
+
+def test_a_socket_leaked_by_an_earlier_test_is_a_warning_naming_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(PROBE)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            "--rootdir",
+            str(tmp_path),
+            "-p",
+            "conftest",
+            "-p",
+            "no:randomly",
+            "-p",
+            "no:cacheprovider",
+            "-n",
+            "0",
+            "-q",
+            str(probe),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = done.stdout
+    assert "1 failed, 2 passed" in out, out
+    assert "FAILED" in out and "test_c_leaks_and_frees_its_own" in out, out
+    assert "test_b_frees_it" not in out.split("short test summary")[-1], out
+    assert "A socket made by an earlier test (test_probe.py::test_a_leaks" in out, out
