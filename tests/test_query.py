@@ -25,6 +25,8 @@ from sparc.sa.exceptions import InvalidFilterError
 from sparc.sa.interfaces import ISAConjunction, ISAExpression, ISAQuery
 from sparc.sa.orm import scoped_transaction
 
+from .conftest import CheckoutCounter, backend_dsn, checked_out, make_engine
+
 
 def build_library() -> SimpleNamespace:
     token = uuid.uuid4().hex[:10]
@@ -65,8 +67,8 @@ def build_library() -> SimpleNamespace:
     return SimpleNamespace(Base=Base, Author=Author, Book=Book, Review=Review, Shelf=Shelf)
 
 
-@pytest.fixture
-def lib(engine: Engine) -> Iterator[SimpleNamespace]:
+def fill_library(engine: Engine) -> SimpleNamespace:
+    """A new library's tables on *engine*, with its rows."""
     ns = build_library()
     ns.Base.metadata.create_all(engine)
     A, B, R = ns.Author, ns.Book, ns.Review
@@ -95,6 +97,56 @@ def lib(engine: Engine) -> Iterator[SimpleNamespace]:
                 R(id=102, book_id=12, stars=1),
             ]
         )
+    return ns
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[dict[str, tuple[Engine, SimpleNamespace | None]]]:
+    """Per backend, an engine and the library on it, shared by this module's
+    tests: they only read it (the one test that writes has tables of its
+    own), so its tables are made and filled once, not for every test."""
+    made: dict[str, tuple[Engine, SimpleNamespace | None]] = {}
+    yield made
+    for engine, ns in made.values():
+        if ns is not None:
+            ns.Base.metadata.drop_all(engine)
+        engine.dispose()
+
+
+@pytest.fixture
+def engine(
+    backend: str,
+    shared: dict[str, tuple[Engine, SimpleNamespace | None]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Engine]:
+    """conftest.py's ``engine``, made once per backend for this module; the
+    test must still leave nothing checked out."""
+    if backend not in shared:
+        engine = make_engine(backend_dsn(backend, tmp_path_factory.mktemp("query")))
+        engine.__dict__["_test_counter"] = CheckoutCounter(engine)
+        shared[backend] = (engine, None)
+    engine = shared[backend][0]
+    yield engine
+    left = checked_out(engine)
+    assert left == 0, f"{left} connection(s) still checked out after the test"
+
+
+@pytest.fixture
+def lib(
+    backend: str, engine: Engine, shared: dict[str, tuple[Engine, SimpleNamespace | None]]
+) -> SimpleNamespace:
+    """The backend's library, its rows as ``fill_library`` left them."""
+    ns = shared[backend][1]
+    if ns is None:
+        ns = fill_library(engine)
+        shared[backend] = (engine, ns)
+    return ns
+
+
+@pytest.fixture
+def own_lib(engine: Engine) -> Iterator[SimpleNamespace]:
+    """A library of the test's own, for a test that writes to it."""
+    ns = fill_library(engine)
     yield ns
     ns.Base.metadata.drop_all(engine)
 
@@ -533,7 +585,8 @@ def test_a_select_is_a_sequence_with_a_session(zcml: None, engine: Engine, lib: 
 # -- the attribute mapping -------------------------------------------------------------
 
 
-def test_a_unique_column_as_a_mapping(zcml: None, engine: Engine, lib: Any) -> None:
+def test_a_unique_column_as_a_mapping(zcml: None, engine: Engine, own_lib: Any) -> None:
+    lib = own_lib  # it adds a row
     tx = scoped_transaction(engine, lib.Base)
     with tx() as Session_:
         mapping = getMultiAdapter((lib.Author.name, Session_()), IIterableMapping)
