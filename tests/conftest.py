@@ -206,6 +206,50 @@ def joined(engine: Engine, models: SimpleNamespace) -> Iterator[ThreadLocalSASes
         tm.explicit = False
 
 
+class ReadOnlyTables:
+    """For a module whose tests only read the same tables: per backend one
+    engine and the tables ``fill(engine)`` makes and fills, made when a test
+    first asks for them and dropped when the module ends, rather than
+    created, filled and dropped for every test. A test that writes takes
+    tables of its own instead.
+
+    A module uses it as its ``shared`` fixture (module scope), with an
+    ``engine`` fixture that returns :meth:`engine` and checks
+    :func:`checked_out` after the test, as ``engine`` above does."""
+
+    def __init__(self, fill: Callable[[Engine], SimpleNamespace], tmp: pathlib.Path) -> None:
+        self.fill = fill
+        self.tmp = tmp
+        self.engines: dict[str, Engine] = {}
+        self.tables: dict[str, SimpleNamespace] = {}
+
+    def engine(self, backend: str) -> Engine:
+        if backend not in self.engines:
+            engine = make_engine(backend_dsn(backend, self.tmp))
+            engine.__dict__["_test_counter"] = CheckoutCounter(engine)
+            self.engines[backend] = engine
+        return self.engines[backend]
+
+    def filled(self, backend: str) -> SimpleNamespace:
+        if backend not in self.tables:
+            self.tables[backend] = self.fill(self.engine(backend))
+        return self.tables[backend]
+
+    def close(self) -> None:
+        for backend, ns in self.tables.items():
+            ns.Base.metadata.drop_all(self.engines[backend])
+        for engine in self.engines.values():
+            engine.dispose()
+
+
+def shared_engine(shared: ReadOnlyTables, backend: str) -> Iterator[Engine]:
+    """The body of a module's ``engine`` fixture over :class:`ReadOnlyTables`."""
+    engine = shared.engine(backend)
+    yield engine
+    left = checked_out(engine)
+    assert left == 0, f"{left} connection(s) still checked out after the test"
+
+
 def managed_engine(dsn: str, **kwargs: Any) -> Iterator[tuple[Engine, Any, Any]]:
     """The body of a fixture: a factory engine with *kwargs*, models created
     on it and their manager; after the test, the tables dropped and nothing

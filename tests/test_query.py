@@ -25,7 +25,7 @@ from sparc.sa.exceptions import InvalidFilterError
 from sparc.sa.interfaces import ISAConjunction, ISAExpression, ISAQuery
 from sparc.sa.orm import scoped_transaction
 
-from .conftest import CheckoutCounter, backend_dsn, checked_out, make_engine
+from .conftest import ReadOnlyTables, shared_engine
 
 
 def build_library() -> SimpleNamespace:
@@ -101,46 +101,22 @@ def fill_library(engine: Engine) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def shared() -> Iterator[dict[str, tuple[Engine, SimpleNamespace | None]]]:
-    """Per backend, an engine and the library on it, shared by this module's
-    tests: they only read it (the one test that writes has tables of its
-    own), so its tables are made and filled once, not for every test."""
-    made: dict[str, tuple[Engine, SimpleNamespace | None]] = {}
-    yield made
-    for engine, ns in made.values():
-        if ns is not None:
-            ns.Base.metadata.drop_all(engine)
-        engine.dispose()
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReadOnlyTables]:
+    """The library, made once per backend for this module's tests: they only
+    read it (the one test that adds a row has tables of its own)."""
+    tables = ReadOnlyTables(fill_library, tmp_path_factory.mktemp("query"))
+    yield tables
+    tables.close()
 
 
 @pytest.fixture
-def engine(
-    backend: str,
-    shared: dict[str, tuple[Engine, SimpleNamespace | None]],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Engine]:
-    """conftest.py's ``engine``, made once per backend for this module; the
-    test must still leave nothing checked out."""
-    if backend not in shared:
-        engine = make_engine(backend_dsn(backend, tmp_path_factory.mktemp("query")))
-        engine.__dict__["_test_counter"] = CheckoutCounter(engine)
-        shared[backend] = (engine, None)
-    engine = shared[backend][0]
-    yield engine
-    left = checked_out(engine)
-    assert left == 0, f"{left} connection(s) still checked out after the test"
+def engine(backend: str, shared: ReadOnlyTables) -> Iterator[Engine]:
+    yield from shared_engine(shared, backend)
 
 
 @pytest.fixture
-def lib(
-    backend: str, engine: Engine, shared: dict[str, tuple[Engine, SimpleNamespace | None]]
-) -> SimpleNamespace:
-    """The backend's library, its rows as ``fill_library`` left them."""
-    ns = shared[backend][1]
-    if ns is None:
-        ns = fill_library(engine)
-        shared[backend] = (engine, ns)
-    return ns
+def lib(backend: str, engine: Engine, shared: ReadOnlyTables) -> SimpleNamespace:
+    return shared.filled(backend)
 
 
 @pytest.fixture
