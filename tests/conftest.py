@@ -314,6 +314,21 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: one worker more than pytest-xdist counts cores. Much of
+    a test's time is spent waiting, not computing: on the servers' DDL and
+    locks, on a replica's replay, on sleeps between tasks, on a subprocess
+    starting; a third worker on two cores runs while the others wait
+    (DEVELOPERS.md, "Running the tests in parallel", has the measurements).
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still sets the number outright."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # pytest-xdist reads it
+    from xdist.plugin import pytest_xdist_auto_num_workers as counted
+
+    return int(counted(config)) + 1
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadgroup``, with the groups above read from the node ids.
 
