@@ -299,8 +299,12 @@ GROUPED_TESTS = {
 
 def group_of(nodeid: str) -> str | None:
     """The xdist group of the test *nodeid* (``tests/x.py::test_y[z]``), if any."""
-    if "@" in nodeid:  # a group pytest-xdist took from an xdist_group mark
-        return nodeid.rsplit("@", 1)[1]
+    _, at, suffix = nodeid.rpartition("@")
+    # A group pytest-xdist took from an xdist_group mark follows the whole
+    # node id; an "@" inside a parameter's id (a URL's user@host) is followed
+    # by the rest of the id, up to its "]".
+    if at and "]" not in suffix and "::" not in suffix:
+        return suffix
     path, _, name = nodeid.partition("::")
     function = name.rsplit("::", 1)[-1].split("[", 1)[0]
     return GROUPED_TESTS.get(function) or GROUPED_MODULES.get(path.rsplit("/", 1)[-1])
