@@ -260,6 +260,50 @@ def joined(engine: Engine, models: SimpleNamespace) -> Iterator[ThreadLocalSASes
         tm.explicit = False
 
 
+class ReadOnlyTables:
+    """For a module whose tests only read the same tables: per backend one
+    engine and the tables ``fill(engine)`` makes and fills, made when a test
+    first asks for them and dropped when the module ends, rather than
+    created, filled and dropped for every test. A test that writes takes
+    tables of its own instead.
+
+    A module uses it as its ``shared`` fixture (module scope), with an
+    ``engine`` fixture that returns :meth:`engine` and checks
+    :func:`checked_out` after the test, as ``engine`` above does."""
+
+    def __init__(self, fill: Callable[[Engine], SimpleNamespace], tmp: pathlib.Path) -> None:
+        self.fill = fill
+        self.tmp = tmp
+        self.engines: dict[str, Engine] = {}
+        self.tables: dict[str, SimpleNamespace] = {}
+
+    def engine(self, backend: str) -> Engine:
+        if backend not in self.engines:
+            engine = make_engine(backend_dsn(backend, self.tmp))
+            engine.__dict__["_test_counter"] = CheckoutCounter(engine)
+            self.engines[backend] = engine
+        return self.engines[backend]
+
+    def filled(self, backend: str) -> SimpleNamespace:
+        if backend not in self.tables:
+            self.tables[backend] = self.fill(self.engine(backend))
+        return self.tables[backend]
+
+    def close(self) -> None:
+        for backend, ns in self.tables.items():
+            ns.Base.metadata.drop_all(self.engines[backend])
+        for engine in self.engines.values():
+            engine.dispose()
+
+
+def shared_engine(shared: ReadOnlyTables, backend: str) -> Iterator[Engine]:
+    """The body of a module's ``engine`` fixture over :class:`ReadOnlyTables`."""
+    engine = shared.engine(backend)
+    yield engine
+    left = checked_out(engine)
+    assert left == 0, f"{left} connection(s) still checked out after the test"
+
+
 def managed_engine(dsn: str, **kwargs: Any) -> Iterator[tuple[Engine, Any, Any]]:
     """The body of a fixture: a factory engine with *kwargs*, models created
     on it and their manager; after the test, the tables dropped and nothing
@@ -486,8 +530,12 @@ GROUPED_TESTS = {
 
 def group_of(nodeid: str) -> str | None:
     """The xdist group of the test *nodeid* (``tests/x.py::test_y[z]``), if any."""
-    if "@" in nodeid:  # a group pytest-xdist took from an xdist_group mark
-        return nodeid.rsplit("@", 1)[1]
+    _, at, suffix = nodeid.rpartition("@")
+    # A group pytest-xdist took from an xdist_group mark follows the whole
+    # node id; an "@" inside a parameter's id (a URL's user@host) is followed
+    # by the rest of the id, up to its "]".
+    if at and "]" not in suffix and "::" not in suffix:
+        return suffix
     path, _, name = nodeid.partition("::")
     function = name.rsplit("::", 1)[-1].split("[", 1)[0]
     return GROUPED_TESTS.get(function) or GROUPED_MODULES.get(path.rsplit("/", 1)[-1])
@@ -498,6 +546,21 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     group = group_of(item.nodeid)
     if group is not None:
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: one worker more than pytest-xdist counts cores. Much of
+    a test's time is spent waiting, not computing: on the servers' DDL and
+    locks, on a replica's replay, on sleeps between tasks, on a subprocess
+    starting; a third worker on two cores runs while the others wait
+    (DEVELOPERS.md, "Running the tests in parallel", has the measurements).
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still sets the number outright."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # pytest-xdist reads it
+    from xdist.plugin import pytest_xdist_auto_num_workers as counted
+
+    return int(counted(config)) + 1
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -26,6 +26,8 @@ from sparc.sa import query
 from sparc.sa.exceptions import InvalidFilterError
 from sparc.sa.query import values
 
+from .conftest import ReadOnlyTables, shared_engine
+
 
 def build_samples() -> SimpleNamespace:
     token = uuid.uuid4().hex[:10]
@@ -51,8 +53,8 @@ def build_samples() -> SimpleNamespace:
     return SimpleNamespace(Base=Base, Sample=Sample)
 
 
-@pytest.fixture
-def samples(engine: Engine) -> Iterator[SimpleNamespace]:
+def fill_samples(engine: Engine) -> SimpleNamespace:
+    """A new Sample table on *engine*, with its two rows."""
     ns = build_samples()
     ns.Base.metadata.create_all(engine)
     with Session(engine) as session, session.begin():
@@ -74,8 +76,26 @@ def samples(engine: Engine) -> Iterator[SimpleNamespace]:
                 ns.Sample(id=2, name="plain"),
             ]
         )
-    yield ns
-    ns.Base.metadata.drop_all(engine)
+    return ns
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReadOnlyTables]:
+    """The samples, made once per backend for this module's tests, which
+    only read them."""
+    tables = ReadOnlyTables(fill_samples, tmp_path_factory.mktemp("values"))
+    yield tables
+    tables.close()
+
+
+@pytest.fixture
+def engine(backend: str, shared: ReadOnlyTables) -> Iterator[Engine]:
+    yield from shared_engine(shared, backend)
+
+
+@pytest.fixture
+def samples(backend: str, engine: Engine, shared: ReadOnlyTables) -> SimpleNamespace:
+    return shared.filled(backend)
 
 
 @pytest.fixture

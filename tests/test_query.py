@@ -25,6 +25,8 @@ from sparc.sa.exceptions import InvalidFilterError
 from sparc.sa.interfaces import ISAConjunction, ISAExpression, ISAQuery
 from sparc.sa.orm import scoped_transaction
 
+from .conftest import ReadOnlyTables, shared_engine
+
 
 def build_library() -> SimpleNamespace:
     token = uuid.uuid4().hex[:10]
@@ -65,8 +67,8 @@ def build_library() -> SimpleNamespace:
     return SimpleNamespace(Base=Base, Author=Author, Book=Book, Review=Review, Shelf=Shelf)
 
 
-@pytest.fixture
-def lib(engine: Engine) -> Iterator[SimpleNamespace]:
+def fill_library(engine: Engine) -> SimpleNamespace:
+    """A new library's tables on *engine*, with its rows."""
     ns = build_library()
     ns.Base.metadata.create_all(engine)
     A, B, R = ns.Author, ns.Book, ns.Review
@@ -95,6 +97,32 @@ def lib(engine: Engine) -> Iterator[SimpleNamespace]:
                 R(id=102, book_id=12, stars=1),
             ]
         )
+    return ns
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReadOnlyTables]:
+    """The library, made once per backend for this module's tests: they only
+    read it (the one test that adds a row has tables of its own)."""
+    tables = ReadOnlyTables(fill_library, tmp_path_factory.mktemp("query"))
+    yield tables
+    tables.close()
+
+
+@pytest.fixture
+def engine(backend: str, shared: ReadOnlyTables) -> Iterator[Engine]:
+    yield from shared_engine(shared, backend)
+
+
+@pytest.fixture
+def lib(backend: str, engine: Engine, shared: ReadOnlyTables) -> SimpleNamespace:
+    return shared.filled(backend)
+
+
+@pytest.fixture
+def own_lib(engine: Engine) -> Iterator[SimpleNamespace]:
+    """A library of the test's own, for a test that writes to it."""
+    ns = fill_library(engine)
     yield ns
     ns.Base.metadata.drop_all(engine)
 
@@ -533,7 +561,8 @@ def test_a_select_is_a_sequence_with_a_session(zcml: None, engine: Engine, lib: 
 # -- the attribute mapping -------------------------------------------------------------
 
 
-def test_a_unique_column_as_a_mapping(zcml: None, engine: Engine, lib: Any) -> None:
+def test_a_unique_column_as_a_mapping(zcml: None, engine: Engine, own_lib: Any) -> None:
+    lib = own_lib  # it adds a row
     tx = scoped_transaction(engine, lib.Base)
     with tx() as Session_:
         mapping = getMultiAdapter((lib.Author.name, Session_()), IIterableMapping)

@@ -120,14 +120,49 @@ def make_models() -> SimpleNamespace:
     return SimpleNamespace(Base=Base, User=User, Skill=Skill, Address=Address)
 
 
+@pytest.fixture(scope="module")
+def server_models() -> Iterator[dict[str, SimpleNamespace]]:
+    """Per server, the models' tables, made once for this module's tests
+    (``zsa`` empties them before each test); dropped when the module ends."""
+    made: dict[str, SimpleNamespace] = {}
+    yield made
+    for dsn, models in made.items():
+        engine = sa.create_engine(dsn)
+        try:
+            models.Base.metadata.drop_all(engine)
+        finally:
+            engine.dispose()
+
+
+def empty(engine: Engine, models: SimpleNamespace) -> None:
+    """Delete every row of the models' tables, addresses and skills first."""
+    with engine.begin() as conn:
+        for table in reversed(models.Base.metadata.sorted_tables):
+            conn.execute(table.delete())
+
+
 @pytest.fixture(params=list(MODES))
-def zsa(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[SimpleNamespace]:
-    """An engine, the models, and a private manager joining always."""
+def zsa(
+    request: pytest.FixtureRequest,
+    tmp_path: pathlib.Path,
+    server_models: dict[str, SimpleNamespace],
+) -> Iterator[SimpleNamespace]:
+    """An engine, the models, and a private manager joining always. On a
+    server the tables are this module's, emptied first; SQLite's are the
+    test's own, in its file."""
     backend, twophase = MODES[request.param]
-    engine = make_engine(backend_dsn(backend, tmp_path))
+    dsn = backend_dsn(backend, tmp_path)
+    engine = make_engine(dsn)
     engine.__dict__["_test_counter"] = CheckoutCounter(engine)
-    models = make_models()
-    models.Base.metadata.create_all(engine)
+    shared = backend != "sqlite-file"
+    if shared and dsn in server_models:
+        models = server_models[dsn]
+        empty(engine, models)
+    else:
+        models = make_models()
+        models.Base.metadata.create_all(engine)
+        if shared:
+            server_models[dsn] = models
     transaction.abort()
     tx = ThreadLocalSASessionTransaction(engine, models.Base, join="always", twophase=twophase)
     ns = SimpleNamespace(
@@ -138,7 +173,8 @@ def zsa(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[Simp
     try:
         tx.scoped_session.remove()
         left = checked_out(engine)
-        models.Base.metadata.drop_all(engine)
+        if not shared:
+            models.Base.metadata.drop_all(engine)
     finally:
         engine.dispose()
     assert left == 0, f"{left} connection(s) still checked out after the test"
