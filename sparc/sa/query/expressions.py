@@ -29,6 +29,7 @@ from sparc.sa.query.values import (
     MAX_FILTER_TEXT,
     MAX_FILTER_VALUES,
     Budget,
+    check_comparable,
     check_length,
     check_like_pattern,
     coerce,
@@ -112,6 +113,7 @@ def _value(attribute: Any, operation: str, value: Any, path: str) -> Any:
             raise InvalidFilterError(path, f"'{operation}' needs a list, got {kind(value)}")
         if len(value) > MAX_IN_VALUES:
             raise InvalidFilterError(path, f"'{operation}' takes at most {MAX_IN_VALUES} values")
+        check_comparable(attribute, path)  # also when the list is empty
         return [coerce(attribute, item, f"{path}[{i}]") for i, item in enumerate(value)]
     if value is None:
         if operation in ("eq", "ne"):

@@ -51,7 +51,7 @@ import math
 import re
 import sys
 import uuid
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 
@@ -63,6 +63,7 @@ __all__ = [
     "MAX_FILTER_TEXT",
     "MAX_FILTER_VALUES",
     "Budget",
+    "check_comparable",
     "check_length",
     "check_like_pattern",
     "check_text",
@@ -413,10 +414,40 @@ def coerce(attribute: Any, value: Any, path: str) -> Any:
         if isinstance(value, bytes):
             return value
         raise InvalidFilterError(path, f"expected bytes, got {kind(value)}")
+    _refuse_uncomparable(type_, wanted, path)
+    return _plain_scalar(value, path)
+
+
+#: The Python types :func:`coerce` compares (any other, and structures, are refused).
+_COMPARED: Final = (
+    bool,
+    int,
+    float,
+    decimal.Decimal,
+    str,
+    datetime.datetime,
+    datetime.date,
+    datetime.time,
+    uuid.UUID,
+    bytes,
+)
+
+
+def check_comparable(attribute: Any, path: str) -> None:
+    """InvalidFilterError for a column whose values are not compared (JSON,
+    ARRAY, pickled and other structures): what :func:`coerce` refuses for
+    each value, for a list of none ("in" with an empty list)."""
+    type_ = column_type(attribute)
+    wanted = python_type(attribute)
+    if getattr(type_, "enums", None) or isinstance(type_, sa.Numeric) or wanted in _COMPARED:
+        return
+    _refuse_uncomparable(type_, wanted, path)
+
+
+def _refuse_uncomparable(type_: Any, wanted: Any, path: str) -> None:
     if wanted is not None or isinstance(type_, (sa.JSON, sa.ARRAY, sa.PickleType)):
         structured = isinstance(type_, (sa.JSON, sa.ARRAY, sa.PickleType)) or wanted is object
         name = type(type_).__name__ if structured else getattr(wanted, "__name__", "other")
         raise InvalidFilterError(
             path, f"a column of {name} values takes only 'is null' and 'is not null'"
         )
-    return _plain_scalar(value, path)
