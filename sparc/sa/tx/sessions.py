@@ -435,7 +435,7 @@ def _probe_aborted(connection: Any) -> bool:
     except Exception as error:
         orig = getattr(error, "orig", None)
         code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-        if code == _IN_FAILED_TRANSACTION or _IN_FAILED_TRANSACTION in str(orig):
+        if code == _IN_FAILED_TRANSACTION:
             return True
         raise
     connection.info.pop(_FAILED, None)
