@@ -220,6 +220,36 @@ def test_a_commit_of_unknown_outcome_raises_its_error_not_a_cancellation(
     assert seen == ["error: ConnectionResetError('lost')"]
 
 
+class _OwnRollback(AsyncSession):
+    """An application's AsyncSession whose rollback() must run."""
+
+    calls: list[str] = []
+
+    async def rollback(self) -> None:
+        self.calls.append("rollback")
+        await super().rollback()
+
+
+def test_an_applications_own_session_class_rolls_back_through_its_own_method(
+    db: SimpleNamespace,
+) -> None:
+    tx = aio.AsyncScopedTransaction(db.engine, db.Base)
+    tx.session_factory = async_sessionmaker(db.engine, class_=_OwnRollback, expire_on_commit=False)
+    _OwnRollback.calls = []
+
+    async def main() -> list[int]:
+        with pytest.raises(LookupError):
+            async with tx() as session:
+                session.add(db.Item(id=1))
+                await session.flush()
+                raise LookupError("undo it")
+        assert checked_out(db.engine) == 0
+        return await ids(db)
+
+    assert db.run(main) == []
+    assert _OwnRollback.calls == ["rollback"]
+
+
 def test_a_thousand_tasks_rows_are_exactly_the_blocks_that_exited(db: SimpleNamespace) -> None:
     rng = random.Random(16)
     exited: set[int] = set()

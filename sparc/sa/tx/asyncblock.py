@@ -367,7 +367,7 @@ class AsyncBlock(BlockState):
         # flush of its own): a cancellation arriving meanwhile waits for it;
         # if it succeeded, the block exits normally and the cancellation is
         # delivered at the task's next await. A transaction the server
-        # aborted is rolled back instead (sparc.sa.tx.stack.commit_block).
+        # aborted is rolled back instead (sparc.sa.tx.stack.commit).
         await manager.end_scope(scope, commit=True)
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "close_failed",
     "established_connection",
     "freshen",
+    "log_failed_rollback",
     "refuse_commit_when_joined",
     "release",
     "rollback",
@@ -466,11 +467,17 @@ def rollback(session: Session, cause: BaseException | None) -> None:
         if logger.isEnabledFor(_DEBUG):
             logger.debug("block rolled back after %r: %r", type(cause).__name__, session)
     except Exception:
-        logger.error(
-            "rolling back after %s failed; the original error propagates",
-            type(cause).__name__,
-            exc_info=True,
-        )
+        log_failed_rollback(cause)
+
+
+def log_failed_rollback(cause: BaseException | None) -> None:
+    """Log the ROLLBACK that failed after *cause* (from an ``except``: with
+    its traceback); the threaded and the asyncio blocks say it alike."""
+    logger.error(
+        "rolling back after %s failed; the original error propagates",
+        type(cause).__name__,
+        exc_info=True,
+    )
 
 
 def rollback_savepoint(scope: SessionHolder, savepoint: Any) -> None:

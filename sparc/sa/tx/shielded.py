@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from sparc.sa.exceptions import AbortedTransactionError
-from sparc.sa.tx.sessions import aborted, rollback
+from sparc.sa.tx.sessions import aborted, log_failed_rollback, rollback
 from sparc.sa.tx.stack import ABORTED
 from sparc.sa.tx.stack import commit as commit_block
 
@@ -154,16 +154,25 @@ async def end_session(
                 if checks_aborted and await greenlet_spawn(aborted, session.sync_session):
                     raise AbortedTransactionError(ABORTED)
                 await session.commit()
-            except BaseException:
-                await quietly(session.rollback())
+            except BaseException as error:
+                await _own_rollback(session, error)
                 raise
         else:
-            await greenlet_spawn(rollback, session.sync_session, cause)
+            await _own_rollback(session, cause)
     finally:
         if not closed:
             await quietly(session.close())
         if gate is not None:
             gate.release()
+
+
+async def _own_rollback(session: AsyncSession, cause: BaseException | None) -> None:
+    """The application's AsyncSession.rollback(), its failure logged as
+    :func:`sparc.sa.tx.sessions.rollback` logs it, never raised."""
+    try:
+        await session.rollback()
+    except Exception:
+        log_failed_rollback(cause)
 
 
 def _plain_ends(session: AsyncSession) -> bool:
