@@ -81,6 +81,7 @@ from sparc.sa.replicas.areadonly import async_readonly_block
 from sparc.sa.replicas.errors import is_disconnect
 from sparc.sa.replicas.tokens import commit_token, prepare
 from sparc.sa.tx import sessions, sqlitebegin
+from sparc.sa.tx.aborted import checks_aborted
 from sparc.sa.tx.asyncblock import DONE, AsyncBlock, AsyncScope
 from sparc.sa.tx.cache import check_base, shared
 from sparc.sa.tx.retry import check_attempts, delay_before_next
@@ -131,7 +132,7 @@ class AsyncScopedTransaction:
         resets.install(engine.sync_engine)
         self.session_factory = async_sessionmaker(engine, **session_options)
         # What the block state machine (sparc.sa.tx.stack) asks of a manager.
-        self.checks_aborted = sessions.checks_aborted(engine.sync_engine)
+        self.checks_aborted = checks_aborted(engine.sync_engine)
         self.sqlite_begin = False
         self.readonly_sessions: dict[Any, Any] = {}  # by target (sparc.sa.replicas.areadonly)
         self.scopes: weakref.WeakKeyDictionary[asyncio.Task[Any], AsyncScope] = (

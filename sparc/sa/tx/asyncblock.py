@@ -62,7 +62,7 @@ class AsyncBlockHost(Protocol):
     scopes: weakref.WeakKeyDictionary[asyncio.Task[Any], AsyncScope]
     #: Tasks whose end the manager watches.
     watched: weakref.WeakSet[asyncio.Task[Any]]
-    #: Whether the server's aborted transactions can be told (sessions.checks_aborted).
+    #: Whether the server's aborted transactions can be told (sparc.sa.tx.aborted).
     checks_aborted: bool
     #: Whether SAVEPOINTs need an explicit BEGIN (pysqlite only: never here).
     sqlite_begin: bool

@@ -38,6 +38,7 @@ from sparc.sa.exceptions import (
     RetryableDatabaseError,
 )
 from sparc.sa.tx import begun, sessions
+from sparc.sa.tx.aborted import aborted, checks_aborted
 from sparc.sa.tx.gate import Gate, ThreadGate
 from sparc.sa.tx.retry import is_retryable, retryable_in_request
 
@@ -153,7 +154,7 @@ class SessionDataManager:
         self.txn = txn
         self._gate = gate
         self._twophase = manager.twophase
-        self._checks_aborted = sessions.checks_aborted(session.get_bind())
+        self._checks_aborted = checks_aborted(session.get_bind())
         self._committed = False
         self._ended = False
         #: Nothing has been written in this transaction by a finished block:
@@ -238,7 +239,7 @@ class SessionDataManager:
 
     def aborted(self) -> bool:
         """Whether the server aborted the SQL transaction (PostgreSQL)."""
-        return self._checks_aborted and sessions.aborted(self.session)
+        return self._checks_aborted and aborted(self.session)
 
     # -- IDataManager ---------------------------------------------------------------------
 

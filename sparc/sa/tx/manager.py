@@ -25,6 +25,7 @@ from sparc.sa.exceptions import CrossScopeSessionError
 from sparc.sa.foreign.of_asyncio import running_loop
 from sparc.sa.foreign.of_transaction import RUNNING
 from sparc.sa.tx import begun, joined, sessions
+from sparc.sa.tx.aborted import checks_aborted
 from sparc.sa.tx.cache import check_base
 from sparc.sa.tx.datamanager import ENDED, guard, hand_out
 from sparc.sa.tx.gate import Gate, GateCache, ThreadGate, forget_gate, gate_timeout
@@ -132,7 +133,7 @@ class ManagerCore:
         self.switches_class = own_class in (Session, sessions.BlockSession)
         #: PostgreSQL via psycopg: a transaction the server aborted is never
         #: COMMITted (which would silently roll it back).
-        self.checks_aborted = sessions.checks_aborted(engine)
+        self.checks_aborted = checks_aborted(engine)
         if not self.switches_class:
             sa_event.listen(factory, "before_commit", sessions.refuse_commit_when_joined)
         if self.sqlite_begin and not isinstance(engine.pool, StaticPool):

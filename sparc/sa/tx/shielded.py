@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from sparc.sa.exceptions import AbortedTransactionError
-from sparc.sa.tx.sessions import aborted, log_failed_rollback, rollback
+from sparc.sa.tx.aborted import aborted
+from sparc.sa.tx.sessions import log_failed_rollback, rollback
 from sparc.sa.tx.stack import ABORTED
 from sparc.sa.tx.stack import commit as commit_block
 

@@ -28,13 +28,13 @@ from sparc.sa.exceptions import (
     ReadOnlyTransactionError,
 )
 from sparc.sa.tx import joined
+from sparc.sa.tx.aborted import aborted
 from sparc.sa.tx.gate import Gate, GateCache, ThreadGate
 from sparc.sa.tx.scope import Scope, ScopeRegistry, note_interruption
 from sparc.sa.tx.sessions import (
     GUARDED,
     IN_BLOCK,
     READONLY,
-    aborted,
     begin_nested,
     check_late_options,
     close_failed,
