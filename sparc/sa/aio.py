@@ -78,7 +78,7 @@ from sparc.sa.interfaces import (
     ISADeclarativeMeta,
 )
 from sparc.sa.replicas.areadonly import async_readonly_block
-from sparc.sa.replicas.errors import is_disconnect
+from sparc.sa.replicas.errors import read_elsewhere
 from sparc.sa.replicas.tokens import commit_token, prepare
 from sparc.sa.tx import sessions, sqlitebegin
 from sparc.sa.tx.aborted import checks_aborted
@@ -243,7 +243,8 @@ class AsyncScopedTransaction:
         scope = self.scopes.get(task) if task is not None else None
         if scope is not None and scope.blocks:
             attempts = 1  # only the owner of the outer transaction can restart it
-        return await _run_in_blocks(self, open_block, fn, args, kwargs, attempts, readonly)
+        elsewhere = read_elsewhere if readonly else None
+        return await _run_in_blocks(self, open_block, fn, args, kwargs, attempts, elsewhere)
 
     async def end_scope(
         self,
@@ -289,12 +290,10 @@ async def _run_in_blocks(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     attempts: int,
-    readonly: bool,
+    elsewhere: Callable[[Any, BaseException], bool] | None,
 ) -> Any:
     """:func:`sparc.sa.tx.retry.run_in_blocks` with ``await``: the same
-    policy, and the same one move to another server for a read whose
-    replica died."""
-    moved = not readonly
+    policy, and the same one move to another server (*elsewhere*)."""
     attempt = 1
     while True:
         block = open_block()
@@ -305,8 +304,8 @@ async def _run_in_blocks(
                     result = await result
                 return result
         except Exception as exc:
-            if not moved and getattr(block, "replica", None) is not None and is_disconnect(exc):
-                moved = True  # the replica was marked down: read elsewhere, once
+            if elsewhere is not None and elsewhere(block, exc):
+                elsewhere = None  # once
                 continue
             delay = delay_before_next(
                 exc, attempt, attempts, manager.retry_delay, manager.retry_max_delay

@@ -4,7 +4,9 @@ translation."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
+from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
@@ -20,6 +22,20 @@ def is_disconnect(error: BaseException | None) -> bool:
         and (error.connection_invalidated or isinstance(error, sa_exc.OperationalError))
         and not gtid.is_refusal(error)  # MariaDB: a refusal, raised as OperationalError
     )
+
+
+_readonly_logger = logging.getLogger("sparc.sa.readonly")
+
+
+def read_elsewhere(block: Any, error: BaseException) -> bool:
+    """Whether a read-only block's replica died under it (*error*): it was
+    marked down, and ``run()``'s next block reads elsewhere, once. Both
+    managers' ``run(readonly=True)`` ask this."""
+    replica = block.replica
+    if replica is None or not is_disconnect(error):
+        return False
+    _readonly_logger.info("replica %s failed during a read; reading again", replica.name)
+    return True
 
 
 def is_read_only_violation(error: BaseException) -> bool:

@@ -35,7 +35,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from sparc.sa.replicas.errors import is_disconnect, read_only_end
+from sparc.sa.replicas.errors import read_elsewhere, read_only_end
 from sparc.sa.replicas.guards import guard, install_guards, unguard
 from sparc.sa.replicas.positions import PRIMARY_ONLY, later, read_token
 from sparc.sa.replicas.routing import Replica, ReplicaSet, Unusable, replica_set
@@ -308,15 +308,5 @@ def run_readonly(
         attempts,
         manager.retry_delay,
         manager.retry_max_delay,
-        _read_elsewhere,
+        read_elsewhere,
     )
-
-
-def _read_elsewhere(block: ReadOnlyBlock, error: BaseException) -> bool:
-    """Whether *block*'s replica died under it: it was marked down, and the
-    next block reads elsewhere."""
-    replica = block.replica
-    if replica is None or not is_disconnect(error):
-        return False
-    logger.info("replica %s failed during a read; reading again", replica.name)
-    return True

@@ -161,15 +161,14 @@ def run_in_blocks(
     block goes to another (a replica marked down). The asyncio manager's
     ``run()`` is the same loop with ``await``."""
     attempt = 1
-    moved = elsewhere is None
     while True:
         block = open_block()
         try:
             with block:
                 return no_coroutine(fn(block.session, *args, **kwargs), fn)
         except Exception as error:
-            if not moved and elsewhere is not None and elsewhere(block, error):
-                moved = True
+            if elsewhere is not None and elsewhere(block, error):
+                elsewhere = None  # once
                 continue
             time.sleep(delay_before_next(error, attempt, attempts, first, most))
             attempt += 1
