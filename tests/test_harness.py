@@ -1,8 +1,8 @@
 """The test run's own guards (the root conftest.py), checked in a pytest of
 their own: a socket an earlier test left unclosed is reported as a warning
 naming that test, also when it is freed by the garbage collector (a socket
-in a reference cycle, as drivers' connections are); a socket a test leaks
-and frees itself still fails that test."""
+in a reference cycle, as drivers' connections are) or when its origin was
+lost; a socket a test leaks and frees itself still fails that test."""
 
 from __future__ import annotations
 
@@ -37,6 +37,20 @@ def test_b_frees_it():
 def test_c_leaks_and_frees_its_own():
     Cycle()
     gc.collect()
+
+
+_kept = []
+
+
+def test_d_leaks_another():
+    _kept.append(socket.socket())
+
+
+def test_e_frees_one_whose_origin_was_lost():
+    import conftest
+
+    conftest._socket_origins.clear()  # as a pruned entry leaves it
+    _kept.clear()
 """
 
 
@@ -72,7 +86,8 @@ def test_a_socket_leaked_by_an_earlier_test_is_a_warning_naming_it(
         timeout=120,
     )
     out = done.stdout
-    assert "1 failed, 2 passed" in out, out
+    assert "1 failed, 4 passed" in out, out
     assert "FAILED" in out and "test_c_leaks_and_frees_its_own" in out, out
     assert "test_b_frees_it" not in out.split("short test summary")[-1], out
     assert "A socket made by an earlier test (test_probe.py::test_a_leaks" in out, out
+    assert "A socket made by an earlier test (a test not recorded" in out, out
