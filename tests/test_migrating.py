@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -348,6 +349,43 @@ def test_a_begin_after_clear_synchs_is_still_joined(engine: Engine, models: Any,
     with tm, tx():
         tx.session.add(models.Item(name="kept"))
     assert names(engine, models.Item) == ["kept"]
+    assert checked_out(engine) == 0
+
+
+def test_a_joined_session_only_taken_or_closed_is_not_reported(
+    backend: str, engine: Engine, models: Any
+) -> None:
+    """``join="always"``: ``tx.session.close()`` after a commit takes the
+    session, which joins the next transaction; with nothing in it, neither
+    the exit check nor the thread's end reports lost work. Work added to it
+    afterwards is reported."""
+    if backend == "sqlite":
+        pytest.skip("one shared in-memory connection: blocks take turns across threads")
+    from sparc.sa.orm import ScopedTransaction
+
+    tx = ScopedTransaction(engine, models.Base, join="always")
+
+    def closes(then_adds: bool) -> None:
+        tx.session.add(models.Item(name="committed"))
+        transaction.commit()
+        tx.session.close()  # joins the next transaction, with nothing in it
+        assert tx._scope().joined is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            begun.warn_unended()
+        if then_adds:
+            tx.session.add(models.Item(name="lost"))
+            with pytest.warns(RuntimeWarning, match="1 sparc.sa block"):
+                begun.warn_unended()
+            transaction.abort()
+
+    in_thread(lambda: closes(True))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        in_thread(lambda: closes(False))  # the thread ends in that transaction
+        gc.collect()
+    assert [str(w.message) for w in seen if w.category is RuntimeWarning] == []
+    assert names(engine, models.Item) == ["committed", "committed"]
     assert checked_out(engine) == 0
 
 

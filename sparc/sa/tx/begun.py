@@ -145,7 +145,7 @@ UNENDED: Final = (
 
 def warn_unended() -> None:
     """At exit: warn about joined work whose transaction never ended."""
-    pending = [dm for dm in list(_open) if not dm.ended]
+    pending = [dm for dm in list(_open) if dm.may_lose_work()]
     if not pending:
         return
     where = ", ".join(sorted({repr(dm.txn) for dm in pending})[:3])

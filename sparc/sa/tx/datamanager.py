@@ -175,6 +175,16 @@ class SessionDataManager:
     def ended(self) -> bool:
         return self._ended
 
+    def may_lose_work(self) -> bool:
+        """Whether ending the transaction without a commit could lose work:
+        its session has changes not yet flushed, or a SQL transaction that
+        may hold written rows. A session that was only taken (``tx.session``
+        joins) and then closed, or never used, has nothing to lose."""
+        if self._ended:
+            return False
+        session = self.session
+        return session.in_transaction() or bool(session.new or session.deleted or session.dirty)
+
     def attach(self, scope: JoinedScope) -> None:
         """Let *scope* (of another manager of the same engine) work in this
         transaction, with this session, until the transaction ends."""

@@ -29,7 +29,7 @@ from sparc.sa.tx.aborted import checks_aborted
 from sparc.sa.tx.cache import check_base
 from sparc.sa.tx.datamanager import ENDED, guard, hand_out
 from sparc.sa.tx.gate import Gate, GateCache, ThreadGate, forget_gate, gate_timeout
-from sparc.sa.tx.scope import Scope, ScopeRegistry
+from sparc.sa.tx.scope import Scope, ScopeRegistry, watch_pool_interruptions
 from sparc.sa.tx.stack import BlockState
 
 if TYPE_CHECKING:
@@ -112,6 +112,7 @@ class ManagerCore:
         own_class = session_options.setdefault("class_", sessions.BlockSession)
         factory = self.new_session = sessionmaker(bind=engine, **session_options)
         self.scopes = ScopeRegistry(engine)
+        watch_pool_interruptions(self.scopes)
         self._Session = ScopedSession(factory)
         self._Session.registry = SessionRegistry(self)
         self.gates = GateCache()

@@ -20,6 +20,7 @@ from asyncio import current_task as _current_task
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -41,6 +42,7 @@ __all__ = [
     "after_interruption",
     "close_abandoned",
     "note_interruption",
+    "watch_pool_interruptions",
 ]
 
 logger = logging.getLogger("sparc.sa.scope")  # its name before the move
@@ -119,7 +121,7 @@ class ScopeRegistry:
     """The scopes of one transaction manager: a ``threading.local`` for
     threads, a dict for asyncio tasks (emptied as each task finishes)."""
 
-    __slots__ = ("engine", "local", "tasks")
+    __slots__ = ("__weakref__", "engine", "local", "tasks")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -202,7 +204,7 @@ def close_abandoned(scope: Scope) -> None:
         # task to close, or the session belongs to a Zope transaction that is
         # still running: whoever ends those finishes and resets the session.
         joined = scope.joined
-        if joined is not None and not joined.ended and isinstance(scope, ThreadScope):
+        if joined is not None and isinstance(scope, ThreadScope) and joined.may_lose_work():
             begun.warn_left(joined)  # most likely nobody will: say so
         return
     scope.session = None
@@ -302,6 +304,43 @@ def note_interruption(scope: Scope, tb: TracebackType | None) -> None:
             break
         tb = tb.tb_next
     scope.interrupted = max(scope.interrupted, 2 if in_pool else 1)
+
+
+#: In an engine's ``__dict__``: the scope registries told of interruptions
+#: that its pool reports (:func:`watch_pool_interruptions`).
+_POOL_WATCHERS = "sparc.sa pool interruptions"
+
+
+def watch_pool_interruptions(registry: ScopeRegistry) -> None:
+    """Let the pool of *registry*'s engine report interruptions that no
+    block sees.
+
+    An interruption can land inside SQLAlchemy's finaliser of a connection
+    that the garbage collector frees, which Python then swallows: no block
+    hears of it. On SQLAlchemy 2.0.0 (not 2.1.9) such a finaliser stops
+    before it checks the connection in, and the pool's count keeps it. The
+    finaliser does report it, as an invalidation whose error is the
+    interruption; the current scope of each registry is then marked, so
+    that its next outermost block replaces the pool (:func:`after_interruption`).
+    One listener per engine; registries are held weakly."""
+    engine = registry.engine
+    watchers: weakref.WeakSet[ScopeRegistry] | None = engine.__dict__.get(_POOL_WATCHERS)
+    if watchers is None:
+        watchers = engine.__dict__[_POOL_WATCHERS] = weakref.WeakSet()
+        sa_event.listen(engine, "invalidate", _invalidated_listener(watchers))
+    watchers.add(registry)
+
+
+def _invalidated_listener(watchers: weakref.WeakSet[ScopeRegistry]) -> Any:
+    def invalidated(dbapi_connection: Any, record: Any, error: BaseException | None) -> None:
+        if error is None or isinstance(error, Exception):
+            return  # a failed connection: the pool's own business
+        for registry in list(watchers):
+            scope = registry.existing()
+            if scope is not None:
+                scope.interrupted = 2
+
+    return invalidated
 
 
 def after_interruption(scope: Scope) -> None:
