@@ -16,7 +16,7 @@ import sys
 import weakref
 from contextvars import ContextVar
 from types import FrameType, TracebackType
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
@@ -118,21 +118,27 @@ async def _engine_state(engine: AsyncEngine) -> _EngineState:
         # there would keep its transaction and locks (the connection is idle
         # in transaction, and nothing on that loop will ever end it): cut its
         # connection, which the server rolls back. Then discard the rest
-        # unclosed.
-        for scope in list(state.open):
-            _abandon_with_loop(scope)
+        # unclosed. The engine gets its new state before anything here
+        # awaits, so another task of this loop finds it and does not cut
+        # the same connections again.
+        abandoned = list(state.open)
         state.open.clear()
-        await engine.dispose(close=False)
+        sync_engine.dispose(close=False)  # no I/O: a new pool, the old one dropped
+    else:
+        abandoned = []
     shared = isinstance(sync_engine.pool, (StaticPool, SingletonThreadPool))
     keep_shared_connection(sync_engine)  # shared pools, and aiosqlite on any pool
     state = _engine_states[sync_engine] = _EngineState(loop, shared)
+    for scope in abandoned:
+        await _invalidate(_abandon_with_loop(scope))
     return state
 
 
-def _abandon_with_loop(scope: AsyncScope) -> None:
+def _abandon_with_loop(scope: AsyncScope) -> Any:
     """End a block whose event loop closed while it was open: without that
     loop nothing can be awaited, so its connection's socket is shut down,
-    which makes the server roll the transaction back and drop its locks."""
+    which makes the server roll the transaction back and drop its locks.
+    Its connection is returned, for :func:`_invalidate`."""
     scope.broken = True
     for ref in scope.blocks:
         block = ref()
@@ -151,10 +157,31 @@ def _abandon_with_loop(scope: AsyncScope) -> None:
         _shut_down(connection.sync_connection.connection.driver_connection)
     except Exception:
         logger.warning("sparc.sa: cutting an abandoned connection failed", exc_info=True)
+    return connection
+
+
+# Drivers whose connection of a closed loop can be closed on another loop:
+# psycopg's is closed already (its close() returns at once), aiosqlite's
+# thread serves any loop and must be told to close the database and end.
+_CLOSE_ON_THIS_LOOP: Final = frozenset({"psycopg", "aiosqlite"})
+
+
+async def _invalidate(connection: Any) -> None:
+    """SQLAlchemy's side of an abandoned block: its connection leaves the
+    pool's books for good, instead of being found later by the garbage
+    collector. psycopg's and aiosqlite's are closed through the greenlet
+    bridge on the running loop: SQLAlchemy 2.0's adapters await their close
+    even to terminate, which outside the bridge raised MissingGreenlet (an
+    ERROR of the pool's logger, a close() coroutine never awaited) and left
+    aiosqlite's database open, its file locked and its thread keeping the
+    interpreter from exiting. The others' sockets are shut already, and
+    their terminate needs no loop."""
+    sync_connection = connection.sync_connection
     try:
-        # SQLAlchemy's side: the connection leaves the pool's books for good,
-        # instead of being found later by the garbage collector.
-        connection.sync_connection.invalidate()
+        if sync_connection.dialect.driver in _CLOSE_ON_THIS_LOOP:
+            await greenlet_spawn(sync_connection.invalidate)
+        else:
+            sync_connection.invalidate()
     except Exception:
         logger.debug("sparc.sa: invalidating an abandoned connection failed", exc_info=True)
 
@@ -177,8 +204,7 @@ def _shut_down(driver: Any) -> None:
         # abort() schedules the rest on the transport's loop, which is closed:
         # finish it here (close the socket, tell the driver's protocol).
         call_connection_lost(transport)
-    # aiosqlite: its thread holds the connection; a file database's lock is
-    # released when the connection is collected.
+    # aiosqlite: its thread holds the connection, closed by _invalidate.
 
 
 class AsyncScope(Scope):
