@@ -9,18 +9,25 @@ as good as before. When that connection is the only one the pool hands out
 would drop every committed row. So for those pools the interruption is not a
 disconnect; the block that was interrupted rolls the connection back and
 keeps it.
+
+The cursor of a statement an interruption cut short is closed, so that it
+keeps no lock on a database file: on pysqlite by a ``handle_error``
+listener, on aiosqlite by :class:`CursorClosingConnection` (SQLAlchemy 2.0's
+adapter holds the driver's cursor where no listener reaches it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sqlite3
+import weakref
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
-__all__ = ["keep_shared_connection"]
+__all__ = ["CursorClosingConnection", "keep_shared_connection"]
 
 
 def keep_shared_connection(engine: Engine) -> None:
@@ -56,6 +63,51 @@ def _close_cursor(context: ExceptionContext) -> Any:
         with contextlib.suppress(Exception):
             cursor.close()
     return None
+
+
+class CursorClosingConnection(sqlite3.Connection):
+    """A sqlite3 connection that closes the cursors still open before it
+    rolls back or closes: :func:`_close_cursor`'s twin for aiosqlite.
+
+    SQLAlchemy 2.0's aiosqlite adapter (before 2.1 moved the cursor onto its
+    adapter, whose close SQLAlchemy calls on any error) kept the driver's
+    cursor in a local of its ``execute()``: a cancellation between the
+    statement and the cursor's close left it open. An open cursor keeps its
+    statement running, so SQLite kept a read lock on the file, through the
+    ROLLBACK and even through the connection's close, until the garbage
+    collector freed the cursor: every other connection's COMMIT waited for
+    it, then failed with "database is locked", and the connection itself
+    could not drop the table ("database table is locked").
+
+    The cursors are noted as they are made, in aiosqlite's thread, which
+    runs one call at a time per connection.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The cursors made here and not yet freed.
+        self.cursors: weakref.WeakSet[sqlite3.Cursor] = weakref.WeakSet()
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        made = super().cursor(*args, **kwargs)
+        self.cursors.add(made)
+        return made
+
+    def rollback(self) -> None:
+        self.close_cursors()
+        super().rollback()
+
+    def close(self) -> None:
+        self.close_cursors()
+        super().close()
+
+    def close_cursors(self) -> None:
+        """Close every cursor of this connection still open, so that no
+        statement of a cancelled block keeps a lock on the database."""
+        for made in list(self.cursors):
+            with contextlib.suppress(sqlite3.Error):  # a closed connection's
+                made.close()
+        self.cursors.clear()
 
 
 def _not_a_disconnect(context: ExceptionContext) -> Any:

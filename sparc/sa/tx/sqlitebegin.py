@@ -19,28 +19,18 @@ own, the BEGIN is sent before the first statement as a statement, unless
 that statement is DML, before which the driver begins by itself.
 
 The same connections close the cursors a cancelled statement left open
-before they roll back or close. SQLAlchemy 2.0's aiosqlite adapter (before
-2.1 moved the cursor onto its adapter, whose close SQLAlchemy calls on any
-error) kept the driver's cursor in a local of its ``execute()``: a
-cancellation between the statement and the cursor's close left it open. An
-open cursor keeps its statement running, so SQLite kept a read lock on the
-file, through the ROLLBACK and even through the connection's close, until
-the garbage collector freed the cursor: every other connection's COMMIT
-waited for it, then failed with "database is locked", and the connection
-itself could not drop the table ("database table is locked").
+(:class:`sparc.sa.connections.keep.CursorClosingConnection`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-import weakref
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
+from sparc.sa.connections.keep import CursorClosingConnection
 from sparc.sa.foreign.of_sqlalchemy import aiosqlite_connection
 from sparc.sa.tx.sessions import BlockSession
 
@@ -56,7 +46,7 @@ __all__ = [
 ]
 
 
-class BeginningConnection(sqlite3.Connection):
+class BeginningConnection(CursorClosingConnection):
     """A sqlite3 connection that begins a block's transaction as the block's
     first cursor is made, in aiosqlite's thread (see the module docstring).
 
@@ -67,12 +57,6 @@ class BeginningConnection(sqlite3.Connection):
 
     begin_pending = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # The cursors made here and not yet freed (see the module docstring);
-        # used in aiosqlite's thread only, one call at a time.
-        self.cursors: weakref.WeakSet[sqlite3.Cursor] = weakref.WeakSet()
-
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         if self.begin_pending:
             self.begin_pending = False
@@ -80,25 +64,7 @@ class BeginningConnection(sqlite3.Connection):
                 # execute() makes its cursor through this method: the flag
                 # is already clear.
                 self.execute("BEGIN")
-        made = super().cursor(*args, **kwargs)
-        self.cursors.add(made)
-        return made
-
-    def rollback(self) -> None:
-        self.close_cursors()
-        super().rollback()
-
-    def close(self) -> None:
-        self.close_cursors()
-        super().close()
-
-    def close_cursors(self) -> None:
-        """Close every cursor of this connection still open, so that no
-        statement of a cancelled block keeps a lock on the database."""
-        for made in list(self.cursors):
-            with contextlib.suppress(sqlite3.Error):  # a closed connection's
-                made.close()
-        self.cursors.clear()
+        return super().cursor(*args, **kwargs)
 
 
 def use_beginning_connections(url: URL, kwargs: dict[str, Any]) -> bool:
